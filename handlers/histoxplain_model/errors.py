@@ -6,6 +6,8 @@ classes to gRPC status codes and the CLI to exit codes. This module must not imp
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 __all__ = [
     "HistoxplainError",
     "InvalidRequest",
@@ -33,13 +35,20 @@ class InvalidRequest(HistoxplainError):
 
 
 class UnknownNameError(InvalidRequest):
-    """Unknown preset, method or polarity; the message lists the known names."""
+    """Unknown preset, method or polarity; the message lists the known names.
 
-    def __init__(self, kind: str, name: str, known: list[str] | tuple[str, ...]) -> None:
-        self.kind = kind
-        self.name = name
+    Raise it with a full message, or build one with :meth:`for_name`.
+    """
+
+    def __init__(self, message: str, known: Sequence[str] = ()) -> None:
+        super().__init__(message)
         self.known = tuple(known)
-        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known)}")
+
+    @classmethod
+    def for_name(cls, kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+        """``unknown preset 'x'; known: a, b, c``."""
+        known_names = tuple(known)
+        return cls(f"unknown {kind} {name!r}; known: {', '.join(known_names)}", known_names)
 
 
 class ImageDecodeError(InvalidRequest):
@@ -56,14 +65,14 @@ class WeightsMismatchError(InvalidRequest):
     def __init__(
         self,
         message: str,
-        missing: list[str] | tuple[str, ...] = (),
-        unexpected: list[str] | tuple[str, ...] = (),
-        shape_mismatches: list[str] | tuple[str, ...] = (),
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        shape_mismatches: Sequence[str] = (),
     ) -> None:
+        super().__init__(message)
         self.missing = tuple(missing)
         self.unexpected = tuple(unexpected)
         self.shape_mismatches = tuple(shape_mismatches)
-        super().__init__(message)
 
 
 class NotFound(HistoxplainError):
