@@ -1,0 +1,102 @@
+"""Similarity saliency: why is an image similar (or dissimilar) to a reference embedding?
+
+    explainer = get_explainer("gradcam", encoder.model, encoder.target_layer,
+                              encoder.reshape_transform)
+    result = explainer.explain(pixels, references, polarity="similar")
+    result.heatmaps  # (B, K, H, W) float32 in [0, 1]; result.scores (B, K) cosine
+
+Methods: "gradcam", "gradcampp" (both from one forward pass for all K references) and
+"smoothgrad" (input gradients averaged over noisy copies; needs no target layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from torch import nn
+
+from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.saliency.base import (
+    BaseCAM,
+    Explainer,
+    MethodOptions,
+    ReshapeTransform,
+    SaliencyResult,
+    gradient_mode,
+    normalise_maps,
+    upsample_maps,
+)
+from histoxplain_model.saliency.gradcam import GradCAM, GradCAMPlusPlus
+from histoxplain_model.saliency.smoothgrad import InputGradient, SmoothGrad
+from histoxplain_model.saliency.targets import (
+    POLARITIES,
+    Polarity,
+    SimilarityTarget,
+    check_polarity,
+    cosine_scores,
+    similarity_target,
+)
+
+__all__ = [
+    "METHODS",
+    "POLARITIES",
+    "BaseCAM",
+    "Explainer",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "InputGradient",
+    "MethodOptions",
+    "Polarity",
+    "ReshapeTransform",
+    "SaliencyResult",
+    "SimilarityTarget",
+    "SmoothGrad",
+    "check_method",
+    "check_polarity",
+    "cosine_scores",
+    "get_explainer",
+    "gradient_mode",
+    "normalise_maps",
+    "similarity_target",
+    "upsample_maps",
+]
+
+METHODS: dict[str, type[Explainer]] = {
+    "gradcam": GradCAM,
+    "gradcampp": GradCAMPlusPlus,
+    "smoothgrad": SmoothGrad,
+}
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` if registered, else raise :class:`UnknownNameError` listing them."""
+    if method not in METHODS:
+        raise UnknownNameError.for_name("method", str(method), METHODS)
+    return method
+
+
+def get_explainer(
+    method: str,
+    encoder_model: nn.Module,
+    target_layer: nn.Module | None = None,
+    reshape_transform: ReshapeTransform | None = None,
+    options: MethodOptions | None = None,
+    **method_opts: object,
+) -> Explainer:
+    """Build the explainer registered as ``method``.
+
+    ``encoder_model``: pixels (B,3,H,W) -> embeddings (B,D), in eval mode.
+    ``target_layer``/``reshape_transform``: the layer GradCAM(++) hooks and, for a ViT, the
+    tokens (B,N,C) -> (B,C,h,w) reshape; SmoothGrad ignores them.
+    ``options`` and/or ``method_opts`` (names of :class:`MethodOptions` fields, which override
+    ``options``) configure the method.
+    """
+    explainer_class = METHODS[check_method(method)]
+    known = {field.name for field in fields(MethodOptions)}
+    unknown = sorted(set(method_opts) - known)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown method option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    resolved = replace(options or MethodOptions(), **method_opts)  # type: ignore[arg-type]
+    return explainer_class(encoder_model, target_layer, reshape_transform, resolved)

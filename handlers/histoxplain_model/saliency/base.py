@@ -1,0 +1,283 @@
+"""The saliency pipeline shared by every method.
+
+:class:`Explainer` is the public interface: ``explain(pixels (B,3,H,W), references (K,D),
+polarity) -> SaliencyResult`` with heatmaps (B, K, H, W) float32 in [0, 1]. It owns the parts
+every method needs: input checks, leaving an outer ``torch.inference_mode()`` (TorchServe runs
+handlers inside one), the cosine target, and the final upsample + per-map min-max.
+
+:class:`BaseCAM` is the class-activation-map pipeline (pytorch-grad-cam's shape): one forward
+pass with a hook on the target layer, the gradients of the K targets with respect to the hooked
+activations, channel weights, weighted sum, ReLU, upsample, normalise. Subclasses override only
+:meth:`BaseCAM.channel_weights`.
+
+Thread safety: per-call state lives in local variables only; a forward hook ignores forward
+passes run by other threads (hooks are per module, not per thread), and is removed in
+``finally``. Gradients are taken with ``torch.autograd.grad`` so nothing accumulates into the
+parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.saliency.targets import (
+    SimilarityTarget,
+    check_polarity,
+    cosine_scores,
+    similarity_target,
+)
+
+__all__ = [
+    "BaseCAM",
+    "Explainer",
+    "MethodOptions",
+    "ReshapeTransform",
+    "SaliencyResult",
+    "gradient_mode",
+    "normalise_maps",
+    "upsample_maps",
+]
+
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options of the saliency methods (all have defaults; each method reads its own).
+
+    n_samples: n noisy copies (Smilkov et al. section 4.1 see diminishing returns beyond 50;
+        25 halves the cost).
+    sigma: noise standard deviation as a fraction of the image's value range
+        (max - min), Smilkov et al. section 4.1 (10-20% works best).
+    chunk_size: noisy copies per forward pass (per image); bounds peak memory.
+    seed: seed of the SmoothGrad noise generator (same seed, same maps).
+    gradcampp_gradient_scale: "unit" (default) evaluates GradCAM++ eq. 19 on gradients rescaled
+        so that max |dS/dA| = 1 per map, which makes the map independent of the target's scale;
+        "raw" uses the raw gradients exactly as pytorch-grad-cam does (see GradCAMPlusPlus).
+    gradcampp_eps: eps in the denominator of eq. 19 (in the units chosen above).
+    """
+
+    n_samples: int = 25
+    sigma: float = 0.15
+    chunk_size: int = 8
+    seed: int = 0
+    gradcampp_gradient_scale: Literal["unit", "raw"] = "unit"
+    gradcampp_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n_samples, int) and self.n_samples >= 1):
+            raise InvalidRequest(
+                f"n_samples must be a positive integer, got {self.n_samples!r}"
+            )
+        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise InvalidRequest(
+                f"chunk_size must be a positive integer, got {self.chunk_size!r}"
+            )
+        if not (np.isfinite(self.sigma) and self.sigma >= 0):
+            raise InvalidRequest(
+                f"sigma must be a fraction >= 0 of the value range (e.g. 0.15), "
+                f"got {self.sigma!r}"
+            )
+        if self.gradcampp_gradient_scale not in ("unit", "raw"):
+            raise InvalidRequest(
+                f"gradcampp_gradient_scale must be 'unit' or 'raw', got "
+                f"{self.gradcampp_gradient_scale!r}"
+            )
+        if not (np.isfinite(self.gradcampp_eps) and self.gradcampp_eps >= 0):
+            raise InvalidRequest(f"gradcampp_eps must be >= 0, got {self.gradcampp_eps!r}")
+
+
+@dataclass(frozen=True)
+class SaliencyResult:
+    """heatmaps (B, K, H, W) float32 in [0, 1]: image b explained against reference k;
+    scores (B, K) float32: cosine similarity of image b's embedding to reference k."""
+
+    heatmaps: np.ndarray
+    scores: np.ndarray
+
+
+@contextmanager
+def gradient_mode() -> Iterator[None]:
+    """Autograd on, even inside an outer ``torch.inference_mode()``.
+
+    ``enable_grad`` alone does not undo inference mode (PLATFORM.md, TorchServe).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, K, h, w) -> (B, K, H, W), bilinear with half-pixel centres (what cv2.resize's
+    INTER_LINEAR does when enlarging, so maps match pytorch-grad-cam's)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max each (H, W) map of (..., H, W) to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.flatten(-2)
+    low = flat.amin(-1)[..., None, None]
+    span = (flat.amax(-1) - flat.amin(-1))[..., None, None]
+    scaled = (maps - low) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, scaled, torch.zeros_like(scaled)).clamp_(0.0, 1.0)
+
+
+def _detached_input(pixels: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd can use: inference tensors cannot be saved for backward, so they are
+    copied (this runs inside ``gradient_mode``, where a clone is a normal tensor)."""
+    return pixels.clone() if pixels.is_inference() else pixels.detach()
+
+
+class Explainer(ABC):
+    """Explains images (B,3,H,W) against K reference embeddings; see :meth:`explain`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | None = None,
+        reshape_transform: ReshapeTransform | None = None,
+        options: MethodOptions | None = None,
+    ) -> None:
+        self.model = model
+        self.target_layer = target_layer
+        self.reshape_transform = reshape_transform
+        self.options = options or MethodOptions()
+
+    def explain(
+        self, pixels: torch.Tensor, references: torch.Tensor, polarity: str = "similar"
+    ) -> SaliencyResult:
+        """Heatmaps of each image's evidence for (or against) its similarity to each reference.
+
+        pixels: (B, 3, H, W) float, preprocessed as the model expects; not modified.
+        references: (K, D) reference embeddings (normalised or not), K >= 1.
+        polarity: "similar" explains the cosine similarity, "dissimilar" its negation.
+        Returns heatmaps (B, K, H, W) float32 in [0, 1] at the input resolution and the
+        cosine scores (B, K).
+        """
+        polarity = check_polarity(polarity)
+        if pixels.ndim != 4 or pixels.shape[0] == 0 or not pixels.is_floating_point():
+            raise InvalidRequest(
+                f"pixels must be a float (B, C, H, W) batch with B >= 1, got "
+                f"{pixels.dtype} {tuple(pixels.shape)}"
+            )
+        if references.ndim == 1:
+            references = references[None]
+        with gradient_mode():
+            pixels = _detached_input(pixels)
+            references = _detached_input(references)
+            target = similarity_target(references, polarity)
+            heatmaps, embeddings = self._heatmaps(pixels, target)
+            scores = cosine_scores(embeddings.detach(), references.to(embeddings))
+        return SaliencyResult(
+            heatmaps=heatmaps.detach().float().cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
+        )
+
+    @abstractmethod
+    def _heatmaps(
+        self, pixels: torch.Tensor, target: SimilarityTarget
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(heatmaps (B, K, H, W) in [0, 1], clean embeddings (B, D)); runs in gradient mode."""
+
+
+class BaseCAM(Explainer):
+    """Class activation maps from one forward pass for all K references.
+
+    The hook starts the autograd graph at the target layer: the layers below it run without
+    recording (their gradients are never needed), so the forward costs about one inference pass.
+    The K targets' gradients with respect to the hooked activations come from K
+    ``autograd.grad`` calls that reuse the graph above the target layer (retain_graph). On CPU a
+    loop is as fast as ``is_grads_batched``/vmap, which fall back to per-slice loops here
+    (PLATFORM.md).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | None = None,
+        reshape_transform: ReshapeTransform | None = None,
+        options: MethodOptions | None = None,
+    ) -> None:
+        if target_layer is None:
+            raise InvalidRequest(f"{type(self).__name__} needs a target layer to hook")
+        super().__init__(model, target_layer, reshape_transform, options)
+
+    @abstractmethod
+    def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """activations (B, 1, C, h, w), grads (B, K, C, h, w) -> weights (B, K, C)."""
+
+    def _forward_from_target_layer(
+        self, pixels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model; return (hooked activations as a grad-requiring leaf, embeddings)."""
+        captured: list[torch.Tensor] = []
+        owner = threading.get_ident()
+
+        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor | None:
+            if threading.get_ident() != owner:
+                return None  # another thread's forward pass through the same model
+            if not isinstance(output, torch.Tensor):
+                raise InvalidRequest(
+                    f"target layer {type(module).__name__} returns {type(output).__name__}; "
+                    f"choose a layer whose output is a tensor"
+                )
+            leaf = output.detach().requires_grad_(True)
+            captured.append(leaf)
+            torch.set_grad_enabled(True)  # record from here up; the no_grad below restores
+            # A clone, so that in-place ops of later layers cannot touch the leaf.
+            return leaf.clone()
+
+        target_layer: nn.Module = self.target_layer  # set in __init__
+        handle = target_layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                embeddings = self.model(pixels)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise InvalidRequest(
+                f"the target layer ran {len(captured)} times in one forward pass; it must run "
+                f"exactly once (choose another layer)"
+            )
+        if not embeddings.requires_grad:
+            raise InvalidRequest("the model output does not depend on the target layer")
+        return captured[0], embeddings
+
+    def _heatmaps(
+        self, pixels: torch.Tensor, target: SimilarityTarget
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf, embeddings = self._forward_from_target_layer(pixels)
+        scores = target(embeddings)  # (B, K)
+        n_refs = scores.shape[1]
+        # Row b of the scores depends only on image b (eval mode), so the gradient of the
+        # column sum gives every image's gradient at once.
+        grads = [
+            torch.autograd.grad(scores[:, k].sum(), leaf, retain_graph=k < n_refs - 1)[0]
+            for k in range(n_refs)
+        ]
+        activations = leaf.detach()
+        if self.reshape_transform is not None:
+            activations = self.reshape_transform(activations)
+            grads = [self.reshape_transform(g) for g in grads]
+        if activations.ndim != 4:
+            raise InvalidRequest(
+                f"target layer activations have shape {tuple(activations.shape)}; a (B, C, h, w) "
+                f"map is needed (a ViT needs a reshape_transform)"
+            )
+        grad_stack = torch.stack(grads, dim=1)  # (B, K, C, h, w)
+        weights = self.channel_weights(activations[:, None], grad_stack)  # (B, K, C)
+        cam = torch.einsum("bkc,bchw->bkhw", weights, activations).clamp_(min=0)
+        heatmaps = normalise_maps(upsample_maps(cam, tuple(pixels.shape[-2:])))
+        return heatmaps, embeddings.detach()

@@ -1,0 +1,105 @@
+"""Input-gradient saliency and SmoothGrad, which wraps it (as Captum's NoiseTunnel wraps
+Saliency)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from histoxplain_model.saliency.base import (
+    Explainer,
+    MethodOptions,
+    ReshapeTransform,
+    normalise_maps,
+)
+from histoxplain_model.saliency.targets import SimilarityTarget
+
+__all__ = ["InputGradient", "SmoothGrad"]
+
+
+class InputGradient(Explainer):
+    """|dS/dx| (Simonyan et al., 2014; Captum ``Saliency`` with its default ``abs=True``).
+
+    The map of one image is the maximum over colour channels of |dS/dx| (Simonyan et al.
+    section 3.1), min-max normalised. Needs no target layer.
+    """
+
+    def attribute(self, pixels: torch.Tensor, target: SimilarityTarget) -> torch.Tensor:
+        """|dS_k/dx| for every image and target: pixels (N,3,H,W) -> (N, K, 3, H, W).
+
+        One forward pass; the K targets' backward passes reuse its graph (retain_graph).
+        Must run in gradient mode (``Explainer.explain`` enters it).
+        """
+        inputs = pixels.detach().requires_grad_(True)
+        scores = target(self.model(inputs))
+        n_refs = scores.shape[1]
+        grads = [
+            torch.autograd.grad(scores[:, k].sum(), inputs, retain_graph=k < n_refs - 1)[0].abs_()
+            for k in range(n_refs)
+        ]
+        return torch.stack(grads, dim=1)
+
+    def _heatmaps(
+        self, pixels: torch.Tensor, target: SimilarityTarget
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            embeddings = self.model(pixels)
+        return normalise_maps(self.attribute(pixels, target).amax(dim=2)), embeddings
+
+
+class SmoothGrad(Explainer):
+    """SmoothGrad (Smilkov et al., 2017): the mean of |dS/dx| over n noisy copies of the image.
+
+    Noise: N(0, (sigma * (max(x) - min(x)))^2) per image, sigma = ``options.sigma``
+    (Smilkov et al. section 4.1). One standard-normal draw of n samples from a
+    ``torch.Generator`` seeded with ``options.seed`` is shared by all images of the batch and all
+    K references, so the same image gives the same map alone or in a batch, and its K maps
+    differ only through the references. (Captum draws new noise per call; with the same draws
+    the result equals ``NoiseTunnel(Saliency).attribute(nt_type="smoothgrad")``.)
+
+    Cost: the K references share the n noisy forward passes; each still needs its own backward
+    pass per noisy copy (n forwards + n*K backwards). Copies are processed ``options.chunk_size``
+    at a time to bound memory. The map is the per-pixel maximum over colour channels of the mean
+    |gradient|, min-max normalised.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | None = None,
+        reshape_transform: ReshapeTransform | None = None,
+        options: MethodOptions | None = None,
+    ) -> None:
+        super().__init__(model, target_layer, reshape_transform, options)
+        self.inner = InputGradient(model, options=self.options)
+
+    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The n standard-normal draws (n, C, H, W), reproducible from ``options.seed``."""
+        generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        return torch.randn(
+            (self.options.n_samples, *shape), generator=generator, device=device
+        )
+
+    def mean_attributions(self, pixels: torch.Tensor, target: SimilarityTarget) -> torch.Tensor:
+        """Mean |dS_k/dx| over the noisy copies: pixels (B,3,H,W) -> (B, K, 3, H, W)."""
+        batch = pixels.shape[0]
+        unit_noise = self.noise(tuple(pixels.shape[1:]), pixels.device).to(pixels.dtype)
+        flat = pixels.flatten(1)
+        stdev = (self.options.sigma * (flat.amax(1) - flat.amin(1))).view(batch, 1, 1, 1, 1)
+        total: torch.Tensor | None = None
+        for start in range(0, self.options.n_samples, self.options.chunk_size):
+            chunk = unit_noise[start : start + self.options.chunk_size]
+            noisy = (pixels[:, None] + stdev * chunk[None]).flatten(0, 1)  # (B*c, 3, H, W)
+            attributions = self.inner.attribute(noisy, target)
+            summed = attributions.view(batch, chunk.shape[0], *attributions.shape[1:]).sum(1)
+            total = summed if total is None else total.add_(summed)
+        assert total is not None  # n_samples >= 1 (checked by MethodOptions)
+        return total / self.options.n_samples
+
+    def _heatmaps(
+        self, pixels: torch.Tensor, target: SimilarityTarget
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            embeddings = self.model(pixels)
+        maps = self.mean_attributions(pixels, target).amax(dim=2)
+        return normalise_maps(maps), embeddings
