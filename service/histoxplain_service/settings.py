@@ -120,6 +120,10 @@ class Settings:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        # Accept str paths from callers (tests, flags); the fields are always Path afterwards.
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", Path(self.weights))
         for var in _VARIABLES:
             value = getattr(self, var.field)
             if var.check is not None and not var.check(value):
