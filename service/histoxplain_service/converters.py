@@ -1,0 +1,185 @@
+"""Protobuf <-> domain conversions for the gateway (the only module besides the servicer and
+the server that knows ``histoxplain.v1`` messages).
+
+Requests become plain values (names, numbers, numpy arrays); domain results (frozen
+dataclasses from :mod:`histoxplain_service.retrieval` and :mod:`histoxplain_service.index`)
+become response messages. Heatmaps travel twice: as a compact ``RawArray`` (float16 unless the
+caller asks for float32) and as an overlay PNG drawn over the image at the image's own size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from histoxplain_client._proto.histoxplain.v1 import types_pb2
+from histoxplain_client.arrays import encode_array
+from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_service.index import ImageHit, IndexInfo, SearchHit
+
+__all__ = [
+    "ExplainChoice",
+    "explain_choice_from_proto",
+    "explain_choice_to_proto",
+    "heatmap_to_proto",
+    "index_info_to_proto",
+    "model_info_to_proto",
+    "search_hit_to_proto",
+    "METHOD_NAMES",
+]
+
+# Wire enum <-> library name (histoxplain_model.saliency.METHODS keys).
+METHOD_NAMES: dict[int, str] = {
+    types_pb2.EXPLANATION_METHOD_GRADCAM: "gradcam",
+    types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: "gradcampp",
+    types_pb2.EXPLANATION_METHOD_SMOOTHGRAD: "smoothgrad",
+}
+METHOD_ENUMS: dict[str, int] = {name: value for value, name in METHOD_NAMES.items()}
+POLARITY_NAMES: dict[int, str] = {
+    types_pb2.POLARITY_SIMILAR: "similar",
+    types_pb2.POLARITY_DISSIMILAR: "dissimilar",
+}
+SIDE_NAMES: dict[int, str] = {
+    types_pb2.EXPLANATION_SIDE_QUERY: "query",
+    types_pb2.EXPLANATION_SIDE_RETRIEVED: "retrieved",
+    types_pb2.EXPLANATION_SIDE_BOTH: "both",
+}
+HEATMAP_DTYPES = (types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32)
+MAX_SMOOTHGRAD_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class ExplainChoice:
+    """``ExplainOptions`` with defaults filled in and values checked.
+
+    Attributes:
+        method: library method name (``gradcam``, ``gradcampp``, ``smoothgrad``).
+        polarity: ``similar`` or ``dissimilar``.
+        side: ``query``, ``retrieved`` or ``both``.
+        heatmap_dtype: ``ARRAY_DTYPE_FLOAT16`` or ``ARRAY_DTYPE_FLOAT32``.
+        smoothgrad_samples: noisy samples for SmoothGrad; ``None`` = the library default.
+        smoothgrad_noise: noise std as a fraction of the input range; ``None`` = the default.
+    """
+
+    method: str = "gradcam"
+    polarity: str = "similar"
+    side: str = "both"
+    heatmap_dtype: int = types_pb2.ARRAY_DTYPE_FLOAT16
+    smoothgrad_samples: int | None = None
+    smoothgrad_noise: float | None = None
+
+
+def _enum_name(enum_type: Any, value: int) -> str:
+    try:
+        return enum_type.Name(value)
+    except ValueError:
+        return str(value)
+
+
+def explain_choice_from_proto(options: types_pb2.ExplainOptions) -> ExplainChoice:
+    """Checked options; an unknown enum value (a newer client) raises ``UnknownNameError``."""
+    method = _lookup(
+        "explanation method", options.method, METHOD_NAMES, types_pb2.ExplanationMethod, "gradcam"
+    )
+    polarity = _lookup("polarity", options.polarity, POLARITY_NAMES, types_pb2.Polarity, "similar")
+    side = _lookup("explanation side", options.side, SIDE_NAMES, types_pb2.ExplanationSide, "both")
+    dtype = options.heatmap_dtype or types_pb2.ARRAY_DTYPE_FLOAT16
+    if dtype not in HEATMAP_DTYPES:
+        raise UnknownNameError.for_name(
+            "heatmap dtype",
+            _enum_name(types_pb2.ArrayDtype, dtype),
+            [types_pb2.ArrayDtype.Name(value) for value in HEATMAP_DTYPES],
+        )
+    samples = options.smoothgrad_samples or None
+    if samples is not None and not 1 <= samples <= MAX_SMOOTHGRAD_SAMPLES:
+        raise InvalidRequest(
+            f"smoothgrad_samples={samples} is out of range; use 1 to {MAX_SMOOTHGRAD_SAMPLES} "
+            "(0 for the server's default)"
+        )
+    noise = options.smoothgrad_noise if options.HasField("smoothgrad_noise") else None
+    if noise is not None and not (np.isfinite(noise) and 0.0 < noise <= 1.0):
+        raise InvalidRequest(f"smoothgrad_noise={noise} is out of range; use a number in (0, 1]")
+    return ExplainChoice(method, polarity, side, dtype, samples, noise)
+
+
+def _lookup(kind: str, value: int, names: dict[int, str], enum_type: Any, default: str) -> str:
+    if value == 0:
+        return default
+    if value not in names:
+        raise UnknownNameError.for_name(
+            kind, _enum_name(enum_type, value), [enum_type.Name(known) for known in names]
+        )
+    return names[value]
+
+
+def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
+    """The options actually used, echoed in responses with defaults filled in."""
+    message = types_pb2.ExplainOptions(
+        method=METHOD_ENUMS[choice.method],
+        polarity={name: value for value, name in POLARITY_NAMES.items()}[choice.polarity],
+        side={name: value for value, name in SIDE_NAMES.items()}[choice.side],
+        heatmap_dtype=choice.heatmap_dtype,
+        smoothgrad_samples=choice.smoothgrad_samples or 0,
+    )
+    if choice.smoothgrad_noise is not None:
+        message.smoothgrad_noise = choice.smoothgrad_noise
+    return message
+
+
+def heatmap_to_proto(values: np.ndarray, image: np.ndarray, dtype: int) -> types_pb2.Heatmap:
+    """One heatmap: ``values`` (H, W) float32 in [0, 1] at the model input resolution, drawn
+    over ``image`` (h, w, 3) uint8 at the image's own size."""
+    from histoxplain_model.overlay import overlay_png
+
+    return types_pb2.Heatmap(
+        values=encode_array(np.clip(values, 0.0, 1.0), dtype), overlay_png=overlay_png(image, values)
+    )
+
+
+def search_hit_to_proto(hit: SearchHit | ImageHit) -> types_pb2.SearchHit:
+    """A tile hit as a message; an image hit as its combined score plus its best tile."""
+    if isinstance(hit, ImageHit):
+        best = max(hit.tiles, key=lambda tile: tile.score)
+        message = search_hit_to_proto(best)
+        message.score = float(hit.score)
+        message.matched_tiles = len({tile.point_id for tile in hit.tiles})
+        return message
+    message = types_pb2.SearchHit(
+        score=float(hit.score),
+        image_id=hit.image_id,
+        point_id=str(hit.point_id),
+        label=hit.label or "",
+        source=hit.source or "",
+        box=types_pb2.Box(x=hit.box.x, y=hit.box.y, width=hit.box.w, height=hit.box.h),
+        level=int(hit.level),
+    )
+    if hit.mpp is not None:
+        message.mpp = float(hit.mpp)
+    return message
+
+
+def model_info_to_proto(info: Any) -> types_pb2.ModelInfo:
+    """A :class:`histoxplain_service.backends.ModelInfo` as a message."""
+    height, width = info.input_size
+    return types_pb2.ModelInfo(
+        preset=info.preset,
+        architecture=info.architecture,
+        embedding_dim=int(info.embedding_dim),
+        input_height=int(height),
+        input_width=int(width),
+        methods=[METHOD_ENUMS[name] for name in info.methods if name in METHOD_ENUMS],
+        backend=info.backend,
+    )
+
+
+def index_info_to_proto(info: IndexInfo) -> types_pb2.IndexInfo:
+    """An index description (``VectorIndex.describe()``) as a message."""
+    return types_pb2.IndexInfo(
+        name=info.name,
+        encoder_preset=info.preset,
+        embedding_dim=int(info.dim),
+        tile_count=int(info.n_points),
+        image_count=int(info.n_images),
+    )
