@@ -1,1 +1,71 @@
-"""Python SDK for the histoxplain gRPC gateway."""
+"""Python SDK for the histoxplain gRPC gateway: explainable similar-image search for histology.
+
+    from histoxplain_client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        hits = client.search("demo", "query.png", k=5)
+
+Never imports torch; needs grpcio, protobuf, numpy and pillow.
+"""
+
+from __future__ import annotations
+
+from histoxplain_client.aio import AsyncClient
+from histoxplain_client.client import Client
+from histoxplain_client.errors import (
+    ApiError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from histoxplain_client.images import ImageInput, IndexImage, images_from_folder
+from histoxplain_client.results import (
+    Box,
+    DeleteResult,
+    ExplainedReference,
+    Explanation,
+    Heatmap,
+    Hit,
+    IndexInfo,
+    IndexSummary,
+    ModelInfo,
+    SkippedImage,
+)
+from histoxplain_client.retry import NO_RETRY, RetryPolicy
+
+__all__ = [
+    "NO_RETRY",
+    "ApiError",
+    "AsyncClient",
+    "Box",
+    "Client",
+    "DeadlineExceeded",
+    "DeleteResult",
+    "ExplainedReference",
+    "Explanation",
+    "FailedPrecondition",
+    "Heatmap",
+    "Hit",
+    "ImageInput",
+    "IndexImage",
+    "IndexInfo",
+    "IndexSummary",
+    "Internal",
+    "InvalidArgument",
+    "ModelInfo",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SkippedImage",
+    "Unauthenticated",
+    "Unavailable",
+    "images_from_folder",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""What Client and AsyncClient share: settings, per-call timeouts and the retry schedule."""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+
+from histoxplain_client._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ConnectionSettings
+from histoxplain_client.retry import RetryPolicy
+
+
+class _Default(enum.Enum):
+    TIMEOUT = "client default"
+
+
+DEFAULT = _Default.TIMEOUT
+Timeout = float | None | _Default
+
+
+class ClientBase:
+    """Constructor and call policy of both clients; subclasses open their kind of channel."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel_options: tuple[tuple[str, int | str], ...] = (),
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
+        self._settings = ConnectionSettings(
+            target=target,
+            tls=tls,
+            root_certificates=root_certificates,
+            token=token,
+            max_message_bytes=max_message_bytes,
+            extra_options=tuple(channel_options),
+        )
+        self._timeout = timeout
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._metadata = self._settings.metadata()
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def target(self) -> str:
+        return self._settings.target
+
+    def _deadline(self, timeout: Timeout) -> float | None:
+        """Monotonic deadline of a whole call, retries included (None: no deadline)."""
+        seconds = self._timeout if timeout is DEFAULT else timeout
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {seconds}")
+        return None if seconds is None else time.monotonic() + seconds
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def _retry_delay(self, code: object, attempt: int, deadline: float | None, retryable: bool) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None when the failure is final."""
+        if not retryable or not self._retry.should_retry(code, attempt):  # type: ignore[arg-type]
+            return None
+        delay = self._retry.backoff(attempt)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay

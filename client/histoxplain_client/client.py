@@ -1,0 +1,215 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from histoxplain_client import _convert
+from histoxplain_client._base import DEFAULT, ClientBase, Timeout
+from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
+from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
+from histoxplain_client.errors import Unavailable, from_rpc_error
+from histoxplain_client.images import ImageInput, IndexImage
+from histoxplain_client.results import DeleteResult, Explanation, Hit, IndexInfo, IndexSummary, ModelInfo
+
+__all__ = ["Client"]
+
+_log = logging.getLogger(__name__)
+_Response = TypeVar("_Response")
+
+
+class Client(ClientBase):
+    """Synchronous client of the histoxplain gateway (``histoxplain.v1.RetrievalService``).
+
+    ``Client(target="127.0.0.1:50051", *, timeout=60.0, retry=RetryPolicy(), token=None,
+    tls=False, root_certificates=None, max_message_bytes=64 MiB, channel_options=())``
+
+    - ``timeout``: default seconds per call, retries included (None: no deadline); every method
+      takes ``timeout=`` to override it.
+    - ``retry``: UNAVAILABLE is retried with exponential backoff and jitter; nothing else is.
+    - ``token``: bearer token sent as ``authorization`` metadata; ``root_certificates`` (PEM
+      bytes or path) or ``tls=True`` for a TLS channel.
+    - Images: paths, encoded bytes, (H, W, 3) uint8 arrays or PIL images.
+
+    Failed calls raise :class:`histoxplain_client.errors.ApiError` subclasses that carry the
+    status code and the server's message. Use it as a context manager to close the channel.
+    """
+
+    def _open_channel(self) -> None:
+        connection = self._settings
+        if connection.secure:
+            self._channel = grpc.secure_channel(connection.target, connection.credentials(), connection.options())
+        else:
+            self._channel = grpc.insecure_channel(connection.target, connection.options())
+        self._stub = pb_grpc.RetrievalServiceStub(self._channel)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def wait_until_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected; raises Unavailable after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"no connection to {self.target} within {timeout} s") from None
+
+    # -- RPCs --------------------------------------------------------------------------------
+
+    def index_images(
+        self,
+        index: str,
+        images: Iterable[IndexImage | ImageInput],
+        *,
+        tile_size: int = 0,
+        stride: int = 0,
+        min_tissue_fraction: float | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> IndexSummary:
+        """Stream ``images`` into ``index`` (created on first use); returns what was indexed and
+        what was skipped, and why. Images are read and encoded one at a time as they are sent.
+
+        Retried on UNAVAILABLE only when ``images`` is a Sequence (list, tuple), which can be
+        sent again; a one-shot iterator (generator, ``images_from_folder``) is sent once.
+        Re-sending is safe: indexing an image id again replaces it.
+        """
+        tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
+
+        def call(remaining: float | None) -> pb.IndexImagesResponse:
+            requests = _CapturingIterator(_convert.index_requests(index, images, tiling))
+            try:
+                return self._stub.IndexImages(requests, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError:
+                if requests.error is not None:  # our own iterator failed (e.g. unreadable file)
+                    raise requests.error from None
+                raise
+
+        response = self._invoke(call, timeout, retryable=isinstance(images, Sequence))
+        return _convert.decode_index_summary(response)
+
+    def search(
+        self, index: str, image: ImageInput, *, k: int = 10, ranking: str = "tile", timeout: Timeout = DEFAULT
+    ) -> list[Hit]:
+        """The ``k`` tiles (``ranking="tile"``) or images (``"image"``) most similar to ``image``,
+        best first."""
+        request = _convert.search_request(index, image, k, ranking)
+        return _convert.decode_hits(self._unary(self._stub.Search, request, timeout))
+
+    def explain(
+        self,
+        query: ImageInput,
+        *,
+        index: str | None = None,
+        image_ids: Sequence[str] = (),
+        point_ids: Sequence[str] = (),
+        references: Sequence[ImageInput] = (),
+        k: int = 0,
+        method: str = "gradcam",
+        polarity: str = "similar",
+        side: str = "both",
+        heatmap_dtype: str = "float16",
+        smoothgrad_samples: int = 0,
+        smoothgrad_noise: float | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Explanation:
+        """Explain ``query`` against indexed images/tiles (``index`` + ``image_ids`` /
+        ``point_ids``) or against ``references`` sent along; ``k`` > 0 keeps only the k most
+        similar. ``method``: gradcam | gradcampp | smoothgrad; ``polarity``: similar |
+        dissimilar; ``side``: query | retrieved | both."""
+        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        request = _convert.explain_request(query, index, image_ids, point_ids, references, k, options)
+        return _convert.decode_explanation(self._unary(self._stub.Explain, request, timeout))
+
+    def search_and_explain(
+        self,
+        index: str,
+        image: ImageInput,
+        *,
+        k: int = 10,
+        ranking: str = "tile",
+        method: str = "gradcam",
+        polarity: str = "similar",
+        side: str = "both",
+        heatmap_dtype: str = "float16",
+        smoothgrad_samples: int = 0,
+        smoothgrad_noise: float | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Explanation:
+        """Search, then explain ``image`` against each of the ``k`` hits, in one call."""
+        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        request = _convert.search_and_explain_request(index, image, k, ranking, options)
+        return _convert.decode_explanation(self._unary(self._stub.SearchAndExplain, request, timeout))
+
+    def delete(self, index: str, image_ids: Sequence[str], *, timeout: Timeout = DEFAULT) -> DeleteResult:
+        """Delete images (all their tiles) from ``index``; ids it does not hold are reported."""
+        request = _convert.delete_request(index, image_ids)
+        return _convert.decode_delete(self._unary(self._stub.DeleteImages, request, timeout))
+
+    def describe_index(self, index: str, *, timeout: Timeout = DEFAULT) -> IndexInfo:
+        """One index: encoder preset, dimension, tile and image counts (NotFound if unknown)."""
+        response = self._unary(self._stub.DescribeIndex, pb.DescribeIndexRequest(index=index), timeout)
+        return _convert.decode_index_info(response.index)
+
+    def list_indexes(self, *, timeout: Timeout = DEFAULT) -> list[IndexInfo]:
+        """Every index on the server, sorted by name."""
+        response = self._unary(self._stub.ListIndexes, pb.ListIndexesRequest(), timeout)
+        return [_convert.decode_index_info(info) for info in response.indexes]
+
+    def info(self, *, timeout: Timeout = DEFAULT) -> ModelInfo:
+        """The served model: preset, architecture, dimension, input size, methods, backend."""
+        response = self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        return _convert.decode_model_info(response)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _unary(self, rpc: Callable[..., _Response], request: Any, timeout: Timeout) -> _Response:
+        return self._invoke(
+            lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata), timeout, retryable=True
+        )
+
+    def _invoke(self, call: Callable[[float | None], _Response], timeout: Timeout, retryable: bool) -> _Response:
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return call(self._remaining(deadline))
+            except grpc.RpcError as error:
+                delay = self._retry_delay(error.code(), attempt, deadline, retryable)
+                if delay is None:
+                    raise from_rpc_error(error) from error
+                _log.info("attempt %d failed with UNAVAILABLE (%s); retrying in %.2f s", attempt, error.details(), delay)
+                time.sleep(delay)
+                attempt += 1
+
+
+class _CapturingIterator(Iterator[Any]):
+    """Remembers an exception raised while producing requests; grpc only reports CANCELLED."""
+
+    def __init__(self, requests: Iterator[Any]) -> None:
+        self._requests = requests
+        self.error: Exception | None = None
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise
+        except Exception as error:
+            self.error = error
+            raise
