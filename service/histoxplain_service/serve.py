@@ -1,0 +1,122 @@
+"""``make serve``: TorchServe and the gateway on loopback, with the embedded Qdrant.
+
+    python -m histoxplain_service.serve [--rebuild-mar] [--batch-size N] [--max-batch-delay-ms MS]
+
+With ``HISTOXPLAIN_BACKEND=torchserve`` (the default) it builds ``<data>/model-store/<model>.mar``
+for ``HISTOXPLAIN_MODEL`` when missing, starts a TorchServe of its own on free loopback ports
+(token authorization on, working folder ``<data>/torchserve``), registers the model, and points
+the gateway at it. With ``HISTOXPLAIN_BACKEND=embedded`` the model runs in the gateway. The
+gateway listens on ``HISTOXPLAIN_HOST:HISTOXPLAIN_PORT`` (127.0.0.1:50051). SIGTERM or Ctrl-C
+drains the gateway, then stops TorchServe; everything started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib.util
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, ModuleType
+
+from histoxplain_model.errors import HistoxplainError
+from histoxplain_service.gateway_settings import GatewaySettings
+from histoxplain_service.server import serve
+
+__all__ = ["main"]
+
+logger = logging.getLogger("histoxplain_service.serve")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _build_mar_module() -> ModuleType:
+    """``model_store/build_mar.py`` (a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("histoxplain_build_mar", REPO / "model_store" / "build_mar.py")
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{REPO / 'model_store' / 'build_mar.py'} is missing; run from a source checkout")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_mar(settings: GatewaySettings, model_store: Path, rebuild: bool = False) -> str:
+    """Build ``<model>.mar`` for the configured preset unless it exists; returns its file name."""
+    mar_name = f"{settings.torchserve_model}.mar"
+    if rebuild or not (model_store / mar_name).is_file():
+        logger.info("building %s for preset %s (one-off, ~30 s)", mar_name, settings.core.model)
+        _build_mar_module().build_mar(
+            model_store,
+            preset=settings.core.model,
+            weights=settings.core.weights,
+            model_name=settings.torchserve_model,
+            max_pixels=settings.core.max_pixels,
+        )
+    return mar_name
+
+
+class _Stop(Exception):
+    """SIGTERM during start-up (before the gateway's own handlers are installed)."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="histoxplain-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rebuild-mar", action="store_true", help="rebuild the model archive even if it exists")
+    parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default %(default)s)")
+    parser.add_argument("--max-batch-delay-ms", type=int, default=20, help="TorchServe maxBatchDelay (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = GatewaySettings.from_env()
+    except HistoxplainError as error:
+        print(f"histoxplain serve: {error}", file=sys.stderr)
+        return 2
+
+    # Until the gateway's asyncio handlers take over, SIGTERM unwinds like Ctrl-C so that a
+    # TorchServe that is still starting is stopped too.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    torchserve = None
+    try:
+        if settings.backend == "torchserve":
+            from histoxplain_service.torchserve_process import TorchServeProcess
+
+            data_dir = settings.core.data_dir.resolve()
+            model_store = data_dir / "model-store"
+            mar_name = ensure_mar(settings, model_store, rebuild=args.rebuild_mar)
+            torchserve = TorchServeProcess(model_store, data_dir / "torchserve")
+            logger.info("starting TorchServe (log: %s)", torchserve.log_file)
+            torchserve.start()
+            torchserve.register_model(
+                mar_name,
+                settings.torchserve_model,
+                batch_size=args.batch_size,
+                max_batch_delay_ms=args.max_batch_delay_ms,
+            )
+            settings = dataclasses.replace(
+                settings, torchserve_address=torchserve.grpc_target, torchserve_key_file=torchserve.key_file
+            )
+        asyncio.run(serve(settings, ready=lambda gateway: print(
+            f"histoxplain gateway ready on {settings.host}:{gateway.port} (backend {settings.backend}); "
+            "Ctrl-C to stop", flush=True)))
+    except (KeyboardInterrupt, _Stop):
+        logger.info("interrupted during start-up")
+    except HistoxplainError as error:
+        print(f"histoxplain serve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if torchserve is not None:
+            logger.info("stopping TorchServe")
+            torchserve.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
