@@ -1,0 +1,106 @@
+"""The model library in-process: the CLI's backend and the gateway's ``embedded`` backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
+from histoxplain_service.backends.base import ModelInfo
+
+if TYPE_CHECKING:
+    from histoxplain_model.encoders import Encoder
+    from histoxplain_model.explain import RetrievalExplanation
+
+#: (B, 3, H, W) float32 preprocessed pixels -> (B, D) float32 L2-normalised embeddings.
+PixelEmbedder = Callable[[np.ndarray], np.ndarray]
+
+
+class EmbeddedBackend:
+    """Embeds and explains with an :class:`~histoxplain_model.encoders.Encoder` in this process.
+
+    ``pixel_embedder`` replaces torch for embeddings only (the ONNX Runtime path); gradients
+    always come from torch. Explanations are serialised with a lock: saliency hooks live on the
+    shared target layer, so two concurrent explanations would see each other's activations.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        pixel_embedder: PixelEmbedder | None = None,
+        embed_batch_size: int = 32,
+    ) -> None:
+        self._encoder = encoder
+        self._pixel_embedder = pixel_embedder
+        self._embed_batch_size = embed_batch_size
+        self._explain_lock = threading.Lock()
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._encoder
+
+    def info(self) -> ModelInfo:
+        from histoxplain_model.saliency import METHODS
+
+        preset = self._encoder.preset
+        return ModelInfo(
+            preset=preset.name,
+            architecture=preset.architecture,
+            embedding_dim=int(self._encoder.embedding_dim),
+            input_size=tuple(self._encoder.input_size),
+            methods=tuple(METHODS),
+            backend="embedded",
+        )
+
+    def embed(self, images: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
+        if len(images) == 0:
+            raise InvalidRequest("no images to embed; send at least one image")
+        deadline = _deadline(timeout)
+        chunks = []
+        for start in range(0, len(images), self._embed_batch_size):
+            _check_deadline(deadline)
+            pixels = self._encoder.preprocess(list(images[start : start + self._embed_batch_size]))
+            if self._pixel_embedder is not None:
+                chunks.append(self._pixel_embedder(pixels.numpy()))
+            else:
+                chunks.append(self._encoder.embed(pixels).numpy())
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def explain(
+        self,
+        query: np.ndarray,
+        references: Sequence[np.ndarray],
+        method: str,
+        polarity: str = "similar",
+        side: str = "both",
+        timeout: float | None = None,
+    ) -> RetrievalExplanation:
+        from histoxplain_model.explain import explain_retrieval
+
+        if len(references) == 0:
+            raise InvalidRequest("no reference images to explain against; give at least one")
+        deadline = _deadline(timeout)
+        with self._explain_lock:
+            _check_deadline(deadline)
+            return explain_retrieval(
+                self._encoder, query, list(references), method=method, polarity=polarity, side=side
+            )
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Nothing to release: the encoder lives as long as the process."""
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request ran out of time before the model started; retry with a longer deadline")
