@@ -280,3 +280,32 @@ def get_adapter(layout: str, crc_pattern: str = DEFAULT_CRC_PATTERN, mpp: float 
     if mpp is not None:
         adapter.mpp = mpp
     return adapter
+
+
+@dataclass(frozen=True)
+class TilingPolicy:
+    """How an image becomes tiles: resize to ``target_mpp`` (when both it and the dataset's
+    pixel size are known), cut a grid of ``tile_size`` px squares (stride = tile size), keep
+    tiles whose tissue fraction is at least ``min_tissue`` (at least the best one per image)
+    and at most ``max_tiles`` of them per image (a seeded choice, stable per image)."""
+
+    tile_size: int = 224
+    target_mpp: float | None = 0.5
+    min_tissue: float = 0.5
+    max_tiles: int = 8
+
+    def scale_for(self, mpp: float | None) -> float:
+        """Resize factor for an image of pixel size ``mpp`` (1.0 when either is unknown)."""
+        if mpp is None or self.target_mpp is None:
+            return 1.0
+        return mpp / self.target_mpp
+
+    def check(self) -> None:
+        if self.tile_size < 16:
+            raise InvalidRequest(f"--tile-size {self.tile_size} is too small; use at least 16 px")
+        if self.target_mpp is not None and self.target_mpp <= 0:
+            raise InvalidRequest(f"--target-mpp must be positive, got {self.target_mpp}")
+        if self.max_tiles < 1:
+            raise InvalidRequest(f"--max-tiles-per-image must be >= 1, got {self.max_tiles}")
+        if not 0 <= self.min_tissue <= 1:
+            raise InvalidRequest(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
