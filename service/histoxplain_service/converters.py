@@ -9,6 +9,7 @@ caller asks for float32) and as an overlay PNG drawn over the image at the image
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
 from histoxplain_service.index import ImageHit, IndexInfo, SearchHit
+from histoxplain_service.retrieval import ExplainedSearch, Retrieval
+from histoxplain_service.settings import Settings
 
 __all__ = [
     "ExplainChoice",
@@ -182,4 +185,98 @@ def index_info_to_proto(info: IndexInfo) -> types_pb2.IndexInfo:
         embedding_dim=int(info.dim),
         tile_count=int(info.n_points),
         image_count=int(info.n_images),
+    )
+
+
+def explained_references(
+    explained: ExplainedSearch,
+    choice: ExplainChoice,
+    order: Iterable[int],
+    shown_hits: Sequence[SearchHit | ImageHit | None],
+) -> list[types_pb2.ExplainedReference]:
+    """``explained.hits[i]`` for i in ``order`` as messages, each with ``shown_hits`` (same
+    order) as its hit; ``reference_index`` is i (rank in the search / position in the request)."""
+    references = []
+    for i, hit in zip(order, shown_hits, strict=True):
+        item = explained.hits[i]
+        message = types_pb2.ExplainedReference(reference_index=i, similarity=float(item.similarity))
+        if hit is not None:
+            message.hit.CopyFrom(search_hit_to_proto(hit))
+        if item.query_heatmap is not None:
+            message.query_heatmap.CopyFrom(heatmap_to_proto(item.query_heatmap, explained.query_image, choice.heatmap_dtype))
+        if item.hit_heatmap is not None:
+            message.reference_heatmap.CopyFrom(heatmap_to_proto(item.hit_heatmap, item.image, choice.heatmap_dtype))
+        references.append(message)
+    return references
+
+
+def tiling_settings(core: Settings, tiling: types_pb2.TilingOptions) -> Settings:
+    """The core settings with a request's tiling options applied (0 / unset: the server's)."""
+    changes: dict[str, Any] = {}
+    if tiling.tile_size:
+        changes["tile_size"] = tiling.tile_size
+    if tiling.stride:
+        changes["stride"] = tiling.stride
+    if tiling.HasField("min_tissue_fraction"):
+        changes["min_tissue"] = float(tiling.min_tissue_fraction)
+    return core.with_changes(**changes) if changes else core
+
+
+def _skip_reason(message: str) -> int:
+    # The domain reports skips as text (ingest.SkippedInput); classify by its known phrasings.
+    text = message.lower()
+    if "same content" in text:
+        return types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID
+    if "limit" in text or "too large" in text or "max_pixels" in text:
+        return types_pb2.SKIP_REASON_IMAGE_TOO_LARGE
+    if "tissue" in text or "background" in text:
+        return types_pb2.SKIP_REASON_NO_TISSUE
+    return types_pb2.SKIP_REASON_UNREADABLE_IMAGE
+
+
+def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.ImageRecord]) -> Any:
+    """Index the streamed images with the domain and summarise as an ``IndexImagesResponse``.
+
+    Each image is named by its ``source`` (or ``image_id``, or its stream position) so that
+    skipped images can be reported by position.
+    """
+    from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as service_pb2
+
+    skipped: list[types_pb2.SkippedImage] = []
+    items: list[tuple[bytes, str, str | None]] = []
+    positions: dict[str, list[int]] = {}
+    seen_ids: set[str] = set()
+    for position, record in enumerate(records):
+        if len(record.image_id) > 256:
+            skipped.append(types_pb2.SkippedImage(
+                position=position, image_id=record.image_id[:256], reason=types_pb2.SKIP_REASON_INVALID_METADATA,
+                message="image_id is longer than 256 characters",
+            ))
+            continue
+        if record.image_id and record.image_id in seen_ids:
+            skipped.append(types_pb2.SkippedImage(
+                position=position, image_id=record.image_id, reason=types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
+                message="this image_id came earlier in the stream; the first one was kept",
+            ))
+            continue
+        seen_ids.add(record.image_id)
+        source = record.source or record.image_id or f"image {position}"
+        positions.setdefault(source, []).append(position)
+        items.append((bytes(record.content), source, record.label or None))
+    summary = retrieval.index_encoded(name, items) if items else None
+    if summary is not None:
+        for item in summary.skipped:
+            candidates = positions.get(item.source) or [0]
+            position = candidates.pop(0) if len(candidates) > 1 else candidates[0]
+            skipped.append(types_pb2.SkippedImage(
+                position=position, image_id=records[position].image_id, reason=_skip_reason(item.reason),
+                message=item.reason,
+            ))
+    skipped.sort(key=lambda entry: entry.position)
+    return service_pb2.IndexImagesResponse(
+        index=name,
+        images_received=len(records),
+        images_indexed=len(summary.images) if summary is not None else 0,
+        tiles_indexed=summary.tiles_indexed if summary is not None else 0,
+        skipped=skipped,
     )

@@ -40,7 +40,8 @@ class GatewaySettings:
         max_message_bytes: largest request or response message, both directions.
         default_deadline_s: deadline of a call that arrives without one.
         max_deadline_s: upper bound on any call's deadline, whatever the client asks for.
-        max_k: largest ``k`` a Search may ask for (the API allows up to 1000).
+        max_k: largest ``k`` a Search may ask for (the API allows up to 1000; the domain layer
+            currently stops at ``retrieval.MAX_K`` = 100).
         max_explain_k: largest number of references one Explain / SearchAndExplain explains
             (the API allows up to 100 for SearchAndExplain; each costs a backward pass).
         worker_threads: threads that run model and index calls off the event loop.
@@ -58,7 +59,7 @@ class GatewaySettings:
     max_message_bytes: int = 64 * _MIB
     default_deadline_s: float = 60.0
     max_deadline_s: float = 300.0
-    max_k: int = 1000
+    max_k: int = 100
     max_explain_k: int = 100
     worker_threads: int = 4
     grace_period_s: float = 10.0
