@@ -60,7 +60,7 @@ class MethodOptions:
         25 halves the cost).
     sigma: noise standard deviation as a fraction of the image's value range
         (max - min), Smilkov et al. section 4.1 (10-20% works best).
-    chunk_size: noisy copies per forward pass (per image); bounds peak memory.
+    chunk_size: noisy copies per SmoothGrad forward pass; bounds peak memory.
     seed: seed of the SmoothGrad noise generator (same seed, same maps).
     gradcampp_gradient_scale: "unit" (default) evaluates GradCAM++ eq. 19 on gradients rescaled
         so that max |dS/dA| = 1 per map, which makes the map independent of the target's scale;
@@ -70,7 +70,7 @@ class MethodOptions:
 
     n_samples: int = 25
     sigma: float = 0.15
-    chunk_size: int = 8
+    chunk_size: int = 5
     seed: int = 0
     gradcampp_gradient_scale: Literal["unit", "raw"] = "unit"
     gradcampp_eps: float = 1e-6

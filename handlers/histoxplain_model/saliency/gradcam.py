@@ -24,28 +24,37 @@ class GradCAMPlusPlus(BaseCAM):
     """GradCAM++ (Chattopadhay et al., 2018), weights from eq. 19 (with eq. 7's ReLU):
 
         a^kc_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3 + eps),   w^c_k = sum_ij a^kc_ij ReLU(g),
-        g = dS/dA^k_ij, and a = 0 where g = 0.
+        g = dS/dA^k_ij; a is only needed (and only computed) where g > 0.
 
     Gradient scale (a departure from pytorch-grad-cam, on purpose). Eq. 19 is not homogeneous
     in the score S: scaling S by s scales the g^2 terms by s^2 but the g^3 term by s^3, and
-    pytorch-grad-cam adds an absolute eps = 1e-6. A cosine target has tiny gradients (about
-    1e-5 per activation on a 7x7x1280 layer), so g^2 is far below that eps and the map is
-    really sum_ij ReLU(g)^3 / eps; multiplying the same similarity by 1000 gives a different map
-    (PLATFORM.md measured changes of 0.15-0.98 after min-max). We therefore evaluate eq. 19 on
-    g / max|g| (max over the map's channels and positions, per image and reference): gradients
-    in units of the steepest one. The map is then invariant to the scale of the target, the
-    higher-order term keeps a fixed weight relative to the activations, and eps (relative to
-    that unit, default 1e-6) only guards 0/0. ``MethodOptions(gradcampp_gradient_scale="raw")``
-    uses the raw gradients and reproduces pytorch-grad-cam exactly.
+    pytorch-grad-cam adds an absolute eps = 1e-6. A cosine target has tiny gradients, so g^2 is
+    far below that eps and the map is really sum_ij ReLU(g)^3 / eps; multiplying the same
+    similarity by 1000 gives a different map (PLATFORM.md measured changes of 0.15-0.98 after
+    min-max). By default ("unit") we therefore evaluate eq. 19 on g / max|g| (max over the
+    map's channels and positions, per image and reference): gradients in units of the steepest
+    one. The map is then invariant to the scale of the target, and eps (relative to that unit,
+    default 1e-6) only guards 0/0.
+
+    Signed activations. Eq. 19 is derived for non-negative (post-ReLU) activations, where
+    a = 1 / (2 + sum A * g) lies in (0, 1/2] for g > 0. With signed activations (a ViT's
+    LayerNorm tokens) a negative channel sum makes the denominator cross zero and a explode, so
+    in "unit" mode sum_ab A_ab is clamped at 0 (a = 1/2: the value eq. 19 takes when the
+    higher-order terms vanish). CNN target layers after a ReLU are unaffected.
+
+    ``MethodOptions(gradcampp_gradient_scale="raw")`` uses the raw gradients and no clamp, and
+    reproduces pytorch-grad-cam exactly.
     """
 
     def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        sum_activations = activations.sum(dim=(-2, -1), keepdim=True)
         if self.options.gradcampp_gradient_scale == "unit":
             steepest = grads.abs().amax(dim=(-3, -2, -1), keepdim=True)
             grads = grads / torch.where(steepest > 0, steepest, torch.ones_like(steepest))
+            sum_activations = sum_activations.clamp(min=0)
         grads_2 = grads.pow(2)
         grads_3 = grads_2 * grads
-        sum_activations = activations.sum(dim=(-2, -1), keepdim=True)
         alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + self.options.gradcampp_eps)
-        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        return (grads.clamp(min=0) * alpha).sum(dim=(-2, -1))
+        # a * ReLU(g) is 0 where g <= 0; `where` also keeps an inf a (denominator 0) out of it.
+        positive = grads > 0
+        return torch.where(positive, grads * alpha, torch.zeros_like(alpha)).sum(dim=(-2, -1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.saliency.base import (
     Explainer,
     MethodOptions,
@@ -58,9 +59,9 @@ class SmoothGrad(Explainer):
     the result equals ``NoiseTunnel(Saliency).attribute(nt_type="smoothgrad")``.)
 
     Cost: the K references share the n noisy forward passes; each still needs its own backward
-    pass per noisy copy (n forwards + n*K backwards). Copies are processed ``options.chunk_size``
-    at a time to bound memory. The map is the per-pixel maximum over colour channels of the mean
-    |gradient|, min-max normalised.
+    pass per noisy copy (n forwards + n*K backwards). Images go one at a time and their copies
+    ``options.chunk_size`` per forward pass, to bound memory. The map is the per-pixel maximum
+    over colour channels of the mean |gradient|, min-max normalised.
     """
 
     def __init__(
@@ -81,20 +82,24 @@ class SmoothGrad(Explainer):
         )
 
     def mean_attributions(self, pixels: torch.Tensor, target: SimilarityTarget) -> torch.Tensor:
-        """Mean |dS_k/dx| over the noisy copies: pixels (B,3,H,W) -> (B, K, 3, H, W)."""
-        batch = pixels.shape[0]
+        """Mean |dS_k/dx| over the noisy copies: pixels (B,3,H,W) -> (B, K, 3, H, W).
+
+        Images are processed one at a time, ``options.chunk_size`` noisy copies per forward
+        pass, so peak memory does not grow with B or n.
+        """
         unit_noise = self.noise(tuple(pixels.shape[1:]), pixels.device).to(pixels.dtype)
-        flat = pixels.flatten(1)
-        stdev = (self.options.sigma * (flat.amax(1) - flat.amin(1))).view(batch, 1, 1, 1, 1)
-        total: torch.Tensor | None = None
-        for start in range(0, self.options.n_samples, self.options.chunk_size):
-            chunk = unit_noise[start : start + self.options.chunk_size]
-            noisy = (pixels[:, None] + stdev * chunk[None]).flatten(0, 1)  # (B*c, 3, H, W)
-            attributions = self.inner.attribute(noisy, target)
-            summed = attributions.view(batch, chunk.shape[0], *attributions.shape[1:]).sum(1)
-            total = summed if total is None else total.add_(summed)
-        assert total is not None  # n_samples >= 1 (checked by MethodOptions)
-        return total / self.options.n_samples
+        per_image = []
+        for image in pixels:
+            stdev = self.options.sigma * (image.amax() - image.amin())
+            total: torch.Tensor | None = None
+            for start in range(0, self.options.n_samples, self.options.chunk_size):
+                noisy = image[None] + stdev * unit_noise[start : start + self.options.chunk_size]
+                summed = self.inner.attribute(noisy, target).sum(0)  # (K, 3, H, W)
+                total = summed if total is None else total.add_(summed)
+            if total is None:  # unreachable: MethodOptions checks n_samples >= 1
+                raise InvalidRequest("n_samples must be >= 1")
+            per_image.append(total / self.options.n_samples)
+        return torch.stack(per_image)
 
     def _heatmaps(
         self, pixels: torch.Tensor, target: SimilarityTarget
