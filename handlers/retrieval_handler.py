@@ -1,0 +1,279 @@
+"""TorchServe handler for histoxplain: decode -> ``histoxplain_model`` -> encode. Nothing else.
+
+TorchServe's gRPC API passes no headers to the handler, so everything travels in the request's
+input map (``map<string, bytes>``); TorchServe must run with ``decode_input_request=false`` so the
+values arrive as raw bytes (``model_store/config.properties``).
+
+Request (input map; text values UTF-8):
+
+    mode=embed     image.0, image.1, ...  encoded images (PNG, JPEG, TIFF); at least one
+    mode=explain   query                  encoded query image
+                   reference.0, ...       encoded reference images; at least one
+                   method                 gradcam | gradcampp | smoothgrad
+                   polarity               similar (default) | dissimilar
+                   side                   query | retrieved | both (default)
+    mode=info      (nothing else)         the served encoder's description
+
+Response (one per request, also inside a batch): an envelope
+
+    b"HXP1" | uint32 little-endian header length | header (UTF-8 JSON) | array bytes
+
+The header is ``{"status": "ok", "meta": {...}, "arrays": [{"name", "dtype", "shape", "offset",
+"nbytes"}]}`` with offsets into the bytes after the header, or ``{"status": "error", "error":
+{"kind": <histoxplain_model.errors class name or "InternalError">, "code": <gRPC status name>,
+"message": ...}}``. Arrays: ``embeddings`` (N, D) float32 L2-normalised; ``scores`` (K,)
+float32; ``query_heatmaps`` / ``reference_heatmaps`` (K, H, W) float16 in [0, 1] (half the bytes
+of float32; rounding moves a value in [0, 1] by at most 2**-12 = 2.4e-4). The decoder is
+``histoxplain_service.backends.torchserve.decode_envelope``.
+
+Batching: embed requests of one batch are decoded one by one (a bad image fails only its
+request) and embedded together; explain requests run one after another with gradients enabled
+(TorchServe's BaseHandler runs its ``inference`` under ``torch.inference_mode()``, which
+``enable_grad`` alone does not undo). The archive's ``setup_config.json`` names the preset and
+its weights file (see ``model_store/build_mar.py``). TorchServe allows ONE class per handler
+module: helpers here are functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from histoxplain_model import errors
+from histoxplain_model.encoders import load_encoder
+from histoxplain_model.explain import explain_retrieval
+from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, decode_image
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE_MAGIC = b"HXP1"
+SETUP_CONFIG = "setup_config.json"
+MODES = ("embed", "explain", "info")
+#: gRPC status code names per error class (most specific first); anything else is INTERNAL.
+_STATUS_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (errors.InvalidRequest, "INVALID_ARGUMENT"),
+    (errors.NotFound, "NOT_FOUND"),
+    (errors.FailedPrecondition, "FAILED_PRECONDITION"),
+    (errors.DependencyUnavailable, "UNAVAILABLE"),
+    (errors.DeadlineExceeded, "DEADLINE_EXCEEDED"),
+)
+
+
+# -- envelope encoding (the matching decoder lives in the TorchServe backend) ----------------
+
+
+def encode_envelope(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An ``ok`` envelope: JSON ``meta`` plus raw little-endian ``arrays`` (C order)."""
+    specs = []
+    payloads = []
+    offset = 0
+    for name, array in arrays.items():
+        contiguous = np.ascontiguousarray(array)
+        if contiguous.dtype.byteorder == ">":
+            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+        data = contiguous.tobytes()
+        specs.append(
+            {"name": name, "dtype": contiguous.dtype.name, "shape": list(contiguous.shape),
+             "offset": offset, "nbytes": len(data)}
+        )
+        payloads.append(data)
+        offset += len(data)
+    return _pack({"status": "ok", "meta": dict(meta), "arrays": specs}, payloads)
+
+
+def encode_error(error: BaseException) -> bytes:
+    """An ``error`` envelope; unexpected errors get a generic message (the log has the trace)."""
+    for cls, code in _STATUS_CODES:
+        if isinstance(error, cls):
+            kind, message = type(error).__name__, str(error)
+            break
+    else:
+        kind, code = "InternalError", "INTERNAL"
+        message = "the model failed on this request; the TorchServe log has the details"
+    return _pack({"status": "error", "error": {"kind": kind, "code": code, "message": message}}, [])
+
+
+def _pack(header: Mapping[str, Any], payloads: Sequence[bytes]) -> bytes:
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join([ENVELOPE_MAGIC, struct.pack("<I", len(header_bytes)), header_bytes, *payloads])
+
+
+# -- request parsing -------------------------------------------------------------------------
+
+
+def _text(request: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = request.get(key)
+    if value is None:
+        if default is None:
+            raise errors.InvalidRequest(f"the request has no {key!r} input; send it in the input map")
+        return default
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise errors.InvalidRequest(f"input {key!r} is not UTF-8 text") from None
+    return str(value).strip()
+
+
+def _numbered(request: Mapping[str, Any], prefix: str) -> list[bytes]:
+    """``prefix.0``, ``prefix.1``, ... in order; the numbering must have no gaps."""
+    indices = []
+    for key in request:
+        head, _, tail = key.rpartition(".")
+        if head == prefix:
+            if not tail.isdigit():
+                raise errors.InvalidRequest(f"input {key!r} is not numbered; use {prefix}.0, {prefix}.1, ...")
+            indices.append(int(tail))
+    indices.sort()
+    if indices != list(range(len(indices))):
+        raise errors.InvalidRequest(f"inputs {prefix}.N must be numbered 0..{len(indices) - 1} without gaps")
+    return [_image_bytes(request, f"{prefix}.{index}") for index in indices]
+
+
+def _image_bytes(request: Mapping[str, Any], key: str) -> bytes:
+    value = request.get(key)
+    if value is None:
+        raise errors.InvalidRequest(f"the request has no {key!r} image")
+    if isinstance(value, str):
+        raise errors.ImageDecodeError(f"input {key!r} is text; send the encoded image bytes")
+    return bytes(value)
+
+
+class RetrievalHandler(BaseHandler):
+    """Embeds images and explains retrievals with one ``histoxplain_model`` encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = None
+        self.max_pixels = DEFAULT_MAX_PIXELS
+        self.max_embed_batch = 32
+
+    def initialize(self, context: Any) -> None:
+        """Load the preset named in the archive's ``setup_config.json`` with its weights file."""
+        torch.set_num_threads(int(os.environ.get("HISTOXPLAIN_TORCH_THREADS", "1")))
+        model_dir = Path(context.system_properties["model_dir"])
+        setup = json.loads((model_dir / SETUP_CONFIG).read_text())
+        weights = setup.get("weights")
+        self.max_pixels = int(setup.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.max_embed_batch = int(setup.get("max_embed_batch", 32))
+        self.encoder = load_encoder(setup["preset"], weights=model_dir / weights if weights else None)
+        self.manifest = context.manifest
+        self.initialized = True
+        logger.info("histoxplain encoder %s loaded from %s", setup["preset"], model_dir)
+
+    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[bytes]:
+        """One envelope per request; a failing request gets an error envelope, never the batch."""
+        start = time.perf_counter()
+        self.context = context
+        responses: list[bytes | None] = [None] * len(data)
+        embed_items: list[tuple[int, list[np.ndarray]]] = []
+        for position, request in enumerate(data):
+            try:
+                mode = _text(request, "mode")
+                if mode == "embed":
+                    embed_items.append((position, self._decode_all(_numbered(request, "image"), "image")))
+                elif mode == "explain":
+                    responses[position] = self._explain(request, len(data))
+                elif mode == "info":
+                    responses[position] = encode_envelope(self._info(), {})
+                else:
+                    raise errors.UnknownNameError.for_name("mode", mode, MODES)
+            except Exception as error:  # one bad request fails only itself
+                responses[position] = self._failure(error)
+        for position, response in self._embed(embed_items, len(data)):
+            responses[position] = response
+        if context is not None and getattr(context, "metrics", None) is not None:
+            context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        return responses  # type: ignore[return-value]  # every slot is filled above
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def _decode_all(self, encoded: Sequence[bytes], what: str) -> list[np.ndarray]:
+        if not encoded:
+            raise errors.InvalidRequest(f"no {what} inputs; send {what}.0, {what}.1, ...")
+        return [
+            decode_image(data, self.max_pixels, source=f"{what}.{index}") for index, data in enumerate(encoded)
+        ]
+
+    def _embed(self, items: list[tuple[int, list[np.ndarray]]], batch: int) -> list[tuple[int, bytes]]:
+        """All images of all embed requests in one pass (chunks of ``max_embed_batch``).
+
+        ``batch`` (the number of requests TorchServe batched) is reported in the response meta.
+        """
+        if not items:
+            return []
+        images = [image for _, request_images in items for image in request_images]
+        try:
+            embeddings = self._embed_images(images)
+        except Exception as error:
+            if len(items) == 1:
+                return [(items[0][0], self._failure(error))]
+            # Isolate the request that breaks the joint pass.
+            return [result for item in items for result in self._embed([item], batch)]
+        results = []
+        start = 0
+        for position, request_images in items:
+            stop = start + len(request_images)
+            meta = {"mode": "embed", "batch": batch}
+            results.append((position, encode_envelope(meta, {"embeddings": embeddings[start:stop]})))
+            start = stop
+        return results
+
+    def _embed_images(self, images: list[np.ndarray]) -> np.ndarray:
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.max_embed_batch):
+                pixels = self.encoder.preprocess(images[start : start + self.max_embed_batch])
+                chunks.append(self.encoder.embed(pixels).float().cpu().numpy())
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def _explain(self, request: Mapping[str, Any], batch: int) -> bytes:
+        method = _text(request, "method")
+        polarity = _text(request, "polarity", "similar")
+        side = _text(request, "side", "both")
+        query = self._decode_all([_image_bytes(request, "query")], "query")[0]
+        references = self._decode_all(_numbered(request, "reference"), "reference")
+        # Saliency needs autograd: leave any inference mode the caller may have entered.
+        with torch.inference_mode(False), torch.enable_grad():
+            explanation = explain_retrieval(
+                self.encoder, query, references, method=method, polarity=polarity, side=side
+            )
+        arrays: dict[str, np.ndarray] = {"scores": np.asarray(explanation.scores, dtype=np.float32)}
+        if explanation.query_heatmaps is not None:
+            arrays["query_heatmaps"] = np.asarray(explanation.query_heatmaps, dtype=np.float16)
+        if explanation.reference_heatmaps is not None:
+            arrays["reference_heatmaps"] = np.asarray(explanation.reference_heatmaps, dtype=np.float16)
+        meta = {"mode": "explain", "batch": batch, "method": explanation.method,
+                "polarity": explanation.polarity, "side": side}
+        return encode_envelope(meta, arrays)
+
+    def _info(self) -> dict[str, Any]:
+        from histoxplain_model.saliency import METHODS
+
+        preset = self.encoder.preset
+        return {
+            "mode": "info",
+            "preset": preset.name,
+            "architecture": preset.architecture,
+            "embedding_dim": int(self.encoder.embedding_dim),
+            "input_size": [int(size) for size in self.encoder.input_size],
+            "methods": list(METHODS),
+        }
+
+    @staticmethod
+    def _failure(error: BaseException) -> bytes:
+        if isinstance(error, errors.HistoxplainError):
+            logger.info("request failed: %s: %s", type(error).__name__, error)
+        else:
+            logger.exception("request failed unexpectedly")
+        return encode_error(error)

@@ -1,0 +1,288 @@
+"""The ``torchserve`` model backend: TorchServe's gRPC inference API with token authorization.
+
+Requests and responses follow the handler's wire format (``handlers/retrieval_handler.py``,
+documented in ``model_store/README.md``): the mode and the encoded images go in the
+``PredictionsRequest.input`` map, the answer is an ``HXP1`` envelope decoded by
+:func:`decode_envelope`. Images are sent as PNG (lossless, so TorchServe sees exactly the
+pixels the embedded backend would). Every call carries ``authorization: Bearer <inference key>``
+from TorchServe's ``key_file.json``; the file is re-read when it changes and once more after a
+PERMISSION_DENIED (TorchServe rewrites it when keys are regenerated).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from histoxplain_model import errors
+from histoxplain_service.backends._torchserve_proto import inference_pb2, inference_pb2_grpc
+from histoxplain_service.backends.base import ModelInfo
+
+if TYPE_CHECKING:
+    from histoxplain_model.explain import RetrievalExplanation
+
+__all__ = ["ENVELOPE_MAGIC", "TorchServeBackend", "TorchServeConfig", "decode_envelope", "encode_png"]
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE_MAGIC = b"HXP1"
+_HEADER_LENGTH = struct.Struct("<I")
+#: Error kinds the handler may send that are not classes of ``histoxplain_model.errors``.
+_CODE_ERRORS: dict[str, type[errors.HistoxplainError]] = {
+    "INVALID_ARGUMENT": errors.InvalidRequest,
+    "NOT_FOUND": errors.NotFound,
+    "FAILED_PRECONDITION": errors.FailedPrecondition,
+    "UNAVAILABLE": errors.DependencyUnavailable,
+    "DEADLINE_EXCEEDED": errors.DeadlineExceeded,
+}
+
+
+@dataclass(frozen=True)
+class TorchServeConfig:
+    """Where TorchServe's gRPC inference API is and how to authenticate.
+
+    Attributes:
+        target: ``host:port`` of the gRPC inference API (``grpc_inference_port``).
+        model_name: the name the model is registered under.
+        key_file: TorchServe's ``key_file.json`` (in its working directory); ``None`` when
+            token authorization is off.
+        max_message_bytes: largest request/response message (TorchServe's
+            ``max_request_size`` / ``max_response_size`` must be at least as large).
+    """
+
+    target: str = "127.0.0.1:7070"
+    model_name: str = "histoxplain"
+    key_file: Path | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 RGB -> PNG bytes (lossless; compression level 1: speed over size)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise errors.InvalidRequest(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_envelope(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """An ``HXP1`` envelope -> ``(meta, arrays)``; an error envelope raises its error class.
+
+    Raises:
+        HistoxplainError subclass: the handler's per-request error (kind -> class, or the
+            class for its gRPC code); RuntimeError for INTERNAL or a malformed envelope.
+    """
+    if len(payload) < 8 or payload[:4] != ENVELOPE_MAGIC:
+        raise RuntimeError("TorchServe answered with something that is not a histoxplain envelope (wrong handler?)")
+    (header_length,) = _HEADER_LENGTH.unpack_from(payload, 4)
+    body_start = 8 + header_length
+    header = json.loads(payload[8:body_start].decode("utf-8"))
+    if header.get("status") == "error":
+        raise _error_from(header.get("error", {}))
+    arrays = {}
+    body = memoryview(payload)[body_start:]
+    for spec in header.get("arrays", []):
+        start, nbytes = int(spec["offset"]), int(spec["nbytes"])
+        if start + nbytes > len(body):
+            raise RuntimeError(f"TorchServe envelope is truncated (array {spec['name']!r})")
+        array = np.frombuffer(body[start : start + nbytes], dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
+        arrays[spec["name"]] = array.reshape(spec["shape"])
+    return header.get("meta", {}), arrays
+
+
+def _error_from(error: Mapping[str, Any]) -> Exception:
+    kind = str(error.get("kind", ""))
+    message = str(error.get("message", "the model failed on this request"))
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, errors.HistoxplainError):
+        return cls(message)
+    code_cls = _CODE_ERRORS.get(str(error.get("code", "")))
+    if code_cls is not None:
+        return code_cls(message)
+    return RuntimeError(f"TorchServe model error: {message}")
+
+
+class _KeyFile:
+    """The inference key from ``key_file.json``, re-read when the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._key: str | None = None
+
+    def key(self, force: bool = False) -> str | None:
+        if self._path is None:
+            return None
+        with self._lock:
+            try:
+                stat = self._path.stat()
+            except FileNotFoundError:
+                raise errors.DependencyUnavailable(
+                    f"TorchServe key file {self._path} does not exist; is TorchServe running there?"
+                ) from None
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if force or stamp != self._stamp or self._key is None:
+                try:
+                    self._key = json.loads(self._path.read_text())["inference"]["key"]
+                except (KeyError, TypeError, json.JSONDecodeError) as error:
+                    raise errors.DependencyUnavailable(
+                        f"TorchServe key file {self._path} has no inference key: {error}"
+                    ) from None
+                self._stamp = stamp
+            return self._key
+
+
+class TorchServeBackend:
+    """A :class:`~histoxplain_service.backends.base.ModelBackend` over TorchServe's gRPC API.
+
+    Thread-safe: one channel, no per-call state on the instance (the gateway calls it from
+    worker threads). ``timeout`` becomes the gRPC deadline of the call.
+    """
+
+    def __init__(self, config: TorchServeConfig) -> None:
+        self.config = config
+        self._keys = _KeyFile(config.key_file)
+        options = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+        ]
+        self._channel = grpc.insecure_channel(config.target, options=options)  # loopback only
+        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+        self._info: ModelInfo | None = None
+        self._info_lock = threading.Lock()
+
+    # -- ModelBackend --------------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        with self._info_lock:
+            if self._info is None:
+                meta, _ = self.predict({"mode": b"info"}, timeout=30.0)
+                self._info = ModelInfo(
+                    preset=str(meta["preset"]),
+                    architecture=str(meta["architecture"]),
+                    embedding_dim=int(meta["embedding_dim"]),
+                    input_size=tuple(int(size) for size in meta["input_size"]),
+                    methods=tuple(str(method) for method in meta["methods"]),
+                    backend="torchserve",
+                )
+            return self._info
+
+    def embed(self, images: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
+        """One request per call: TorchServe batches concurrent calls (``batch_size``)."""
+        if len(images) == 0:
+            raise errors.InvalidRequest("no images to embed; send at least one image")
+        inputs = {"mode": b"embed"}
+        inputs.update({f"image.{index}": encode_png(image) for index, image in enumerate(images)})
+        _, arrays = self.predict(inputs, timeout)
+        embeddings = arrays["embeddings"].astype(np.float32, copy=False)
+        if embeddings.shape[0] != len(images):
+            raise RuntimeError(f"TorchServe returned {embeddings.shape[0]} embeddings for {len(images)} images")
+        return embeddings
+
+    def explain(
+        self,
+        query: np.ndarray,
+        references: Sequence[np.ndarray],
+        method: str,
+        polarity: str = "similar",
+        side: str = "both",
+        timeout: float | None = None,
+    ) -> RetrievalExplanation:
+        if len(references) == 0:
+            raise errors.InvalidRequest("no reference images to explain against; give at least one")
+        inputs = {
+            "mode": b"explain",
+            "method": method.encode("utf-8"),
+            "polarity": polarity.encode("utf-8"),
+            "side": side.encode("utf-8"),
+            "query": encode_png(query),
+        }
+        inputs.update({f"reference.{index}": encode_png(image) for index, image in enumerate(references)})
+        meta, arrays = self.predict(inputs, timeout)
+        # Imported here: histoxplain_model.explain imports torch, which this backend needs
+        # for nothing else (a TorchServe gateway stays torch-free until the first explain).
+        from histoxplain_model.explain import RetrievalExplanation
+
+        return RetrievalExplanation(
+            method=str(meta["method"]),
+            polarity=str(meta["polarity"]),
+            scores=arrays["scores"].astype(np.float32),
+            query_heatmaps=_as_float32(arrays.get("query_heatmaps")),
+            reference_heatmaps=_as_float32(arrays.get("reference_heatmaps")),
+        )
+
+    def ready(self) -> bool:
+        """True when TorchServe answers an ``info`` request for the model (a READY worker)."""
+        try:
+            self.predict({"mode": b"info"}, timeout=5.0)
+        except (errors.HistoxplainError, RuntimeError) as error:
+            logger.debug("TorchServe not ready: %s", error)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def predict(
+        self, inputs: Mapping[str, bytes], timeout: float | None = None
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One raw Predictions call: the handler's input map -> its decoded envelope ``(meta, arrays)``.
+
+        The wire-level entry point under ``embed``/``explain``/``info`` (benchmarks and tests
+        read ``meta["batch"]``, the number of requests TorchServe batched with this one).
+        """
+        request = inference_pb2.PredictionsRequest(model_name=self.config.model_name, input=inputs)
+        try:
+            response = self._call(request, timeout, force_key=False)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.PERMISSION_DENIED or self.config.key_file is None:
+                raise self._map_rpc_error(error) from None
+            try:  # the keys may have been regenerated since we read the file
+                response = self._call(request, timeout, force_key=True)
+            except grpc.RpcError as retry_error:
+                raise self._map_rpc_error(retry_error) from None
+        return decode_envelope(response.prediction)
+
+    def _call(
+        self, request: inference_pb2.PredictionsRequest, timeout: float | None, force_key: bool
+    ) -> inference_pb2.PredictionResponse:
+        key = self._keys.key(force=force_key)
+        metadata = (("authorization", f"Bearer {key}"),) if key is not None else None
+        return self._stub.Predictions(request, timeout=timeout, metadata=metadata)
+
+    def _map_rpc_error(self, error: grpc.RpcError) -> Exception:
+        code, details = error.code(), error.details() or ""
+        where = f"TorchServe at {self.config.target} (model {self.config.model_name!r})"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return errors.DeadlineExceeded(f"{where} did not answer before the deadline; retry with a longer one")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return errors.DependencyUnavailable(f"{where} is unavailable: {details}")
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return errors.DependencyUnavailable(
+                f"{where} refused the inference key from {self.config.key_file}: {details}"
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            return errors.DependencyUnavailable(f"{where} does not serve this model: {details}")
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            return RuntimeError(f"{where} failed: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return errors.InvalidRequest(f"the request is too large for {where}: {details}")
+        return errors.DependencyUnavailable(f"{where} failed ({code.name}): {details}")
+
+
+def _as_float32(heatmaps: np.ndarray | None) -> np.ndarray | None:
+    return None if heatmaps is None else heatmaps.astype(np.float32)

@@ -1,0 +1,332 @@
+"""TorchServe side: the handler, its wire envelope, and the congruence of the two backends.
+
+One TorchServe (fixture ``torchserve`` in conftest.py) serves the real efficientnet-lite0
+weights with batching on (batch size 4, max batch delay 50 ms) and token authorization on.
+Congruence: TorchServe and the in-process EmbeddedBackend give
+  - embeddings with cosine >= 0.9999 per image (batch composition changes float rounding);
+  - scores within SCORE_ATOL and heatmaps within HEATMAP_ATOL (max abs difference, maps in
+    [0, 1]); the wire carries heatmaps as float16, which alone moves a value by <= 2.4e-4.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from histoxplain_model import errors
+from histoxplain_service.backends.torchserve import (
+    TorchServeBackend,
+    TorchServeConfig,
+    decode_envelope,
+    encode_png,
+)
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+PRESET = "efficientnet-lite0-imagenet"
+SCORE_ATOL = 1e-4
+HEATMAP_ATOL = 2e-3
+
+
+def _load_handler_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("retrieval_handler", REPO / "handlers" / "retrieval_handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def handler_module() -> ModuleType:
+    return _load_handler_module()
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from histoxplain_model.encoders import load_encoder
+
+    return load_encoder(PRESET)
+
+
+@pytest.fixture(scope="module")
+def embedded(encoder):
+    from histoxplain_service.backends.embedded import EmbeddedBackend
+
+    return EmbeddedBackend(encoder)
+
+
+@pytest.fixture(scope="module")
+def tiles() -> list[np.ndarray]:
+    """Real IHC histology (scikit-image), cut into tiles of different sizes."""
+    from skimage import data
+
+    ihc = data.immunohistochemistry()  # (512, 512, 3) uint8
+    boxes = [(0, 0, 224, 224), (256, 256, 224, 224), (40, 300, 200, 180), (300, 10, 160, 256), (150, 150, 300, 300)]
+    return [np.ascontiguousarray(ihc[y : y + h, x : x + w]) for y, x, h, w in boxes]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# -- the wire envelope (no TorchServe needed) --------------------------------------------------
+
+
+def test_envelope_round_trips_arrays_and_meta(handler_module) -> None:
+    embeddings = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    heatmaps = np.linspace(0, 1, 2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    payload = handler_module.encode_envelope(
+        {"mode": "explain", "method": "gradcam"},
+        {"embeddings": embeddings, "query_heatmaps": heatmaps.astype(np.float16), "empty": np.zeros((0, 3), np.float32)},
+    )
+    meta, arrays = decode_envelope(payload)
+    assert meta == {"mode": "explain", "method": "gradcam"}
+    np.testing.assert_array_equal(arrays["embeddings"], embeddings)
+    assert arrays["query_heatmaps"].dtype == np.float16
+    assert np.max(np.abs(arrays["query_heatmaps"].astype(np.float32) - heatmaps)) <= 2.0**-12
+    assert arrays["empty"].shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (errors.ImageDecodeError("image.0 is not an image"), errors.ImageDecodeError),
+        (errors.UnknownNameError.for_name("method", "gradcat", ["gradcam"]), errors.UnknownNameError),
+        (errors.InvalidRequest("no images"), errors.InvalidRequest),
+        (errors.DeadlineExceeded("late"), errors.DeadlineExceeded),
+    ],
+)
+def test_error_envelope_raises_the_same_class(handler_module, error, expected) -> None:
+    with pytest.raises(expected) as raised:
+        decode_envelope(handler_module.encode_error(error))
+    assert type(raised.value) is expected
+    assert str(raised.value) == str(error)
+
+
+def test_unexpected_error_becomes_generic_internal(handler_module) -> None:
+    with pytest.raises(RuntimeError, match="TorchServe log") as raised:
+        decode_envelope(handler_module.encode_error(ZeroDivisionError("secret detail")))
+    assert "secret" not in str(raised.value)
+
+
+def test_not_an_envelope_is_rejected() -> None:
+    with pytest.raises(RuntimeError, match="not a histoxplain envelope"):
+        decode_envelope(b'{"embeddings": []}')
+
+
+# -- the handler in-process: one bad request in a batch fails only itself ----------------------
+
+
+@pytest.fixture(scope="module")
+def handler(handler_module, tmp_path_factory, encoder):
+    """The real handler class, initialised from a model dir laid out like the .mar's."""
+    spec = importlib.util.spec_from_file_location("histoxplain_build_mar", REPO / "model_store" / "build_mar.py")
+    build_mar = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_mar)
+    model_dir = tmp_path_factory.mktemp("model-dir")
+    weights_name = build_mar.stage_weights(PRESET, None, model_dir)
+    (model_dir / "setup_config.json").write_text(f'{{"preset": "{PRESET}", "weights": "{weights_name}"}}')
+    instance = handler_module.RetrievalHandler()
+    context = SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}}, metrics=None)
+    instance.initialize(context)
+    return instance, context
+
+
+def test_handler_batch_isolates_a_bad_request(handler, tiles, embedded) -> None:
+    instance, context = handler
+    good_a = {"mode": b"embed", "image.0": encode_png(tiles[0]), "image.1": encode_png(tiles[1])}
+    bad_image = {"mode": b"embed", "image.0": b"\x89PNG\r\n\x1a\n truncated"}
+    bad_mode = {"mode": b"classify"}
+    good_b = {"mode": b"embed", "image.0": encode_png(tiles[2])}
+    gap = {"mode": b"embed", "image.0": encode_png(tiles[0]), "image.2": encode_png(tiles[1])}
+    responses = instance.handle([good_a, bad_image, bad_mode, good_b, gap], context)
+    assert len(responses) == 5
+    meta, arrays = decode_envelope(responses[0])
+    assert meta["batch"] == 5
+    expected = embedded.embed(tiles[:3])
+    assert np.all(_cosines(arrays["embeddings"], expected[:2]) >= 0.9999)
+    with pytest.raises(errors.ImageDecodeError):
+        decode_envelope(responses[1])
+    with pytest.raises(errors.UnknownNameError, match="classify"):
+        decode_envelope(responses[2])
+    _, arrays_b = decode_envelope(responses[3])
+    assert _cosines(arrays_b["embeddings"], expected[2:3])[0] >= 0.9999
+    with pytest.raises(errors.InvalidRequest, match="without gaps"):
+        decode_envelope(responses[4])
+
+
+def test_handler_explains_inside_inference_mode(handler, tiles, embedded) -> None:
+    """TorchServe may call the handler under inference mode: gradients must still flow."""
+    instance, context = handler
+    request = {
+        "mode": b"explain", "method": b"gradcam", "query": encode_png(tiles[0]),
+        "reference.0": encode_png(tiles[1]), "side": b"query",
+    }
+    with torch.inference_mode():
+        (response,) = instance.handle([request], context)
+    meta, arrays = decode_envelope(response)
+    assert meta["side"] == "query" and "reference_heatmaps" not in arrays
+    assert arrays["query_heatmaps"].shape[0] == 1 and float(arrays["query_heatmaps"].max()) > 0
+
+
+# -- through a real TorchServe ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_info_matches_the_embedded_backend(torchserve_backend, embedded) -> None:
+    served, local = torchserve_backend.info(), embedded.info()
+    assert served.backend == "torchserve"
+    assert (served.preset, served.architecture, served.embedding_dim, served.input_size, served.methods) == (
+        local.preset, local.architecture, local.embedding_dim, local.input_size, local.methods
+    )
+    assert torchserve_backend.ready()
+
+
+@pytest.mark.integration
+def test_embeddings_match_in_process(torchserve_backend, embedded, tiles) -> None:
+    served = torchserve_backend.embed(tiles, timeout=60)
+    local = embedded.embed(tiles)
+    assert served.dtype == np.float32 and served.shape == local.shape
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+    assert np.all(_cosines(served, local) >= 0.9999)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("method", "polarity", "side", "count"),
+    [
+        ("gradcam", "similar", "both", 3),
+        ("gradcampp", "dissimilar", "both", 2),
+        ("smoothgrad", "similar", "query", 2),
+    ],
+)
+def test_explanations_match_in_process(torchserve_backend, embedded, tiles, method, polarity, side, count) -> None:
+    query, references = tiles[0], tiles[1 : 1 + count]
+    served = torchserve_backend.explain(query, references, method, polarity, side, timeout=120)
+    local = embedded.explain(query, references, method, polarity, side)
+    assert (served.method, served.polarity) == (local.method, local.polarity)
+    np.testing.assert_allclose(served.scores, local.scores, atol=SCORE_ATOL)
+    for name in ("query_heatmaps", "reference_heatmaps"):
+        served_maps, local_maps = getattr(served, name), getattr(local, name)
+        if local_maps is None:
+            assert served_maps is None
+            continue
+        assert served_maps.shape == local_maps.shape and served_maps.dtype == np.float32
+        assert float(np.max(np.abs(served_maps - local_maps))) <= HEATMAP_ATOL, name
+        assert float(local_maps.max()) > 0  # not a vacuous comparison of empty maps
+
+
+def _concurrently(calls: list[Callable[[], object]]) -> list[object]:
+    """Run the calls at once (released together by a barrier); exceptions are returned."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], object]) -> object:
+        barrier.wait()
+        try:
+            return call()
+        except Exception as error:  # collected for the assertions
+            return error
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+@pytest.mark.integration
+def test_concurrent_requests_are_batched_and_correct(torchserve, torchserve_backend, embedded, tiles) -> None:
+    expected = embedded.embed(tiles)
+    requests = [
+        (index % len(tiles), {"mode": b"embed", "image.0": encode_png(tiles[index % len(tiles)])})
+        for index in range(8)
+    ]
+    results = _concurrently([lambda inputs=inputs: torchserve_backend.predict(inputs, 60) for _, inputs in requests])
+    batches = []
+    for (tile, _), result in zip(requests, results, strict=True):
+        assert not isinstance(result, Exception), result
+        meta, arrays = result
+        batches.append(meta["batch"])
+        assert _cosines(arrays["embeddings"], expected[tile : tile + 1])[0] >= 0.9999
+    assert max(batches) > 1, batches
+    assert max(batches) <= torchserve.batch_size
+
+
+@pytest.mark.integration
+def test_a_bad_request_fails_alone_in_a_batch(torchserve_backend, embedded, tiles) -> None:
+    expected = embedded.embed(tiles[:3])
+    good = [lambda i=i: torchserve_backend.embed([tiles[i]], timeout=60) for i in range(3)]
+    bad = lambda: torchserve_backend.predict({"mode": b"embed", "image.0": b"not an image"}, 60)  # noqa: E731
+    results = _concurrently([good[0], bad, good[1], good[2]])
+    assert isinstance(results[1], errors.ImageDecodeError)
+    for index, result in zip((0, 1, 2), (results[0], results[2], results[3]), strict=True):
+        assert isinstance(result, np.ndarray), result
+        assert _cosines(result, expected[index : index + 1])[0] >= 0.9999
+
+
+@pytest.mark.integration
+def test_errors_of_the_model_reach_the_caller_as_domain_errors(torchserve_backend, tiles) -> None:
+    with pytest.raises(errors.UnknownNameError, match="gradcam"):
+        torchserve_backend.explain(tiles[0], [tiles[1]], "gradcat", timeout=60)
+    with pytest.raises(errors.UnknownNameError, match="side"):
+        torchserve_backend.explain(tiles[0], [tiles[1]], "gradcam", side="left", timeout=60)
+    with pytest.raises(errors.InvalidRequest, match="query"):
+        torchserve_backend.predict({"mode": b"explain", "method": b"gradcam", "reference.0": encode_png(tiles[1])}, 60)
+
+
+@pytest.mark.integration
+def test_a_missed_deadline_raises_deadline_exceeded(torchserve_backend, tiles) -> None:
+    # TorchServe finishes a request whose caller gave up (~1 s here): keep it cheap so the
+    # worker is free again for the next test.
+    with pytest.raises(errors.DeadlineExceeded, match="deadline"):
+        torchserve_backend.explain(tiles[0], tiles[1:4], "gradcam", timeout=0.02)
+
+
+@pytest.mark.integration
+def test_requests_without_the_inference_key_are_rejected(torchserve, tmp_path) -> None:
+    from histoxplain_service.backends._torchserve_proto import inference_pb2, inference_pb2_grpc
+
+    request = inference_pb2.PredictionsRequest(model_name=torchserve.model_name, input={"mode": b"info"})
+    with grpc.insecure_channel(torchserve.process.grpc_target) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as no_key:
+            stub.Predictions(request, timeout=60)
+        assert no_key.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        management_key = torchserve.process.keys().management
+        with pytest.raises(grpc.RpcError) as wrong_key:
+            stub.Predictions(request, timeout=60, metadata=(("authorization", f"Bearer {management_key}"),))
+        assert wrong_key.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        inference_key = torchserve.process.keys().inference
+        response = stub.Predictions(request, timeout=60, metadata=(("authorization", f"Bearer {inference_key}"),))
+        assert decode_envelope(response.prediction)[0]["mode"] == "info"
+
+    stale = tmp_path / "key_file.json"
+    stale.write_text('{"inference": {"key": "not-the-key"}}')
+    backend = TorchServeBackend(TorchServeConfig(torchserve.process.grpc_target, torchserve.model_name, stale))
+    try:
+        with pytest.raises(errors.DependencyUnavailable, match="refused the inference key"):
+            backend.info()
+        assert not backend.ready()
+    finally:
+        backend.close()
+
+
+@pytest.mark.integration
+def test_torchserve_down_raises_dependency_unavailable(tiles) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = TorchServeBackend(TorchServeConfig(target=f"127.0.0.1:{port}", model_name="histoxplain"))
+    try:
+        with pytest.raises(errors.DependencyUnavailable, match="unavailable"):
+            backend.embed(tiles[:1], timeout=5)
+        assert not backend.ready()
+    finally:
+        backend.close()
