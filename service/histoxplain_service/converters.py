@@ -242,19 +242,19 @@ def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.Im
     """
     from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as service_pb2
 
-    skipped: list[types_pb2.SkippedImage] = []
+    skipped: list[Any] = []
     items: list[tuple[bytes, str, str | None]] = []
     positions: dict[str, list[int]] = {}
     seen_ids: set[str] = set()
     for position, record in enumerate(records):
         if len(record.image_id) > 256:
-            skipped.append(types_pb2.SkippedImage(
+            skipped.append(service_pb2.SkippedImage(
                 position=position, image_id=record.image_id[:256], reason=types_pb2.SKIP_REASON_INVALID_METADATA,
                 message="image_id is longer than 256 characters",
             ))
             continue
         if record.image_id and record.image_id in seen_ids:
-            skipped.append(types_pb2.SkippedImage(
+            skipped.append(service_pb2.SkippedImage(
                 position=position, image_id=record.image_id, reason=types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
                 message="this image_id came earlier in the stream; the first one was kept",
             ))
@@ -268,7 +268,7 @@ def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.Im
         for item in summary.skipped:
             candidates = positions.get(item.source) or [0]
             position = candidates.pop(0) if len(candidates) > 1 else candidates[0]
-            skipped.append(types_pb2.SkippedImage(
+            skipped.append(service_pb2.SkippedImage(
                 position=position, image_id=records[position].image_id, reason=_skip_reason(item.reason),
                 message=item.reason,
             ))
