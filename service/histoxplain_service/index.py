@@ -361,7 +361,11 @@ class VectorIndex:
         return IndexInfo(self.name, preset, dim, n_points, n_images)
 
     def _image_counts(self) -> dict[str, int]:
-        """Points per image id (facet: counted by Qdrant, exact)."""
+        """Points per image id (facet: counted by Qdrant, exact).
+
+        Local mode returns keyword values that parse as UUIDs in UUID form; ingest's image ids
+        (40 hex digits) never do.
+        """
         with _qdrant_errors(f"counting images of {self.name!r}"):
             result = self.client.facet(self.name, key="image_id", limit=2**31 - 1, exact=True)
         return {str(hit.value): int(hit.count) for hit in result.hits}

@@ -78,6 +78,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif"})
 _HASH_WHOLE_LIMIT = 64 * 1024 * 1024
 _HASH_EDGE = 1024 * 1024
+# 40 hex digits (160 bits, like a git object id). Not 32: a 32-digit hex string parses as a UUID,
+# and qdrant-client local mode's facet() hands such keyword values back in UUID form.
+_ID_HEX = 40
 THUMBNAIL_SIDE = 2048
 """Longest side of the thumbnail the tissue mask is computed on."""
 
@@ -139,17 +142,17 @@ def content_id(path: Path) -> str:
             digest.update(handle.read(_HASH_EDGE))
             handle.seek(size - _HASH_EDGE)
             digest.update(handle.read(_HASH_EDGE))
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()[:_ID_HEX]
 
 
 def bytes_id(data: bytes) -> str:
     """Image id of encoded bytes (images sent over the network); the same rule as :func:`content_id`."""
     if len(data) <= _HASH_WHOLE_LIMIT:
-        return hashlib.sha256(data).hexdigest()[:32]
+        return hashlib.sha256(data).hexdigest()[:_ID_HEX]
     digest = hashlib.sha256(f"size={len(data)};".encode())
     digest.update(data[:_HASH_EDGE])
     digest.update(data[-_HASH_EDGE:])
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()[:_ID_HEX]
 
 
 # -- sources -------------------------------------------------------------------------------------
