@@ -15,6 +15,7 @@ from histoxplain_service.backends.base import ModelInfo
 if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
     from histoxplain_model.explain import RetrievalExplanation
+    from histoxplain_service.settings import Settings
 
 #: (B, 3, H, W) float32 preprocessed pixels -> (B, D) float32 L2-normalised embeddings.
 PixelEmbedder = Callable[[np.ndarray], np.ndarray]
@@ -104,3 +105,10 @@ def _deadline(timeout: float | None) -> float | None:
 def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the request ran out of time before the model started; retry with a longer deadline")
+
+
+def create_embedded_backend(settings: Settings) -> EmbeddedBackend:
+    """Load the configured encoder (local weights only) into an in-process backend."""
+    from histoxplain_model.encoders import load_encoder
+
+    return EmbeddedBackend(load_encoder(settings.model, settings.weights))
