@@ -236,7 +236,12 @@ class SlideSource:
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         location = (round(x * self.downsample), round(y * self.downsample))
-        region = self._slide.read_region(location, self.level, (w, h))
+        try:
+            region = self._slide.read_region(location, self.level, (w, h))
+        except Exception as exc:  # codecs raise many types for corrupt tiles
+            raise ImageDecodeError(
+                f"slide {self.source!r} has an unreadable region at {location} (level {self.level}): {exc}"
+            ) from exc
         return np.asarray(region.convert("RGB"), dtype=np.uint8)
 
     def close(self) -> None:
@@ -382,10 +387,17 @@ class _Indexer:
             status = "unchanged" if state == "complete" else "relabelled"
             return IndexedImage(source.image_id, source.source, source.label, len(records), status)
         self.pending[source.image_id] = _Pending(records, len(records))
-        for record, tile in zip(records, iter_tiles(source, records, settings.tile_size)):
-            self.batch.append((record, tile))
-            if len(self.batch) >= settings.batch_size:
-                self.flush()
+        try:
+            for record, tile in zip(records, iter_tiles(source, records, settings.tile_size)):
+                self.batch.append((record, tile))
+                if len(self.batch) >= settings.batch_size:
+                    self.flush()
+        except InvalidRequest:
+            # A tile that cannot be read (a corrupt slide region): leave no partial image behind.
+            self.batch = [(record, tile) for record, tile in self.batch if record.image_id != source.image_id]
+            del self.pending[source.image_id]
+            self.index.delete([source.image_id])
+            raise
         return IndexedImage(source.image_id, source.source, source.label, len(records), "indexed")
 
     def flush(self) -> None:

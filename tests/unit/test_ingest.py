@@ -357,3 +357,28 @@ def test_real_encoder_end_to_end_retrieves_the_same_stain(tmp_path: Path, index:
         query = np.asarray(Image.open(tmp_path / f"query_{label}.png").convert("RGB"))
         hits = index.search(encoder.embed_images([query])[0], k=3)
         assert [h.label for h in hits] == [label] * 3
+
+
+def test_an_image_that_fails_mid_way_leaves_no_partial_tiles(
+    tmp_path: Path, index: VectorIndex, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histoxplain_model.errors import ImageDecodeError
+
+    root = make_dataset(tmp_path / "ds")
+    real_read = ArraySource.read
+    calls = {"n": 0}
+
+    def flaky_read(self: ArraySource, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self.source.endswith("a.png"):
+            calls["n"] += 1
+            if calls["n"] == 6:  # after one full batch of a.png's 9 tiles was written
+                raise ImageDecodeError("unreadable region")
+        return real_read(self, x, y, w, h)
+
+    monkeypatch.setattr(ArraySource, "read", flaky_read)
+    summary = index_paths([root], index, histogram_embed, settings, preset="hist", dim=DIM, show_progress=False)
+    assert [Path(s.source).name for s in summary.skipped] == ["a.png"]
+    assert summary.images_indexed == 3
+    info = index.describe()
+    assert (info.n_points, info.n_images) == (7, 3)
+    assert len(list(settings.tiles_dir("test").iterdir())) == 7
