@@ -1,0 +1,309 @@
+"""Latency of explaining one query against k references (issue 2, requirement 8).
+
+For each model (224 px, 1 torch thread, pretrained=False: weights do not change the cost):
+
+GradCAM section, all variants interleaved round by round in one process (median of --repeats):
+  forward           one forward pass of the query, no autograd (the floor for CNNs)
+  forward+backward  one forward with autograd + the backward of one cosine target to the
+                    input pixels (no weight gradients; the floor for the ViT)
+  ours gradcam/gradcampp   histoxplain_model.saliency, query vs k references, one call
+  pgc batch         pytorch-grad-cam GradCAM as shipped, the query replicated k times with one
+                    cosine target per row, one call
+  pgc loop          pytorch-grad-cam GradCAM, k calls of one image and one target
+
+SmoothGrad section (n noisy copies, k references), each run in a fresh subprocess so that its
+peak memory can be read as the process's peak RSS (ru_maxrss):
+  ours              histoxplain_model SmoothGrad: the k targets share the n noisy forwards
+  captum            Captum NoiseTunnel(Saliency), nt_type="smoothgrad", one call per reference
+                    (all n copies in one batch, Captum's default)
+Peak memory is reported as the peak RSS of the process and as its rise above the RSS after
+the model is built and a small warm-up ran (the same baseline for both).
+
+Usage:
+  .venv/bin/python benchmarks/explain_bench.py                # full run (~10 min on 2 cores)
+  .venv/bin/python benchmarks/explain_bench.py --quick        # 3 repeats, SmoothGrad n=5
+  --models resnet50 --repeats 7 --no-write
+Results are printed and written to benchmarks/RESULTS.md under "## Explanation latency".
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+import timm  # noqa: E402
+
+from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, MethodOptions, SmoothGrad  # noqa: E402
+
+MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224")
+# The layers the encoder presets hook (histoxplain_model.encoders): the last CNN feature map,
+# and for a CLS-pooled ViT the last block's norm1 (a later layer gives zero patch gradients).
+TARGET_LAYERS = {"tf_efficientnet_lite0": "bn2", "resnet50": "layer4", "vit_small_patch16_224": "blocks.-1.norm1"}
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Explanation latency"
+
+
+def build(arch: str) -> tuple[torch.nn.Module, torch.nn.Module, Callable | None]:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    layer: torch.nn.Module = model
+    for part in TARGET_LAYERS[arch].split("."):
+        layer = layer[int(part)] if part.lstrip("-").isdigit() else getattr(layer, part)  # type: ignore[index]
+    reshape = None
+    if hasattr(model, "num_prefix_tokens"):
+        prefix, (grid_h, grid_w) = model.num_prefix_tokens, model.patch_embed.grid_size
+
+        def reshape(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens[:, prefix:].reshape(tokens.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2)
+
+    return model, layer, reshape
+
+
+class PgcCosineTarget:
+    """pytorch-grad-cam target: one output row (D,) -> cosine similarity to a reference."""
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        self.reference = reference
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(output, self.reference, dim=0)
+
+
+def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], object]]:
+    from pytorch_grad_cam import GradCAM as PgcGradCAM
+
+    model, layer, reshape = build(arch)
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 3, size, size, generator=generator)
+    references = F.normalize(torch.randn(k, model.num_features, generator=generator), dim=1)
+    ours_cam = GradCAM(model, layer, reshape)
+    ours_campp = GradCAMPlusPlus(model, layer, reshape)
+    pgc = PgcGradCAM(model=model, target_layers=[layer], reshape_transform=reshape)
+    targets = [PgcCosineTarget(r) for r in references]
+    replicated = query.repeat(k, 1, 1, 1)
+
+    def forward() -> object:
+        with torch.no_grad():
+            return model(query)
+
+    def forward_backward() -> object:
+        pixels = query.clone().requires_grad_(True)
+        score = F.cosine_similarity(model(pixels), references[:1], dim=1).sum()
+        return torch.autograd.grad(score, pixels)
+
+    def pgc_batch() -> object:
+        maps = pgc(input_tensor=replicated, targets=targets)
+        model.zero_grad(set_to_none=True)
+        return maps
+
+    def pgc_loop() -> object:
+        maps = [pgc(input_tensor=query, targets=[target]) for target in targets]
+        model.zero_grad(set_to_none=True)
+        return maps
+
+    return {
+        "forward": forward,
+        "forward+backward": forward_backward,
+        "ours gradcam": lambda: ours_cam.explain(query, references),
+        "ours gradcampp": lambda: ours_campp.explain(query, references),
+        "pgc gradcam batch": pgc_batch,
+        "pgc gradcam loop": pgc_loop,
+    }
+
+
+def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per variant; one warm-up call each, then rounds over all variants."""
+    for run in variants.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def smoothgrad_worker(arch: str, variant: str, n: int, k: int, size: int, repeats: int) -> dict:
+    """Runs in its own process: time one SmoothGrad explanation of k references; peak RSS."""
+    model, _, _ = build(arch)
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 3, size, size, generator=generator)
+    references = F.normalize(torch.randn(k, model.num_features, generator=generator), dim=1)
+    sigma = 0.15
+    if variant == "ours":
+        explainer = SmoothGrad(model, options=MethodOptions(n_samples=n, sigma=sigma))
+        warm = SmoothGrad(model, options=MethodOptions(n_samples=1, sigma=sigma))
+
+        def run() -> object:
+            return explainer.explain(query, references)
+
+        def warm_up() -> object:
+            return warm.explain(query, references[:1])
+    else:
+        from captum.attr import NoiseTunnel, Saliency
+
+        stdev = float(sigma * (query.max() - query.min()))
+        tunnels = [
+            NoiseTunnel(Saliency(lambda x, r=r: F.cosine_similarity(model(x), r[None], dim=1)))
+            for r in references
+        ]
+
+        def run() -> object:
+            return [t.attribute(query, nt_type="smoothgrad", nt_samples=n, stdevs=stdev) for t in tunnels]
+
+        def warm_up() -> object:
+            return tunnels[0].attribute(query, nt_type="smoothgrad", nt_samples=1, stdevs=stdev)
+
+    warm_up()
+    baseline = peak_rss_mib()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_mib()
+    return {"seconds": statistics.median(times), "peak_rss_mib": peak, "rise_mib": peak - baseline}
+
+
+def run_smoothgrad(arch: str, variant: str, n: int, k: int, size: int, repeats: int) -> dict:
+    command = [
+        sys.executable, __file__, "--smoothgrad-worker", arch, variant,
+        "--n-samples", str(n), "--k", str(k), "--size", str(size), "--sg-repeats", str(repeats),
+    ]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, started: str, load: str) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"`benchmarks/explain_bench.py {' '.join(sys.argv[1:])}`: {started}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, 1 thread, {args.size} px, k={args.k}, median of {args.repeats} "
+        f"(GradCAM section), SmoothGrad n={args.n_samples} median of {args.sg_repeats}. "
+        f"Load average at start: {load}.",
+        "",
+        "Latency in ms. `fwd`: one forward pass; `fwd+bwd`: forward + backward of one cosine target to "
+        "the input. `pgc best`: pytorch-grad-cam GradCAM's faster mode (batch with the query "
+        "replicated, or a loop of calls). Ratios: ours / floor (target <= 1.2: CNN vs fwd, ViT vs "
+        "fwd+bwd), pgc best / ours (target >= 10).",
+        "",
+        "| model | fwd | fwd+bwd | gradcam | gradcampp | pgc batch | pgc loop | gradcam / floor | gradcampp / floor | pgc best / gradcam | pgc best / gradcampp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t = row["gradcam"]
+        floor = t["forward+backward"] if row["vit"] else t["forward"]
+        best = min(t["pgc gradcam batch"], t["pgc gradcam loop"])
+        lines.append(
+            f"| {row['model']} | {t['forward'] * 1e3:.0f} | {t['forward+backward'] * 1e3:.0f} | "
+            f"{t['ours gradcam'] * 1e3:.0f} | {t['ours gradcampp'] * 1e3:.0f} | "
+            f"{t['pgc gradcam batch'] * 1e3:.0f} | {t['pgc gradcam loop'] * 1e3:.0f} | "
+            f"{t['ours gradcam'] / floor:.2f} ({'fwd+bwd' if row['vit'] else 'fwd'}) | "
+            f"{t['ours gradcampp'] / floor:.2f} | {best / t['ours gradcam']:.1f}x | "
+            f"{best / t['ours gradcampp']:.1f}x |"
+        )
+    if any("smoothgrad" in row for row in rows):
+        lines += [
+            "",
+            f"SmoothGrad, n={args.n_samples}, k={args.k}: seconds per explanation; each variant in a "
+            "fresh process, peak RSS (ru_maxrss) and its rise above the RSS after building the model "
+            "and a warm-up (target: Captum / ours >= 1.5 with peak memory no higher).",
+            "",
+            "| model | ours s | Captum s | Captum / ours | ours peak MiB (rise) | Captum peak MiB (rise) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            if "smoothgrad" not in row:
+                continue
+            ours, captum = row["smoothgrad"]["ours"], row["smoothgrad"]["captum"]
+            lines.append(
+                f"| {row['model']} | {ours['seconds']:.2f} | {captum['seconds']:.2f} | "
+                f"{captum['seconds'] / ours['seconds']:.2f}x | {ours['peak_rss_mib']:.0f} ({ours['rise_mib']:.0f}) | "
+                f"{captum['peak_rss_mib']:.0f} ({captum['rise_mib']:.0f}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) our section of RESULTS.md, keeping the other sections."""
+    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(current):
+        updated = pattern.sub(lambda _: text + "\n", current, count=1)
+    else:
+        updated = current.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(updated)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--repeats", type=int, default=None, help="GradCAM rounds (default 7, quick 3)")
+    parser.add_argument("--sg-repeats", type=int, default=1, help="SmoothGrad runs per process")
+    parser.add_argument("--n-samples", type=int, default=None, help="SmoothGrad n (default 25, quick 5)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, SmoothGrad n=5")
+    parser.add_argument("--skip-smoothgrad", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
+    parser.add_argument("--smoothgrad-worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.n_samples = args.n_samples or (5 if args.quick else 25)
+
+    if args.smoothgrad_worker:
+        arch, variant = args.smoothgrad_worker
+        print(json.dumps(smoothgrad_worker(arch, variant, args.n_samples, args.k, args.size, args.sg_repeats)))
+        return
+
+    warnings.filterwarnings("ignore")
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = []
+    for arch in args.models:
+        print(f"[{arch}] GradCAM section ...", file=sys.stderr, flush=True)
+        row: dict = {"model": arch, "vit": arch.startswith("vit"),
+                     "gradcam": time_interleaved(gradcam_variants(arch, args.k, args.size), args.repeats)}
+        if not args.skip_smoothgrad:
+            print(f"[{arch}] SmoothGrad section ...", file=sys.stderr, flush=True)
+            row["smoothgrad"] = {
+                variant: run_smoothgrad(arch, variant, args.n_samples, args.k, args.size, args.sg_repeats)
+                for variant in ("ours", "captum")
+            }
+        rows.append(row)
+    text = markdown(rows, args, started, load)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"written to {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
