@@ -1,0 +1,161 @@
+"""The ``histoxplain`` command end to end on real tiles: index, search, explain, info, delete, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histoxplain_service.cli import main
+from histoxplain_service.samples import write_sample_dataset
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("samples")
+    write_sample_dataset(root, tile_size=224, per_class=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def indexed(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("data")
+    assert main(["index", str(dataset), "--index", "tiles", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    return data_dir
+
+
+def _query(dataset: Path) -> Path:
+    return sorted((dataset / "HE_skin").glob("*.png"))[0]
+
+
+def test_index_is_idempotent(dataset: Path, indexed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["index", str(dataset), "--index", "tiles", "--data-dir", str(indexed), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "0 image(s) indexed" in out and "8 already indexed" in out
+    assert main(["info", "--index", "tiles", "--data-dir", str(indexed)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info[0]["n_images"] == 8 and info[0]["n_points"] == 8
+    assert info[0]["preset"] == "efficientnet-lite0-imagenet" and info[0]["dim"] == 1280
+
+
+def test_search_json_finds_the_same_tile_first(dataset: Path, indexed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    query = _query(dataset)
+    assert main(["search", str(query), "--index", "tiles", "-k", "3", "--json", "--data-dir", str(indexed)]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3
+    assert set(hits[0]) >= {"score", "image_id", "label", "source", "box"}
+    assert hits[0]["source"] == str(query) and hits[0]["score"] > 0.999
+    assert hits[0]["label"] == "HE_skin"
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_search_images_ranks_whole_images(dataset: Path, indexed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", str(_query(dataset)), "--index", "tiles", "-k", "2", "--images", "--json",
+                 "--data-dir", str(indexed)]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and len({h["image_id"] for h in hits}) == 2
+
+
+def test_explain_writes_overlays_and_report(dataset: Path, indexed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "2", "--method", "gradcam",
+                 "--out", str(out), "--data-dir", str(indexed)]) == 0
+    page = (out / "index.html").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 1 + 2 * 3  # query, and per hit: tile, query map, hit map
+    assert page.count("<tr>") == 3 and "Grad-CAM" in page
+    for png in pngs:
+        assert Image.open(png).size == (224, 224)
+    assert not list(tmp_path.glob(".report-*")), "staging folder left behind"
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error printed"
+    assert err[-1].startswith("histoxplain: error: ")
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"", "empty"),
+        (b"not an image at all", "PNG, JPEG or TIFF"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, ""),
+    ],
+    ids=["empty", "unsupported", "truncated"],
+)
+def test_bad_query_image(indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, needle: str) -> None:
+    query = tmp_path / "query.png"
+    query.write_bytes(content)
+    out = tmp_path / "out"
+    code = main(["explain", str(query), "--index", "tiles", "-k", "2", "--method", "gradcam", "--out", str(out),
+                 "--data-dir", str(indexed)])
+    assert code == 2
+    assert needle in _error(capsys)
+    assert not out.exists()
+
+
+def test_pixel_limit(indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    query = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(query)
+    monkeypatch.setenv("HISTOXPLAIN_MAX_PIXELS", "1000")
+    assert main(["search", str(query), "--index", "tiles", "-k", "1", "--data-dir", str(indexed)]) == 2
+    assert "HISTOXPLAIN_MAX_PIXELS" in _error(capsys)
+
+
+def test_missing_index_and_bad_k(dataset: Path, indexed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    query = str(_query(dataset))
+    assert main(["search", query, "--index", "nope", "-k", "1", "--data-dir", str(indexed)]) == 3
+    assert "histoxplain index" in _error(capsys)
+    assert main(["search", query, "--index", "tiles", "-k", "0", "--data-dir", str(indexed)]) == 2
+    assert "k must be" in _error(capsys)
+
+
+def test_unknown_method_and_preset(dataset: Path, indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    query = str(_query(dataset))
+    assert main(["explain", query, "--index", "tiles", "-k", "1", "--method", "lime", "--out", str(tmp_path / "o"),
+                 "--data-dir", str(indexed)]) == 2
+    assert "gradcam" in _error(capsys)
+    assert main(["search", query, "--index", "tiles", "-k", "1", "--model", "nonexistent", "--data-dir", str(indexed)]) == 2
+    assert "efficientnet-lite0-imagenet" in _error(capsys)
+
+
+def test_other_encoder_is_refused(dataset: Path, indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+    import torch
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict(), weights)
+    code = main(["index", str(dataset / "HE_skin"), "--index", "tiles", "--model", "timm:resnet18",
+                 "--weights", str(weights), "--data-dir", str(indexed), "--no-progress"])
+    assert code == 4
+    assert "efficientnet-lite0-imagenet" in _error(capsys)
+
+
+def test_delete_removes_an_image(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = tmp_path / "data"
+    files = sorted((dataset / "IHC_colon").glob("*.png"))[:2]
+    assert main(["index", *map(str, files), "--index", "del", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(files[0]), "--index", "del", "-k", "1", "--json", "--data-dir", str(data_dir)]) == 0
+    image_id = json.loads(capsys.readouterr().out)[0]["image_id"]
+    assert main(["delete", image_id, "--index", "del", "--data-dir", str(data_dir)]) == 0
+    assert main(["info", "--index", "del", "--data-dir", str(data_dir)]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info[0]["n_images"] == 1
+
+
+def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("histoxplain")
+    result = subprocess.run([str(exe), "search", str(tmp_path / "missing.png"), "--index", "x", "-k", "1",
+                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "histoxplain: error:" in result.stderr
