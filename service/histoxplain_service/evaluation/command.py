@@ -113,7 +113,7 @@ def run_explanations_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     explanation = ExplanationConfig(
         methods=args.methods, polarities=args.polarities, pairs=args.pairs, steps=args.steps,
-        baselines=args.baselines, randomised_blocks=args.randomised_blocks,
+        baselines=args.baselines, randomised_blocks=args.randomised_blocks, smoothgrad_samples=args.smoothgrad_samples,
     )
     explanation.check()
     load_dataset(config)
@@ -142,4 +142,5 @@ def add_evaluate_parser(subparsers) -> None:
     explanations.add_argument("--polarities", type=_csv(str), default=("similar", "dissimilar"), help="comma-separated (default similar,dissimilar)")
     explanations.add_argument("--baselines", type=_csv(str), default=("blur",), help=f"comma-separated, of {', '.join(BASELINES)} (default blur)")
     explanations.add_argument("--randomised-blocks", type=int, default=1, help="top blocks re-initialised for the sanity check (default 1)")
+    explanations.add_argument("--smoothgrad-samples", type=int, default=25, help="SmoothGrad noisy copies (default 25, as served)")
     explanations.set_defaults(func=run_explanations_command)

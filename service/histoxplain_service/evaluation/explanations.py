@@ -52,6 +52,7 @@ class ExplanationConfig:
     baselines: tuple[str, ...] = ("blur",)
     randomised_blocks: int = 1
     forward_batch: int = 9
+    smoothgrad_samples: int = 25
 
     def check(self) -> None:
         for method in self.methods:
@@ -59,8 +60,8 @@ class ExplanationConfig:
         for baseline in self.baselines:
             if baseline not in BASELINES:
                 raise InvalidRequest(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
-        if self.pairs < 1 or self.steps < 2 or self.randomised_blocks < 1:
-            raise InvalidRequest("--pairs must be >= 1, --steps >= 2 and --randomised-blocks >= 1")
+        if self.pairs < 1 or self.steps < 2 or self.randomised_blocks < 1 or self.smoothgrad_samples < 1:
+            raise InvalidRequest("--pairs and --smoothgrad-samples must be >= 1, --steps >= 2 and --randomised-blocks >= 1")
 
 
 def _pair_indices(tiles: TileSet, n_pairs: int, seed: int) -> list[tuple[int, int]]:
@@ -113,7 +114,7 @@ def _evaluate_pair(encoder, randomised, pixels_of, query: int, hit: int, config:
     maps: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     runtime: dict[str, dict[str, float]] = {}
     for method in config.methods:
-        explainer = get_explainer(method, model, encoder.target_layer, encoder.reshape_transform)
+        explainer = get_explainer(method, model, encoder.target_layer, encoder.reshape_transform, n_samples=config.smoothgrad_samples)
         maps[method], runtime[method] = {}, {}
         for side in SIDES:
             for polarity in config.polarities:
@@ -142,7 +143,7 @@ def _evaluate_pair(encoder, randomised, pixels_of, query: int, hit: int, config:
     random_refs = _embed(randomised_model, pixels["retrieved"])
     sanity = {}
     for method in config.methods:
-        explainer = get_explainer(method, randomised_model, target_layer, encoder.reshape_transform)
+        explainer = get_explainer(method, randomised_model, target_layer, encoder.reshape_transform, n_samples=config.smoothgrad_samples)
         random_map_ = explainer.explain(pixels["query"], random_refs, polarity="similar").heatmaps[0, 0]
         sanity[method] = map_rank_correlation(maps[method]["query/similar"], random_map_)
     record = {
@@ -224,6 +225,7 @@ def run_explanations(config: EvaluationConfig, explanation: ExplanationConfig, e
             "steps": explanation.steps,
             "pairs_requested": explanation.pairs,
             "randomised_modules": randomised_names,
+            "smoothgrad_samples": explanation.smoothgrad_samples,
             "sanity_threshold": SANITY_THRESHOLD,
         },
         "summary": summarise(records, explanation),

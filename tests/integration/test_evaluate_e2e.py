@@ -1,0 +1,102 @@
+"""`histoxplain evaluate retrieval|explanations` end to end on copies of every dataset layout
+built from the real sample histology, with the real efficientnet-lite0 weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from histoxplain_model.errors import InvalidRequest
+from histoxplain_service.evaluation.command import add_evaluate_parser
+from histoxplain_service.evaluation.sample_layouts import CRC_PATTERN, sample_tiles, write_layout
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+pytestmark = pytest.mark.integration
+
+
+def evaluate(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="histoxplain")
+    add_evaluate_parser(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("layouts")
+    tiles = sample_tiles(base / "samples", tile_size=128, per_class=8)
+    return {layout: write_layout(layout, base / layout, tiles) for layout in ("bach", "bracs", "crc", "kather", "folders")}
+
+
+@pytest.mark.parametrize("layout", ["bach", "bracs", "crc", "kather", "folders"])
+def test_retrieval_on_each_layout(layouts: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    out = tmp_path / "out"
+    common = [str(layouts[layout]), "--layout", layout, "--out", str(out), "--tile-size", "96", "--k", "1,5", "--crc-pattern", CRC_PATTERN]
+    assert evaluate("retrieval", *common) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    tile_level, image_level = result["results"]["tile_level"], result["results"]["image_level"]
+    assert result["results"]["dataset"]["images"] == 16
+    assert result["encoder"]["preset"] == "efficientnet-lite0-imagenet"
+    assert result["environment"]["command"].startswith("histoxplain")
+    for level in (tile_level, image_level):
+        for key in ("precision@1", "map@5", "accuracy@5"):
+            assert 0.0 <= level["overall"][key] <= 1.0
+        assert set(level["per_class"]) == set(result["results"]["dataset"]["labels"])
+    # H&E versus IHC is an easy split for an ImageNet encoder: far above the 50 % chance level.
+    assert image_level["overall"]["accuracy@1"] >= 0.75
+    html = (out / "report.html").read_text()
+    assert "precision@k" in html and "tile level" in html and "image level" in html
+    # Resume: the second run reuses every cached embedding and gives the same numbers.
+    cached = sorted((out / "cache").rglob("*.npz"))
+    assert len(cached) == 16
+    assert evaluate("retrieval", *common) == 0
+    assert json.loads((out / "retrieval.json").read_text())["results"]["tile_level"] == tile_level
+
+
+def test_explanations_end_to_end(layouts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        str(layouts["bracs"]), "--layout", "bracs", "--out", str(out), "--tile-size", "96",
+        "--pairs", "2", "--steps", "4", "--smoothgrad-samples", "4", "--seed", "3",
+    ]
+    assert evaluate("explanations", *argv) == 0
+    result = json.loads((out / "explanations.json").read_text())["results"]
+    summary = result["summary"]
+    assert len(result["pairs"]) == 2
+    rows = {(r["side"], r["polarity"], r["map"]) for r in summary["faithfulness"]}
+    for method in ("gradcam", "gradcampp", "smoothgrad", "random", "gaussian"):
+        for side in ("query", "retrieved"):
+            for polarity in ("similar", "dissimilar"):
+                assert (side, polarity, method) in rows
+    for row in summary["faithfulness"]:
+        assert len(row["mean_deletion_curve"]) == 5
+        assert -1.0 <= row["deletion_auc_mean"] <= 1.0
+    for pair in result["pairs"]:
+        # The first deletion point is the unmodified pair's similarity.
+        curve = pair["curves"]["query"]["similar"]["blur"]["gradcam"]["deletion"]
+        assert curve[0] == pytest.approx(pair["score"], abs=1e-3)
+    assert set(summary["sanity"]) == {"gradcam", "gradcampp", "smoothgrad"}
+    assert result["settings"]["randomised_modules"][0] == "blocks.6"
+    assert all(summary["runtime_median_s"][m]["query"] > 0 for m in summary["runtime_median_s"])
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 4 + 6  # curves + best/worst grids
+    journal = (out / "explanations.pairs.jsonl").read_text().splitlines()
+    assert len(journal) == 2
+    # Resume: nothing is recomputed, the journal does not grow.
+    assert evaluate("explanations", *argv) == 0
+    assert len((out / "explanations.pairs.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_input_is_invalid_request(layouts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="expected ROOT/"):
+        evaluate("retrieval", str(layouts["folders"]), "--layout", "kather", "--out", str(tmp_path))
+    with pytest.raises(InvalidRequest, match="--k must be positive"):
+        evaluate("retrieval", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--k", "0")
+    with pytest.raises(InvalidRequest, match="unknown method"):
+        evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--methods", "lime")
