@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -128,6 +129,9 @@ class TorchServeProcess:
         work_dir: this instance's own folder (created; config, key file, logs, tmp).
         ts_config: the configuration template (default: the committed ``model_store/config.properties``).
         ports: fixed ports; default: free ones.
+        refresh_keys: regenerate the inference and management keys (TorchServe's ``/token``
+            API, with the API key) every half ``token_expiration_min``, so a long-running
+            ``make serve`` keeps working; clients re-read ``key_file.json`` when it changes.
     """
 
     def __init__(
@@ -136,12 +140,16 @@ class TorchServeProcess:
         work_dir: Path,
         ts_config: Path = DEFAULT_TS_CONFIG,
         ports: TorchServePorts | None = None,
+        refresh_keys: bool = True,
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.ts_config_template = Path(ts_config)
         self.ports = ports or TorchServePorts.free()
+        self.refresh_keys_enabled = refresh_keys
         self._launcher: subprocess.Popen[bytes] | None = None
+        self._refresher: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -239,6 +247,34 @@ class TorchServeProcess:
         except BaseException:
             self.stop()
             raise
+        if self.refresh_keys_enabled:
+            self._stopping.clear()
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="torchserve-key-refresh", daemon=True
+            )
+            self._refresher.start()
+
+    def refresh_keys(self, kinds: tuple[str, ...] = ("inference", "management")) -> None:
+        """Regenerate keys through the token API; TorchServe rewrites ``key_file.json``."""
+        api_key = self.keys().api
+        for kind in kinds:
+            request = urllib.request.Request(
+                f"{self.management_url}/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10.0):
+                    pass
+            except (urllib.error.URLError, OSError) as error:
+                raise DependencyUnavailable(f"TorchServe token API failed for {kind} key: {error}") from error
+
+    def _refresh_loop(self) -> None:
+        interval = _token_expiration_min(self.config_file) * 60.0 / 2
+        while not self._stopping.wait(interval):
+            try:
+                self.refresh_keys()
+                logger.info("TorchServe keys regenerated (next in %.0f s)", interval)
+            except DependencyUnavailable as error:
+                logger.warning("could not regenerate TorchServe keys: %s", error)
 
     def _wait_management(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -261,6 +297,10 @@ class TorchServeProcess:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop TorchServe (``torchserve --stop --foreground``), then its whole process group."""
+        self._stopping.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=15)
+            self._refresher = None
         launcher, self._launcher = self._launcher, None
         if launcher is None:
             return
@@ -375,6 +415,18 @@ class TorchServeProcess:
             ) from error
         except (urllib.error.URLError, OSError) as error:
             raise DependencyUnavailable(f"TorchServe management API unreachable: {error}") from error
+
+
+def _token_expiration_min(config_file: Path) -> float:
+    """``token_expiration_min`` of a config.properties (TorchServe's default: 60)."""
+    for line in config_file.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "token_expiration_min" and not line.lstrip().startswith("#"):
+            try:
+                return max(float(value), 1.0)
+            except ValueError:
+                break
+    return 60.0
 
 
 def _kill_group(pgid: int) -> None:

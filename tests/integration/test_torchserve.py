@@ -36,7 +36,7 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
 PRESET = "efficientnet-lite0-imagenet"
 SCORE_ATOL = 1e-4
-HEATMAP_ATOL = 2e-3
+HEATMAP_ATOL = 5e-4  # measured: 2.44e-4 for every method, i.e. the float16 rounding alone
 
 
 def _load_handler_module() -> ModuleType:
@@ -207,7 +207,7 @@ def test_embeddings_match_in_process(torchserve_backend, embedded, tiles) -> Non
     [
         ("gradcam", "similar", "both", 3),
         ("gradcampp", "dissimilar", "both", 2),
-        ("smoothgrad", "similar", "query", 2),
+        ("smoothgrad", "similar", "query", 1),
     ],
 )
 def test_explanations_match_in_process(torchserve_backend, embedded, tiles, method, polarity, side, count) -> None:
@@ -330,3 +330,14 @@ def test_torchserve_down_raises_dependency_unavailable(tiles) -> None:
         assert not backend.ready()
     finally:
         backend.close()
+
+
+@pytest.mark.integration
+def test_backend_follows_regenerated_keys(torchserve, torchserve_backend, tiles) -> None:
+    assert torchserve_backend.ready()
+    old = torchserve.process.keys()
+    torchserve.process.refresh_keys()
+    new = torchserve.process.keys()
+    assert new.inference != old.inference and new.management != old.management
+    assert torchserve_backend.embed(tiles[:1], timeout=60).shape == (1, 1280)
+    assert torchserve.process.model_status(torchserve.model_name)[0]["batchSize"] == torchserve.batch_size
