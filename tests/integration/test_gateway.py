@@ -123,10 +123,10 @@ class Running:
     client: hc.Client
 
 
-def _start(data_dir: Path, backend: Any, **changes: Any) -> tuple[GatewayThread, Any]:
+def _start(data_dir: Path, model_backend: Any, **changes: Any) -> tuple[GatewayThread, Any]:
     settings = _settings(data_dir, **changes)
     qdrant = open_qdrant(settings.core)
-    return GatewayThread(settings, backend, qdrant), qdrant
+    return GatewayThread(settings, model_backend, qdrant), qdrant
 
 
 @pytest.fixture(scope="module")
@@ -287,11 +287,12 @@ def test_health_follows_torchserve_starting_and_stopping(
                 process.register_model("histoxplain.mar", "histoxplain", batch_size=1)
                 gateway.wait_health(SERVING)
                 assert client.info().backend == "torchserve"
+                client.index_images("health", [hc.IndexImage(tiles["ihc-0-0"], image_id="a")])
             finally:
                 process.stop()
             gateway.wait_health(NOT_SERVING)
             with pytest.raises(hc.Unavailable) as caught:
-                client.search_and_explain("anything", tiles["ihc-0-0"], k=1)
+                client.search_and_explain("health", tiles["ihc-0-1"], k=1)
             assert caught.value.details
             assert gateway.health("liveness") == SERVING
     finally:
