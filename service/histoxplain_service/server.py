@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -246,6 +247,23 @@ def create_backend(settings: GatewaySettings) -> ModelBackend:
     )
 
 
+def open_gateway_qdrant(settings: GatewaySettings) -> QdrantClient:
+    """Qdrant for the gateway: a server (``QDRANT_URL``) gets an HTTP timeout equal to the
+    maximum request deadline, so no Qdrant call outlives the longest call that waits for it;
+    local mode is in-process (bounded by the call's deadline in the servicer)."""
+    core = settings.core
+    if core.qdrant_url:
+        from qdrant_client import QdrantClient
+
+        return QdrantClient(
+            url=core.qdrant_url,
+            api_key=core.qdrant_api_key,
+            timeout=max(1, math.ceil(settings.max_deadline_s)),
+            check_compatibility=False,
+        )
+    return open_qdrant(core)
+
+
 def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set ``stop``. Explicit handlers: as PID 1 in a container the kernel
     drops signals that have no handler, so the default SIGTERM action would never run."""
@@ -273,7 +291,7 @@ async def serve(
     owned_qdrant = qdrant is None
     backend = create_backend(settings) if backend is None else backend
     try:
-        qdrant = open_qdrant(settings.core) if qdrant is None else qdrant
+        qdrant = open_gateway_qdrant(settings) if qdrant is None else qdrant
         try:
             gateway = Gateway(settings, backend, qdrant)
             stop = asyncio.Event()
