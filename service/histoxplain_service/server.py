@@ -181,6 +181,9 @@ class Gateway:
         self.backend = backend
         self.qdrant = qdrant
         self.executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="histoxplain-worker")
+        # Probes get threads of their own: behind a queue of long explanations they would time
+        # out and turn a busy but healthy gateway NOT_SERVING.
+        self.health_executor = ThreadPoolExecutor(2, thread_name_prefix="histoxplain-health")
         self.server = aio.server(
             interceptors=[ErrorMappingInterceptor()],
             options=grpc_options(settings),
@@ -199,7 +202,7 @@ class Gateway:
             (service_name(),),
             interval_s=settings.health_interval_s,
             probe_timeout_s=min(5.0, settings.health_interval_s * 2),
-            executor=self.executor,
+            executor=self.health_executor,
         )
         self.port: int = 0
 
@@ -222,6 +225,7 @@ class Gateway:
         await self.health.stop()
         await self.server.stop(grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.health_executor.shutdown(wait=False, cancel_futures=True)
         logger.info("gateway stopped")
 
     async def wait_for_termination(self) -> None:

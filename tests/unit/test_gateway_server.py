@@ -321,3 +321,19 @@ def _gateway_host_pid(unshare_pid: int) -> int:
     children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
     assert children, "unshare has no child"
     return int(children[0])
+
+
+@run
+@with_settings(worker_threads=1)
+async def test_health_stays_serving_while_every_worker_is_busy(
+    gateway: Gateway, backend: ScriptedBackend, channel: aio.Channel
+) -> None:
+    await _wait_status(channel, SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    backend.info_delay_s = 0.5
+    stub = pb_grpc.RetrievalServiceStub(channel)
+    calls = [asyncio.ensure_future(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    for _ in range(10):  # ~1 s with the only worker thread busy
+        assert await _status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*calls)
