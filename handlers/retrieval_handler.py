@@ -169,7 +169,12 @@ class RetrievalHandler(BaseHandler):
         self.encoder = load_encoder(setup["preset"], weights=model_dir / weights if weights else None)
         self.manifest = context.manifest
         self.initialized = True
-        logger.info("histoxplain encoder %s loaded from %s", setup["preset"], model_dir)
+        import histoxplain_model
+
+        logger.info(
+            "histoxplain encoder %s loaded from %s (library %s)",
+            setup["preset"], model_dir, Path(histoxplain_model.__file__).parent,
+        )
 
     def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[bytes]:
         """One envelope per request; a failing request gets an error envelope, never the batch."""

@@ -287,7 +287,9 @@ class TorchServeProcess:
             if self.key_file.exists():
                 try:
                     self._management("GET", "/models", timeout=5.0)
-                    return
+                    # The gRPC listeners open a moment after the REST ones.
+                    with socket.create_connection((LOOPBACK, self.ports.grpc_inference), timeout=1.0):
+                        return
                 except (DependencyUnavailable, OSError) as error:
                     last_error = str(error)
             time.sleep(0.25)

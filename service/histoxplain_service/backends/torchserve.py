@@ -16,13 +16,14 @@ import json
 import logging
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import empty_pb2
 from PIL import Image
 
 from histoxplain_model import errors
@@ -37,6 +38,7 @@ __all__ = ["ENVELOPE_MAGIC", "TorchServeBackend", "TorchServeConfig", "decode_en
 logger = logging.getLogger(__name__)
 
 ENVELOPE_MAGIC = b"HXP1"
+_Response = TypeVar("_Response")
 _HEADER_LENGTH = struct.Struct("<I")
 #: Error kinds the handler may send that are not classes of ``histoxplain_model.errors``.
 _CODE_ERRORS: dict[str, type[errors.HistoxplainError]] = {
@@ -165,10 +167,10 @@ class TorchServeBackend:
 
     # -- ModelBackend --------------------------------------------------------------------------
 
-    def info(self) -> ModelInfo:
+    def info(self, timeout: float | None = 30.0) -> ModelInfo:
         with self._info_lock:
             if self._info is None:
-                meta, _ = self.predict({"mode": b"info"}, timeout=30.0)
+                meta, _ = self.predict({"mode": b"info"}, timeout=timeout)
                 self._info = ModelInfo(
                     preset=str(meta["preset"]),
                     architecture=str(meta["architecture"]),
@@ -224,13 +226,23 @@ class TorchServeBackend:
         )
 
     def ready(self) -> bool:
-        """True when TorchServe answers an ``info`` request for the model (a READY worker)."""
+        """True once the model has answered (``info``) and TorchServe's Ping says Healthy.
+
+        Ping is answered by the frontend, not the worker queue, so a worker busy with a long
+        explanation does not make the backend look down; a lost worker makes Ping unhealthy.
+        """
         try:
-            self.predict({"mode": b"info"}, timeout=5.0)
+            self.info(timeout=5.0)
+            health = self._authorised(
+                lambda metadata: self._stub.Ping(empty_pb2.Empty(), timeout=5.0, metadata=metadata)
+            ).health
         except (errors.HistoxplainError, RuntimeError) as error:
             logger.debug("TorchServe not ready: %s", error)
             return False
-        return True
+        try:
+            return json.loads(health).get("status") == "Healthy"
+        except (json.JSONDecodeError, AttributeError):
+            return False
 
     def close(self) -> None:
         self._channel.close()
@@ -246,23 +258,26 @@ class TorchServeBackend:
         read ``meta["batch"]``, the number of requests TorchServe batched with this one).
         """
         request = inference_pb2.PredictionsRequest(model_name=self.config.model_name, input=inputs)
+        response = self._authorised(
+            lambda metadata: self._stub.Predictions(request, timeout=timeout, metadata=metadata)
+        )
+        return decode_envelope(response.prediction)
+
+    def _authorised(self, call: Callable[[tuple[tuple[str, str], ...] | None], _Response]) -> _Response:
+        """``call(metadata)`` with the inference key; once more with a re-read key if refused."""
         try:
-            response = self._call(request, timeout, force_key=False)
+            return call(self._metadata(force_key=False))
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.PERMISSION_DENIED or self.config.key_file is None:
                 raise self._map_rpc_error(error) from None
-            try:  # the keys may have been regenerated since we read the file
-                response = self._call(request, timeout, force_key=True)
-            except grpc.RpcError as retry_error:
-                raise self._map_rpc_error(retry_error) from None
-        return decode_envelope(response.prediction)
+        try:  # the keys may have been regenerated since we read the file
+            return call(self._metadata(force_key=True))
+        except grpc.RpcError as retry_error:
+            raise self._map_rpc_error(retry_error) from None
 
-    def _call(
-        self, request: inference_pb2.PredictionsRequest, timeout: float | None, force_key: bool
-    ) -> inference_pb2.PredictionResponse:
+    def _metadata(self, force_key: bool) -> tuple[tuple[str, str], ...] | None:
         key = self._keys.key(force=force_key)
-        metadata = (("authorization", f"Bearer {key}"),) if key is not None else None
-        return self._stub.Predictions(request, timeout=timeout, metadata=metadata)
+        return (("authorization", f"Bearer {key}"),) if key is not None else None
 
     def _map_rpc_error(self, error: grpc.RpcError) -> Exception:
         code, details = error.code(), error.details() or ""
