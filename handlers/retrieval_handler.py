@@ -93,13 +93,12 @@ def encode_envelope(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
 
 def encode_error(error: BaseException) -> bytes:
     """An ``error`` envelope; unexpected errors get a generic message (the log has the trace)."""
-    for cls, code in _STATUS_CODES:
-        if isinstance(error, cls):
-            kind, message = type(error).__name__, str(error)
-            break
-    else:
+    code = next((code for cls, code in _STATUS_CODES if isinstance(error, cls)), None)
+    if code is None:
         kind, code = "InternalError", "INTERNAL"
         message = "the model failed on this request; the TorchServe log has the details"
+    else:
+        kind, message = type(error).__name__, str(error)
     return _pack({"status": "error", "error": {"kind": kind, "code": code, "message": message}}, [])
 
 
@@ -117,7 +116,7 @@ def _text(request: Mapping[str, Any], key: str, default: str | None = None) -> s
         if default is None:
             raise errors.InvalidRequest(f"the request has no {key!r} input; send it in the input map")
         return default
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, bytes | bytearray):
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError:

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, help="largest decoded image (width * height) in the worker")
     parser.add_argument("--max-embed-batch", type=int, default=32, help="images per forward pass (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="default TorchServe batchSize (default %(default)s)")
-    parser.add_argument("--max-batch-delay-ms", type=int, default=50, help="default maxBatchDelay (default %(default)s)")
+    parser.add_argument(
+        "--max-batch-delay-ms", type=int, default=50, help="default maxBatchDelay (default %(default)s)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip loading the encoder before archiving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -87,7 +87,11 @@ def test_envelope_round_trips_arrays_and_meta(handler_module) -> None:
     heatmaps = np.linspace(0, 1, 2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
     payload = handler_module.encode_envelope(
         {"mode": "explain", "method": "gradcam"},
-        {"embeddings": embeddings, "query_heatmaps": heatmaps.astype(np.float16), "empty": np.zeros((0, 3), np.float32)},
+        {
+            "embeddings": embeddings,
+            "query_heatmaps": heatmaps.astype(np.float16),
+            "empty": np.zeros((0, 3), np.float32),
+        },
     )
     meta, arrays = decode_envelope(payload)
     assert meta == {"mode": "explain", "method": "gradcam"}
