@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from histoxplain_client._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ConnectionSettings
 from histoxplain_client.retry import RetryPolicy
@@ -74,3 +76,21 @@ class ClientBase:
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         return delay
+
+
+class CapturingIterator(Iterator[Any]):
+    """Remembers an exception raised while producing requests: grpc consumes the iterator in
+    its own thread and only reports CANCELLED, so the caller re-raises the original error."""
+
+    def __init__(self, requests: Iterator[Any]) -> None:
+        self._requests = requests
+        self.error: Exception | None = None
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise
+        except Exception as error:
+            self.error = error
+            raise

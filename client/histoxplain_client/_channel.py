@@ -52,3 +52,10 @@ class ConnectionSettings:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def open_channel(settings: ConnectionSettings) -> grpc.Channel:
+    """A synchronous channel for ``settings`` (TLS when configured)."""
+    if settings.secure:
+        return grpc.secure_channel(settings.target, settings.credentials(), settings.options())
+    return grpc.insecure_channel(settings.target, settings.options())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -12,10 +12,10 @@ import grpc
 import grpc.aio
 
 from histoxplain_client import _convert
-from histoxplain_client._base import DEFAULT, ClientBase, Timeout
+from histoxplain_client._base import DEFAULT, CapturingIterator, ClientBase, Timeout
+from histoxplain_client._channel import open_channel
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
-from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.errors import Unavailable, from_rpc_error
 from histoxplain_client.images import ImageInput, IndexImage
 from histoxplain_client.results import DeleteResult, Explanation, Hit, IndexInfo, IndexSummary, ModelInfo
@@ -39,10 +39,20 @@ class AsyncClient(ClientBase):
         else:
             self._channel = grpc.aio.insecure_channel(connection.target, connection.options())
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
+        self._sync_channel: grpc.Channel | None = None  # IndexImages only, opened on first use
+        self._sync_stub: pb_grpc.RetrievalServiceStub | None = None
+
+    def _stream_stub(self) -> pb_grpc.RetrievalServiceStub:
+        if self._sync_stub is None:
+            self._sync_channel = open_channel(self._settings)
+            self._sync_stub = pb_grpc.RetrievalServiceStub(self._sync_channel)
+        return self._sync_stub
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel(s); calls in flight are cancelled."""
         await self._channel.close()
+        if self._sync_channel is not None:
+            self._sync_channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -71,19 +81,24 @@ class AsyncClient(ClientBase):
     ) -> IndexSummary:
         """See :meth:`Client.index_images`; retried only when ``images`` is a Sequence."""
         tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
+        loop = asyncio.get_running_loop()
 
+        # The stream runs on a synchronous channel in a worker thread: a grpc.aio client stream
+        # that the server ends early (an error before it has read every message) can report
+        # "INTERNAL: Internal error from Core" from the failed write instead of the server's
+        # status, which would turn a retryable UNAVAILABLE into a final INTERNAL.
         async def call(remaining: float | None) -> pb.IndexImagesResponse:
-            stream = self._stub.IndexImages(timeout=remaining, metadata=self._metadata)
+            requests = CapturingIterator(_convert.index_requests(index, _blocking_iter(images, loop), tiling))
+            future = self._stream_stub().IndexImages.future(requests, timeout=remaining, metadata=self._metadata)
             try:
-                async for request in _index_requests(index, images, tiling):
-                    await stream.write(request)
-                await stream.done_writing()
+                return await asyncio.to_thread(future.result)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
             except grpc.RpcError:
+                if requests.error is not None:  # our own input failed (unreadable file, bad array)
+                    raise requests.error from None
                 raise
-            except BaseException:  # our own input failed (unreadable file, bad array): stop the call
-                stream.cancel()
-                raise
-            return await stream
 
         response = await self._invoke(call, timeout, retryable=isinstance(images, Sequence))
         return _convert.decode_index_summary(response)
@@ -180,15 +195,25 @@ class AsyncClient(ClientBase):
                 attempt += 1
 
 
-async def _index_requests(
-    index: str,
+def _blocking_iter(
     images: Iterable[IndexImage | ImageInput] | AsyncIterable[IndexImage | ImageInput],
-    tiling: types_pb2.TilingOptions,
-) -> AsyncIterator[pb.IndexImagesRequest]:
-    if isinstance(images, AsyncIterable):
-        yield pb.IndexImagesRequest(config=pb.IndexImagesConfig(index=index, tiling=tiling))
-        async for item in images:
-            yield pb.IndexImagesRequest(image=_convert.image_record(item))
-    else:
-        for request in _convert.index_requests(index, images, tiling):
-            yield request
+    loop: asyncio.AbstractEventLoop,
+) -> Iterable[IndexImage | ImageInput]:
+    """``images`` for grpc's request thread; an async iterable is advanced on ``loop``."""
+    if not isinstance(images, AsyncIterable):
+        return images
+    return _pull_from_loop(images.__aiter__(), loop)
+
+
+def _pull_from_loop(
+    iterator: AsyncIterator[IndexImage | ImageInput], loop: asyncio.AbstractEventLoop
+) -> Iterator[IndexImage | ImageInput]:
+    while True:
+        try:
+            yield asyncio.run_coroutine_threadsafe(_anext(iterator), loop).result()
+        except StopAsyncIteration:
+            return
+
+
+async def _anext(iterator: AsyncIterator[IndexImage | ImageInput]) -> IndexImage | ImageInput:
+    return await iterator.__anext__()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
 from histoxplain_client import _convert
-from histoxplain_client._base import DEFAULT, ClientBase, Timeout
+from histoxplain_client._base import DEFAULT, CapturingIterator, ClientBase, Timeout
+from histoxplain_client._channel import open_channel
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client.errors import Unavailable, from_rpc_error
@@ -42,11 +43,7 @@ class Client(ClientBase):
     """
 
     def _open_channel(self) -> None:
-        connection = self._settings
-        if connection.secure:
-            self._channel = grpc.secure_channel(connection.target, connection.credentials(), connection.options())
-        else:
-            self._channel = grpc.insecure_channel(connection.target, connection.options())
+        self._channel = open_channel(self._settings)
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -92,7 +89,7 @@ class Client(ClientBase):
         tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
 
         def call(remaining: float | None) -> pb.IndexImagesResponse:
-            requests = _CapturingIterator(_convert.index_requests(index, images, tiling))
+            requests = CapturingIterator(_convert.index_requests(index, images, tiling))
             try:
                 return self._stub.IndexImages(requests, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError:
@@ -197,19 +194,3 @@ class Client(ClientBase):
                 time.sleep(delay)
                 attempt += 1
 
-
-class _CapturingIterator(Iterator[Any]):
-    """Remembers an exception raised while producing requests; grpc only reports CANCELLED."""
-
-    def __init__(self, requests: Iterator[Any]) -> None:
-        self._requests = requests
-        self.error: Exception | None = None
-
-    def __next__(self) -> Any:
-        try:
-            return next(self._requests)
-        except StopIteration:
-            raise
-        except Exception as error:
-            self.error = error
-            raise
