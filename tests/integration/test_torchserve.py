@@ -128,6 +128,25 @@ def test_not_an_envelope_is_rejected() -> None:
         decode_envelope(b'{"embeddings": []}')
 
 
+def test_torchserve_config_is_loopback_only_with_token_auth(tmp_path) -> None:
+    from histoxplain_service.torchserve_process import DEFAULT_TS_CONFIG, TorchServePorts, _config_text
+
+    ports = TorchServePorts.free()
+    lines = dict(
+        line.split("=", 1)
+        for line in _config_text(DEFAULT_TS_CONFIG, ports).splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert lines[key].startswith("http://127.0.0.1:"), key
+    assert lines["grpc_inference_address"] == lines["grpc_management_address"] == "127.0.0.1"
+    assert int(lines["grpc_inference_port"]) == ports.grpc_inference
+    assert lines["management_address"].endswith(f":{ports.management}")
+    assert lines["disable_token_authorization"] == "false"
+    assert lines["decode_input_request"] == "false"
+    assert len(set(ports.__dict__.values())) == 5
+
+
 # -- the handler in-process: one bad request in a batch fails only itself ----------------------
 
 
