@@ -282,7 +282,7 @@ class Encoder:
         for index, image in enumerate(images):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise InvalidRequest(f"image {index} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float() / 255.0
             if tuple(pixels.shape[-2:]) != self.input_size:
                 pixels = F.interpolate(pixels, size=self.input_size, mode=mode, align_corners=False, antialias=True)
                 pixels = pixels.clamp_(0.0, 1.0)

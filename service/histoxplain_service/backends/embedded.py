@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
     from histoxplain_model.explain import RetrievalExplanation
     from histoxplain_service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: (B, 3, H, W) float32 preprocessed pixels -> (B, D) float32 L2-normalised embeddings.
 PixelEmbedder = Callable[[np.ndarray], np.ndarray]
@@ -108,7 +111,20 @@ def _check_deadline(deadline: float | None) -> None:
 
 
 def create_embedded_backend(settings: Settings) -> EmbeddedBackend:
-    """Load the configured encoder (local weights only) into an in-process backend."""
-    from histoxplain_model.encoders import load_encoder
+    """Load the configured encoder (local weights only) into an in-process backend.
 
-    return EmbeddedBackend(load_encoder(settings.model, settings.weights))
+    With onnxruntime installed, embeddings run through an ONNX export of the encoder (cached
+    under ``<data_dir>/onnx``, keyed by preset and weights); gradients always come from torch.
+    """
+    from histoxplain_model.encoders import load_encoder
+    from histoxplain_model.onnx_backend import cached_onnx_embedder, onnxruntime_available
+
+    encoder = load_encoder(settings.model, settings.weights)
+    if not onnxruntime_available():
+        return EmbeddedBackend(encoder)
+    try:
+        onnx_embedder = cached_onnx_embedder(encoder, settings.data_dir / "onnx")
+    except Exception:  # torch.onnx / onnxruntime raise many types; torch still embeds correctly
+        log.warning("ONNX export of %s failed; embedding with torch instead", encoder.preset.name, exc_info=True)
+        return EmbeddedBackend(encoder)
+    return EmbeddedBackend(encoder, pixel_embedder=onnx_embedder.embed)

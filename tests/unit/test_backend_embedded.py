@@ -1,0 +1,62 @@
+"""The in-process model backend: ONNX embeddings agree with torch, errors are the domain's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+
+from histoxplain_model.errors import DeadlineExceeded, InvalidRequest, UnknownNameError
+from histoxplain_service.backends.embedded import create_embedded_backend
+from histoxplain_service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory):
+    return create_embedded_backend(Settings(data_dir=tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def tiles() -> list[np.ndarray]:
+    ihc = data.immunohistochemistry()
+    return [ihc[:224, :224], ihc[200:424, 100:324], ihc[288:, 288:]]
+
+
+def test_embeddings_come_from_onnx_and_match_torch(backend, tiles: list[np.ndarray]) -> None:
+    assert backend._pixel_embedder is not None, "onnxruntime is installed, so embeddings should use it"
+    onnx = backend.embed(tiles)
+    torch_embeddings = backend.encoder.embed_images(tiles)
+    assert onnx.dtype == np.float32 and onnx.shape == (3, 1280)
+    np.testing.assert_allclose(np.linalg.norm(onnx, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(onnx * torch_embeddings, axis=1)) >= 0.9999
+    assert list((backend_dir := Path(backend_path(backend))).glob("*.onnx")), backend_dir
+
+
+def backend_path(backend) -> Path:
+    return backend._pixel_embedder.__self__.path.parent
+
+
+def test_info_describes_the_encoder(backend) -> None:
+    info = backend.info()
+    assert (info.preset, info.embedding_dim, info.input_size) == ("efficientnet-lite0-imagenet", 1280, (224, 224))
+    assert set(info.methods) == {"gradcam", "gradcampp", "smoothgrad"} and info.backend == "embedded"
+
+
+def test_explain_scores_are_the_embedding_cosines(backend, tiles: list[np.ndarray]) -> None:
+    result = backend.explain(tiles[0], tiles[1:], "gradcam", "similar", "both")
+    embeddings = backend.encoder.embed_images(tiles)
+    np.testing.assert_allclose(result.scores, embeddings[1:] @ embeddings[0], atol=1e-4)
+    assert result.query_heatmaps.shape == (2, 224, 224) and result.reference_heatmaps.shape == (2, 224, 224)
+
+
+def test_errors(backend, tiles: list[np.ndarray]) -> None:
+    with pytest.raises(InvalidRequest, match="at least one"):
+        backend.embed([])
+    with pytest.raises(InvalidRequest, match="at least one"):
+        backend.explain(tiles[0], [], "gradcam")
+    with pytest.raises(UnknownNameError, match="gradcam"):
+        backend.explain(tiles[0], tiles[1:], "lime")
+    with pytest.raises(DeadlineExceeded):
+        backend.embed(tiles, timeout=0.0)
