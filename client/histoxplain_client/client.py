@@ -84,7 +84,9 @@ class Client(ClientBase):
 
         Retried on UNAVAILABLE only when ``images`` is a Sequence (list, tuple), which can be
         sent again; a one-shot iterator (generator, ``images_from_folder``) is sent once.
-        Re-sending is safe: indexing an image id again replaces it.
+        Re-sending is safe: indexing an image id again replaces it. If reading an input fails,
+        the stream is cancelled (never half-closed) and that error is raised here; grpc also
+        logs it as "Exception iterating requests!".
         """
         tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
 

@@ -721,3 +721,32 @@ def test_readme_examples_run_as_written(address, fake, tmp_path, monkeypatch, ca
     assert "indexed 2 images as 2 tiles" in printed and "NOT_FOUND" in printed
     assert (tmp_path / "query-vs-0.png").is_file() and (tmp_path / "hit-1.png").is_file()
     assert {"IndexImages", "Search", "Explain", "SearchAndExplain", "ListIndexes", "GetModelInfo"} <= set(fake.calls)
+
+
+def test_wait_until_ready_raises_unavailable_when_nothing_listens(address):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with Client(address) as sdk:
+        sdk.wait_until_ready(5)
+    with Client(f"127.0.0.1:{closed_port}") as sdk:
+        with pytest.raises(Unavailable, match="no connection"):
+            sdk.wait_until_ready(0.3)
+
+    async def scenario():
+        async with AsyncClient(f"127.0.0.1:{closed_port}") as sdk:
+            with pytest.raises(Unavailable, match="no connection"):
+                await sdk.wait_until_ready(0.3)
+
+    asyncio.run(scenario())
+
+
+def test_timeout_none_means_no_deadline_and_bad_timeouts_are_refused(client, fake, address):
+    seed(client)
+    assert len(client.search("crc", png(RED), timeout=None)) == 3
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        client.search("crc", png(RED), timeout=0)
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        Client(address, timeout=-1)
