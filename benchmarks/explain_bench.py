@@ -12,12 +12,12 @@ GradCAM section, all variants interleaved round by round in one process (median 
   pgc loop          pytorch-grad-cam GradCAM, k calls of one image and one target
 
 SmoothGrad section (n noisy copies, k references), each run in a fresh subprocess so that its
-peak memory can be read as the process's peak RSS (ru_maxrss):
+peak memory can be read as the process's peak RSS (VmHWM, reset after the warm-up):
   ours              histoxplain_model SmoothGrad: the k targets share the n noisy forwards
   captum            Captum NoiseTunnel(Saliency), nt_type="smoothgrad", one call per reference
                     (all n copies in one batch, Captum's default)
-Peak memory is reported as the peak RSS of the process and as its rise above the RSS after
-the model is built and a small warm-up ran (the same baseline for both).
+Peak memory is reported as the peak RSS during the timed runs and as its rise above the RSS
+after the model is built and a small warm-up ran (the same baseline for both).
 
 Usage:
   .venv/bin/python benchmarks/explain_bench.py                # full run (~10 min on 2 cores)
@@ -37,7 +37,6 @@ import argparse
 import json
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -145,8 +144,24 @@ def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int) ->
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> float:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; return that RSS in MiB.
+
+    ru_maxrss cannot be used: Linux carries the parent's peak into a forked-and-exec'd child.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return _status_mib("VmHWM")
 
 
 def smoothgrad_worker(arch: str, variant: str, n: int, k: int, size: int, repeats: int) -> dict:
@@ -181,7 +196,7 @@ def smoothgrad_worker(arch: str, variant: str, n: int, k: int, size: int, repeat
             return tunnels[0].attribute(query, nt_type="smoothgrad", nt_samples=1, stdevs=stdev)
 
     warm_up()
-    baseline = peak_rss_mib()
+    baseline = reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -233,8 +248,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, started: str, load: str
         lines += [
             "",
             f"SmoothGrad, n={args.n_samples}, k={args.k}: seconds per explanation; each variant in a "
-            "fresh process, peak RSS (ru_maxrss) and its rise above the RSS after building the model "
-            "and a warm-up (target: Captum / ours >= 1.5 with peak memory no higher).",
+            "fresh process, peak RSS during the runs (VmHWM, reset after the warm-up) and its rise above "
+            "the RSS after building the model and a warm-up (target: Captum / ours >= 1.5 with peak memory no higher).",
             "",
             "| model | ours s | Captum s | Captum / ours | ours peak MiB (rise) | Captum peak MiB (rise) |",
             "|---|---|---|---|---|---|",
