@@ -182,6 +182,16 @@ def render(rows: list[Row], quick: bool) -> str:
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 intra-op thread, loopback; "
         f"efficientnet-lite0-imagenet, index of tiles in embedded Qdrant, k={K}, GradCAM, side=both.",
         "",
+        *(
+            [
+                "Quick run (`--quick`: 4-16 requests per row) on a shared machine: noisy. Ratios below "
+                "1 mean the load from other processes changed during the run, not that serving is "
+                "faster than in-process; rerun without --quick on a quiet machine.",
+                "",
+            ]
+            if quick
+            else []
+        ),
         "| way | batching | clients | RPC | requests | p50 ms | p95 ms | req/s | p50 / in-process |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
