@@ -566,20 +566,27 @@ class VectorIndex:
         ranked.sort(key=lambda hit: (-hit.score, hit.image_id))
         return ranked[:k]
 
-    def vectors(self, point_ids: Sequence[str]) -> np.ndarray:
-        """Stored vectors (N, D) float32 of these points, in the given order.
+    def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
+        """The stored records and vectors (N, D) float32 of these tiles, in the given order.
 
         Raises:
-            NotFound: a point id that is not in the index.
+            InvalidRequest: a point id that is not a UUID.  NotFound: one that is not in the index.
         """
+        for point_id in point_ids:
+            try:
+                uuid.UUID(point_id)
+            except ValueError:
+                raise InvalidRequest(f"point id {point_id!r} is not a UUID; use point ids from a search") from None
         _, dim = self.encoder()
-        with _qdrant_errors(f"reading vectors from {self.name!r}"):
-            found = self.client.retrieve(self.name, ids=list(point_ids), with_payload=False, with_vectors=True)
-        by_id = {str(point.id): point.vector for point in found}
+        with _qdrant_errors(f"reading tiles from {self.name!r}"):
+            found = self.client.retrieve(self.name, ids=list(point_ids), with_payload=True, with_vectors=True)
+        by_id = {str(point.id): point for point in found}
         missing = [pid for pid in point_ids if pid not in by_id]
         if missing:
-            raise NotFound(f"tile(s) {', '.join(missing[:5])} not in index {self.name!r}")
-        return np.asarray([by_id[pid] for pid in point_ids], dtype=np.float32).reshape(len(point_ids), dim)
+            raise NotFound(f"tile(s) {', '.join(missing[:5])} not in index {self.name!r}; use point ids from a search")
+        records = [TileRecord.from_payload(by_id[pid].payload or {}) for pid in point_ids]
+        vectors = np.asarray([by_id[pid].vector for pid in point_ids], dtype=np.float32).reshape(len(point_ids), dim)
+        return records, vectors
 
     def image_tiles(self, image_id: str) -> tuple[list[TileRecord], np.ndarray]:
         """Every tile of one image (in tile order) and its vectors (N, D).

@@ -16,7 +16,7 @@ from qdrant_client import QdrantClient
 
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_service.backends import ModelBackend, ModelInfo
-from histoxplain_service.index import ImageHit, IndexInfo, SearchHit, VectorIndex, list_indexes, open_index
+from histoxplain_service.index import ImageHit, IndexInfo, SearchHit, TileRecord, VectorIndex, list_indexes, open_index
 from histoxplain_service.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
 from histoxplain_service.settings import Settings
 
@@ -181,10 +181,14 @@ class Retrieval:
             raise InvalidRequest("no reference images to explain against; give at least one")
         return self._explain(image, list(references), [None] * len(references), method, polarity, side, timeout)
 
-    def best_tiles(self, name: str, image: np.ndarray, image_ids: Sequence[str], timeout: float | None = None) -> list[SearchHit]:
-        """For each indexed image id, its tile most similar to the query (as a hit), in the given order."""
-        if not image_ids:
-            raise InvalidRequest("no image ids given; name at least one indexed image")
+    def indexed_hits(
+        self, name: str, image: np.ndarray, image_ids: Sequence[str] = (), point_ids: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> list[SearchHit]:
+        """Indexed references as hits scored against the query: each image id becomes its tile
+        most similar to the query, each point id its own tile (image ids first, in the given order)."""
+        if not image_ids and not point_ids:
+            raise InvalidRequest("no image ids or point ids given; name at least one indexed image or tile")
         index = self.searchable(name)
         query = self.embed_query(image, timeout)
         hits = []
@@ -192,11 +196,10 @@ class Retrieval:
             records, vectors = index.image_tiles(image_id)
             scores = vectors @ query
             best = int(np.argmax(scores))
-            record = records[best]
-            hits.append(SearchHit(
-                float(scores[best]), record.point_id, record.image_id, record.label, record.source,
-                record.box, record.level, record.mpp, record.tile_index,
-            ))
+            hits.append(_hit(records[best], float(scores[best])))
+        if point_ids:
+            records, vectors = index.points(point_ids)
+            hits.extend(_hit(record, float(score)) for record, score in zip(records, vectors @ query))
         return hits
 
     def search_and_explain(
@@ -223,6 +226,13 @@ class Retrieval:
             for i, hit in enumerate(hits)
         )
         return ExplainedSearch(method, polarity, side, image, explained)
+
+
+def _hit(record: TileRecord, score: float) -> SearchHit:
+    return SearchHit(
+        score, record.point_id, record.image_id, record.label, record.source,
+        record.box, record.level, record.mpp, record.tile_index,
+    )
 
 
 __all__ = [

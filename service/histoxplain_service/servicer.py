@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, TypeVar
@@ -22,11 +21,10 @@ from grpc import aio
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
-from histoxplain_model.errors import DeadlineExceeded, InvalidRequest, NotFound
+from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
 from histoxplain_model.imageio import decode_image
 from histoxplain_service import converters
 from histoxplain_service.gateway_settings import GatewaySettings
-from histoxplain_service.index import SearchHit, TileRecord
 from histoxplain_service.retrieval import ExplainedSearch, Retrieval
 
 if TYPE_CHECKING:
@@ -194,7 +192,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         def explain(timeout: float) -> pb.ExplainResponse:
             query = self._decode(request.query_image, "query image")
             if kind == "indexed":
-                hits = self._indexed_hits(name, query, image_ids, point_ids, timeout)
+                hits = self._retrieval.indexed_hits(name, query, image_ids, point_ids, timeout)
                 explained = self._retrieval.explain_hits(
                     name, query, hits, choice.method, choice.polarity, choice.side, timeout=timeout
                 )
@@ -236,31 +234,6 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if not 1 <= k <= limit:
             raise InvalidRequest(f"{what} must be from 1 to {limit}, got {k}")
         return k
-
-    def _indexed_hits(
-        self, name: str, query: np.ndarray, image_ids: list[str], point_ids: list[str], timeout: float
-    ) -> list[SearchHit]:
-        """Image ids become their best tile for the query; point ids their own tile."""
-        hits = self._retrieval.best_tiles(name, query, image_ids, timeout) if image_ids else []
-        if point_ids:
-            for point_id in point_ids:
-                try:
-                    uuid.UUID(point_id)
-                except ValueError:
-                    raise InvalidRequest(f"point id {point_id!r} is not a UUID; use point ids from Search") from None
-            index = self._retrieval.searchable(name)
-            vectors = index.vectors(point_ids)
-            query_vector = self._retrieval.embed_query(query, timeout)
-            points = {str(point.id): point for point in index.client.retrieve(name, point_ids, with_payload=True)}
-            for point_id, vector in zip(point_ids, vectors, strict=True):
-                if point_id not in points:
-                    raise NotFound(f"index {name!r} has no tile {point_id!r}; use point ids from Search")
-                record = TileRecord.from_payload(points[point_id].payload or {})
-                hits.append(SearchHit(
-                    float(vector @ query_vector), point_id, record.image_id, record.label, record.source,
-                    record.box, record.level, record.mpp, record.tile_index,
-                ))
-        return hits
 
 
 def _require_index(name: str) -> str:

@@ -119,7 +119,7 @@ def test_upserting_the_same_tiles_again_updates_and_never_duplicates(index: Vect
     index.upsert(records, unit(np.eye(DIM)[:3]), make_tiles(3, 0))
     index.upsert(records, unit(np.eye(DIM)[3:6]), make_tiles(3, 1))
     assert index.describe().n_points == 3
-    np.testing.assert_allclose(index.vectors([r.point_id for r in records]), np.eye(DIM)[3:6], atol=1e-6)
+    np.testing.assert_allclose(index.points([r.point_id for r in records])[1], np.eye(DIM)[3:6], atol=1e-6)
     np.testing.assert_array_equal(index.load_tile(records[1].point_id), make_tiles(3, 1)[1])
 
 
@@ -272,9 +272,9 @@ def test_vectors_and_image_tiles(index: VectorIndex) -> None:
     got_records, got_vectors = index.image_tiles("img")
     assert got_records == records
     np.testing.assert_allclose(got_vectors, vectors, atol=1e-6)
-    np.testing.assert_allclose(index.vectors([records[2].point_id, records[0].point_id]), vectors[[2, 0]], atol=1e-6)
+    np.testing.assert_allclose(index.points([records[2].point_id, records[0].point_id])[1], vectors[[2, 0]], atol=1e-6)
     with pytest.raises(NotFound):
-        index.vectors([point_id_for("nope", 0, Box(0, 0, 1, 1))])
+        index.points([point_id_for("nope", 0, Box(0, 0, 1, 1))])
     with pytest.raises(NotFound):
         index.image_tiles("nope")
 
