@@ -222,29 +222,25 @@ def tiling_settings(core: Settings, tiling: types_pb2.TilingOptions) -> Settings
     return core.with_changes(**changes) if changes else core
 
 
-def _skip_reason(message: str) -> int:
-    # The domain reports skips as text (ingest.SkippedInput); classify by its known phrasings.
-    text = message.lower()
-    if "same content" in text:
-        return types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID
-    if "limit" in text or "too large" in text or "max_pixels" in text:
-        return types_pb2.SKIP_REASON_IMAGE_TOO_LARGE
-    if "tissue" in text or "background" in text:
-        return types_pb2.SKIP_REASON_NO_TISSUE
-    return types_pb2.SKIP_REASON_UNREADABLE_IMAGE
+_SKIP_REASONS = {
+    "unreadable": types_pb2.SKIP_REASON_UNREADABLE_IMAGE,
+    "too_large": types_pb2.SKIP_REASON_IMAGE_TOO_LARGE,
+    "no_tissue": types_pb2.SKIP_REASON_NO_TISSUE,
+    "duplicate": types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
+}
 
 
 def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.ImageRecord]) -> Any:
     """Index the streamed images with the domain and summarise as an ``IndexImagesResponse``.
 
-    Each image is named by its ``source`` (or ``image_id``, or its stream position) so that
-    skipped images can be reported by position.
+    A caller's ``image_id`` names the image in the index (empty: the SHA-256 of its bytes);
+    skipped images are reported by their position in the stream.
     """
     from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as service_pb2
 
     skipped: list[Any] = []
-    items: list[tuple[bytes, str, str | None]] = []
-    positions: dict[str, list[int]] = {}
+    items: list[tuple[bytes, str, str | None, str | None]] = []
+    item_positions: list[int] = []
     seen_ids: set[str] = set()
     for position, record in enumerate(records):
         if len(record.image_id) > 256:
@@ -261,15 +257,14 @@ def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.Im
             continue
         seen_ids.add(record.image_id)
         source = record.source or record.image_id or f"image {position}"
-        positions.setdefault(source, []).append(position)
-        items.append((bytes(record.content), source, record.label or None))
+        items.append((bytes(record.content), source, record.label or None, record.image_id or None))
+        item_positions.append(position)
     summary = retrieval.index_encoded(name, items) if items else None
     if summary is not None:
         for item in summary.skipped:
-            candidates = positions.get(item.source) or [0]
-            position = candidates.pop(0) if len(candidates) > 1 else candidates[0]
+            position = item_positions[item.position]
             skipped.append(service_pb2.SkippedImage(
-                position=position, image_id=records[position].image_id, reason=_skip_reason(item.reason),
+                position=position, image_id=records[position].image_id, reason=_SKIP_REASONS[item.kind],
                 message=item.reason,
             ))
     skipped.sort(key=lambda entry: entry.position)

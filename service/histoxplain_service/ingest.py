@@ -34,14 +34,14 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from histoxplain_model.errors import ImageDecodeError, InvalidRequest
+from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
 from histoxplain_model.imageio import decode_image
 
 from .index import Box, TileRecord, VectorIndex
@@ -329,10 +329,26 @@ class IndexedImage:
     status: Literal["indexed", "unchanged", "relabelled"]
 
 
+#: Why an input was skipped: unreadable (corrupt, truncated, empty, unsupported), too_large
+#: (over the pixel limit), no_tissue (every tile is background), duplicate (same content as
+#: an earlier input of the run).
+SkipKind = Literal["unreadable", "too_large", "no_tissue", "duplicate"]
+
+
 @dataclass(frozen=True)
 class SkippedInput:
+    """An input that was not indexed; ``position`` is its place among the run's inputs."""
+
     source: str
     reason: str
+    kind: SkipKind = "unreadable"
+    position: int = -1
+
+
+def _skipped(name: str, error: InvalidRequest, position: int) -> SkippedInput:
+    log.warning("skipping %s: %s", name, error)
+    kind: SkipKind = "too_large" if isinstance(error, ImageTooLargeError) else "unreadable"
+    return SkippedInput(name, str(error), kind, position)
 
 
 @dataclass(frozen=True)
@@ -378,7 +394,9 @@ class _Indexer:
         records = plan_tiles(source, settings.tile_size, settings.tile_stride, settings.min_tissue)
         if not records:
             return SkippedInput(
-                source.source, f"no tissue found (no tile has {settings.min_tissue:.0%} tissue; lower --min-tissue)"
+                source.source,
+                f"no tissue found (no tile has {settings.min_tissue:.0%} tissue; lower --min-tissue)",
+                "no_tissue",
             )
         state = self.index.image_state(records)
         if state != "incomplete":
@@ -435,25 +453,28 @@ def _run(
     first_source: dict[str, str] = {}
     with tqdm(total=None, unit="tile", desc=f"indexing {index.name}", disable=not show_progress) as bar:
         indexer = _Indexer(index, embed_fn, settings, dim, bar)
-        for name, opener in tqdm(items, total=total, unit="image", disable=not show_progress, leave=False):
+        inputs = tqdm(items, total=total, unit="image", disable=not show_progress, leave=False)
+        for position, (name, opener) in enumerate(inputs):
             try:
                 source = opener()
             except InvalidRequest as exc:
-                log.warning("skipping %s: %s", name, exc)
-                skipped.append(SkippedInput(name, str(exc)))
+                skipped.append(_skipped(name, exc, position))
                 continue
             try:
                 if source.image_id in first_source:
-                    skipped.append(SkippedInput(name, f"same content as {first_source[source.image_id]}"))
+                    reason = f"same image as {first_source[source.image_id]} (same content or image id)"
+                    skipped.append(SkippedInput(name, reason, "duplicate", position))
                     continue
                 first_source[source.image_id] = source.source
                 result = indexer.add(source)
             except InvalidRequest as exc:
-                log.warning("skipping %s: %s", name, exc)
-                result = SkippedInput(name, str(exc))
+                result = _skipped(name, exc, position)
             finally:
                 source.close()
-            (images if isinstance(result, IndexedImage) else skipped).append(result)
+            if isinstance(result, IndexedImage):
+                images.append(result)
+            else:
+                skipped.append(replace(result, position=position))
         indexer.flush()
     summary = IndexSummary(index.name, tuple(images), tuple(skipped))
     log.info(
@@ -495,7 +516,7 @@ def index_paths(
 
 
 def index_images(
-    images: Iterable[tuple[bytes, str, str | None]],
+    images: Iterable[tuple[bytes, str, str | None, str | None]],
     index: VectorIndex,
     embed_fn: EmbedFn,
     settings: Settings,
@@ -504,18 +525,20 @@ def index_images(
     dim: int,
     show_progress: bool = False,
 ) -> IndexSummary:
-    """Index encoded images received in memory (e.g. over gRPC): ``(data, source name, label)``.
+    """Index encoded images received in memory (e.g. over gRPC): ``(data, source, label, image_id)``.
 
-    The image id is :func:`bytes_id` of the data; bad images are skipped with their reason.
+    ``image_id`` ``None`` uses :func:`bytes_id` of the data (re-sending the same bytes updates
+    the image); a caller-given id makes re-sending under that id replace the image. Bad images
+    are skipped with their reason and position.
     """
 
-    def opener(data: bytes, name: str, label: str | None) -> Callable[[], ImageSource]:
+    def opener(data: bytes, name: str, label: str | None, image_id: str | None) -> Callable[[], ImageSource]:
         def open_() -> ImageSource:
             image = decode_image(data, settings.max_pixels, source=repr(name))
-            return ArraySource(image, bytes_id(data), name, label)
+            return ArraySource(image, image_id or bytes_id(data), name, label)
 
         return open_
 
-    items = [(name, opener(data, name, label)) for data, name, label in images]
+    items = [(name, opener(data, name, label, image_id)) for data, name, label, image_id in images]
     return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
 

@@ -115,8 +115,8 @@ class Retrieval:
             preset=self.model.preset, dim=self.model.embedding_dim, label=label, show_progress=show_progress,
         )
 
-    def index_encoded(self, name: str, images: Iterable[tuple[bytes, str, str | None]]) -> IndexSummary:
-        """Index encoded images received in memory: ``(data, source name, label)``."""
+    def index_encoded(self, name: str, images: Iterable[tuple[bytes, str, str | None, str | None]]) -> IndexSummary:
+        """Index encoded images received in memory: ``(data, source, label, image_id or None)``."""
         return index_images(
             images, self.index(name), self.backend.embed, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim,

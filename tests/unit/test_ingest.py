@@ -295,7 +295,9 @@ def test_same_content_is_indexed_once_and_a_new_label_is_applied_without_reembed
     shutil.copy(a, copy)
     summary = index_paths([a, copy], index, histogram_embed, settings, preset="hist", dim=DIM, label="L1", show_progress=False)
     assert summary.images_indexed == 1
-    assert [s.reason for s in summary.skipped] == [f"same content as {a}"]
+    assert [(s.reason, s.kind, s.position) for s in summary.skipped] == [
+        (f"same image as {a} (same content or image id)", "duplicate", 1)
+    ]
     relabel = index_paths([copy], index, FailingEmbed(0), settings, preset="hist", dim=DIM, label="L2", show_progress=False)
     assert [i.status for i in relabel.images] == ["relabelled"]
     (hit,) = index.search(histogram_embed([tissue_image(64, 64, 0)])[0], k=1)
@@ -328,13 +330,29 @@ def test_a_missing_slide_level_is_a_skip_reason(index: VectorIndex, settings: Se
 def test_index_images_from_bytes(index: VectorIndex, settings: Settings, tmp_path: Path) -> None:
     path = write_png(tmp_path / "a.png", tissue_image(64, 64, 0))
     data = path.read_bytes()
-    summary = index_images([(data, "upload-1", "tumour"), (b"junk", "upload-2", None)], index, histogram_embed,
-                           settings, preset="hist", dim=DIM)
+    summary = index_images([(data, "upload-1", "tumour", None), (b"junk", "upload-2", None, None)], index,
+                           histogram_embed, settings, preset="hist", dim=DIM)
     assert [i.image_id for i in summary.images] == [bytes_id(data)]
-    assert [s.source for s in summary.skipped] == ["upload-2"]
+    assert [(s.source, s.kind, s.position) for s in summary.skipped] == [("upload-2", "unreadable", 1)]
     # the same bytes from a file path resolve to the same image
     again = index_paths([path], index, FailingEmbed(0), settings, preset="hist", dim=DIM, label="tumour", show_progress=False)
     assert [i.status for i in again.images] == ["relabelled"]
+
+
+def test_index_images_with_caller_ids_and_skip_kinds(index: VectorIndex, settings: Settings, tmp_path: Path) -> None:
+    data = write_png(tmp_path / "a.png", tissue_image(64, 64, 0)).read_bytes()
+    blank = write_png(tmp_path / "blank.png", np.full((600, 600, 3), 255, np.uint8)).read_bytes()
+    big = write_png(tmp_path / "big.png", tissue_image(100, 100, 1)).read_bytes()
+    summary = index_images(
+        [(data, "a", None, "case-17/a"), (blank, "blank", None, None), (big, "big", None, None)],
+        index, histogram_embed, settings.with_changes(max_pixels=5000), preset="hist", dim=DIM,
+    )
+    assert [i.image_id for i in summary.images] == ["case-17/a"]
+    assert [(s.kind, s.position) for s in summary.skipped] == [("too_large", 1), ("too_large", 2)]
+    summary = index_images([(blank, "blank", None, None)], index, histogram_embed, settings.with_changes(tile_size=128),
+                           preset="hist", dim=DIM)
+    assert [(s.kind, s.position) for s in summary.skipped] == [("no_tissue", 0)]
+    assert index.image_tiles("case-17/a")[0][0].source == "a"
 
 
 @pytest.mark.slow
