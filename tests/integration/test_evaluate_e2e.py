@@ -4,6 +4,7 @@ built from the real sample histology, with the real efficientnet-lite0 weights."
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -70,22 +71,40 @@ def test_explanations_end_to_end(layouts: dict[str, Path], tmp_path: Path) -> No
     summary = result["summary"]
     assert len(result["pairs"]) == 2
     rows = {(r["side"], r["polarity"], r["map"]) for r in summary["faithfulness"]}
-    for method in ("gradcam", "gradcampp", "smoothgrad", "random", "gaussian"):
+    for method in ("gradcam", "gradcampp", "smoothgrad", "random", "gaussian", "random_pixel"):
         for side in ("query", "retrieved"):
             for polarity in ("similar", "dissimilar"):
                 assert (side, polarity, method) in rows
     for row in summary["faithfulness"]:
         assert len(row["mean_deletion_curve"]) == 5
         assert -1.0 <= row["deletion_auc_mean"] <= 1.0
+    settings = result["settings"]
+    expected_scorer = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
+    assert settings["curve_scorer"] == expected_scorer
     for pair in result["pairs"]:
-        # The first deletion point is the unmodified pair's similarity.
-        curve = pair["curves"]["query"]["similar"]["blur"]["gradcam"]["deletion"]
-        assert curve[0] == pytest.approx(pair["score"], abs=1e-3)
+        curves = pair["curves"]["query"]
+        # The first deletion point is the unmodified pair's similarity (torch), whatever scored the curves.
+        assert curves["similar"]["blur"]["gradcam"]["deletion"][0] == pytest.approx(pair["score"], abs=1e-3)
+        # Maps shared by both polarities are scored once: the dissimilar curve is the similar one negated.
+        for shared in ("random", "gaussian", "random_pixel", "smoothgrad"):
+            similar, dissimilar = curves["similar"]["blur"][shared], curves["dissimilar"]["blur"][shared]
+            assert dissimilar["deletion"] == [-v for v in similar["deletion"]]
+        assert curves["similar"]["blur"]["random"] != curves["similar"]["blur"]["random_pixel"]
+        assert all(len(rhos) == 2 for rhos in pair["sanity_spearman"].values())
     assert set(summary["sanity"]) == {"gradcam", "gradcampp", "smoothgrad"}
-    assert result["settings"]["randomised_modules"][0] == "blocks.6"
+    # Default cascade: 2 steps, the second adds the block below the first.
+    assert settings["randomised_modules"][0] == "blocks.6"
+    assert [names[0] for names in settings["randomised_cascade"]] == ["blocks.6", "blocks.5"]
+    assert set(settings["randomised_cascade"][0]) < set(settings["randomised_cascade"][1])
+    for values in summary["sanity"].values():
+        assert [step["step"] for step in values["steps"]] == [1, 2]
+        assert values["passes"] == values["steps"][-1]["passes"]
+    # The smooth random map lives on the target layer's grid: 7x7 for EfficientNet-Lite0 at its 224 px input.
+    assert settings["random_grid"] == [7, 7]
     assert all(summary["runtime_median_s"][m]["query"] > 0 for m in summary["runtime_median_s"])
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 4 + 6  # curves + best/worst grids
+    assert "step 2 Spearman" in html and "random_pixel" in html
     journal = (out / "explanations.pairs.jsonl").read_text().splitlines()
     assert len(journal) == 2
     # Resume: nothing is recomputed, the journal does not grow.

@@ -12,10 +12,14 @@ from histoxplain_service.evaluation.faithfulness import (
     baseline_image,
     centred_gaussian_map,
     deletion_insertion,
-    random_map,
+    deletion_insertion_many,
+    pixel_random_map,
+    smooth_random_map,
 )
+from histoxplain_service.evaluation.explanations import POLARITY_INVARIANT
 from histoxplain_service.evaluation.sanity import (
     map_rank_correlation,
+    randomise_cascade,
     randomise_top_blocks,
     top_blocks,
 )
@@ -53,10 +57,14 @@ def test_map_on_evidence_beats_random_map() -> None:
     evidence_map = np.zeros((SIZE, SIZE), np.float32)
     evidence_map[:8, :8] = 1.0
     good = deletion_insertion(score, image, evidence_map, baseline, steps=16)
-    chance = deletion_insertion(score, image, random_map((SIZE, SIZE), seed=3), baseline, steps=16)
-    assert good.deletion[0] == pytest.approx(1.0, abs=1e-5)
+    chance = deletion_insertion(score, image, pixel_random_map((SIZE, SIZE), seed=3), baseline, steps=16)
     assert good.deletion_auc < chance.deletion_auc - 0.2
     assert good.insertion_auc > chance.insertion_auc + 0.2
+    # A smooth random map sometimes lands on the evidence (it is one 8x8 cell of a 4x4 grid): on average it does not.
+    smooth = [deletion_insertion(score, image, smooth_random_map((SIZE, SIZE), (4, 4), seed), baseline, steps=16) for seed in range(8)]
+    assert good.deletion_auc < np.mean([c.deletion_auc for c in smooth]) - 0.2
+    assert good.insertion_auc > np.mean([c.insertion_auc for c in smooth]) + 0.1
+    assert good.deletion[0] == pytest.approx(1.0, abs=1e-5)
     # After 1/16 of the pixels (64 = the whole 8x8 region) the evidence is gone / restored.
     assert good.deletion[1] == pytest.approx(good.deletion[-1], abs=1e-5)
     assert good.insertion[1] == pytest.approx(1.0, abs=1e-5)
@@ -78,6 +86,44 @@ def test_curves_are_batch_size_independent_and_do_not_mutate() -> None:
     # The endpoints meet: full deletion == insertion start (the baseline), and vice versa.
     assert one.deletion[-1] == pytest.approx(one.insertion[0], abs=1e-6)
     assert one.insertion[-1] == pytest.approx(one.deletion[0], abs=1e-6)
+
+
+def test_many_maps_at_once_equal_one_at_a_time() -> None:
+    encoder = RegionEncoder()
+    image = textured_image(3)
+    score = cosine_score(encoder, encoder(textured_image(8))[0])
+    baseline = baseline_image(image, "blur")
+    maps = [centred_gaussian_map((SIZE, SIZE)), pixel_random_map((SIZE, SIZE), 1), smooth_random_map((SIZE, SIZE), (4, 4), 2)]
+    calls: list[int] = []
+
+    def counted(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(len(pixels))
+        return score(pixels)
+
+    together = deletion_insertion_many(counted, image, maps, baseline, steps=8, batch_size=5, seed=4)
+    # The image and the baseline once, then 3 maps x 2 curves x 7 interior points, 5 per forward pass.
+    assert calls[0] == 2 and sum(calls[1:]) == 3 * 2 * 7 and max(calls[1:]) == 5
+    for saliency, curves in zip(maps, together):
+        alone = deletion_insertion(score, image, saliency, baseline, steps=8, batch_size=1, seed=4)
+        np.testing.assert_allclose(curves.deletion, alone.deletion, atol=1e-6)
+        np.testing.assert_allclose(curves.insertion, alone.insertion, atol=1e-6)
+
+
+def test_smooth_random_map_is_as_smooth_as_gradcam() -> None:
+    from histoxplain_model.saliency import normalise_maps, upsample_maps
+
+    smooth = smooth_random_map((64, 64), (8, 8), seed=5)
+    assert smooth.shape == (64, 64) and smooth.dtype == np.float32
+    assert smooth.min() == pytest.approx(0.0) and smooth.max() == pytest.approx(1.0)
+    np.testing.assert_array_equal(smooth, smooth_random_map((64, 64), (8, 8), seed=5))
+    assert not np.array_equal(smooth, smooth_random_map((64, 64), (8, 8), seed=6))
+    # Same upsampling as GradCAM: a GradCAM-style map made from the same 8x8 noise is identical.
+    noise = torch.from_numpy(np.random.default_rng(5).random((8, 8), dtype=np.float32))
+    np.testing.assert_array_equal(smooth, normalise_maps(upsample_maps(noise[None, None], (64, 64)))[0, 0].numpy())
+    # Neighbouring pixels are strongly correlated, unlike pixel noise.
+    pixel = pixel_random_map((64, 64), seed=5)
+    assert np.corrcoef(smooth[:, :-1].ravel(), smooth[:, 1:].ravel())[0, 1] > 0.9
+    assert abs(np.corrcoef(pixel[:, :-1].ravel(), pixel[:, 1:].ravel())[0, 1]) < 0.1
 
 
 def test_blur_baseline_removes_structure_keeps_mean() -> None:
@@ -149,6 +195,39 @@ def test_sanity_check_flags_edge_detector_not_gradient() -> None:
     )
     assert edges == pytest.approx(1.0)
     assert gradients < 0.5
+
+
+def test_cascade_accumulates_from_the_top_and_keeps_flagging_edges() -> None:
+    torch.manual_seed(0)
+    model = TinyConvNet().eval()
+    cascade = randomise_cascade(model, 3, seed=1)
+    # Two blocks: a third step has nothing left to randomise.
+    assert [names for _, names in cascade] == [["blocks.1", "head"], ["blocks.0", "blocks.1", "head"]]
+    (first, _), (second, _) = cascade
+    assert torch.equal(first.blocks[1][0].weight, second.blocks[1][0].weight)  # step 2 keeps step 1's weights
+    assert not torch.equal(first.blocks[0][0].weight, second.blocks[0][0].weight)
+    assert torch.equal(model.blocks[0][0].weight, first.blocks[0][0].weight)
+    assert torch.equal(model.stem.weight, second.stem.weight)
+    image, reference = textured_image(4), textured_image(5)
+    for randomised, _ in cascade:
+        assert map_rank_correlation(edge_map(model, image, reference), edge_map(randomised, image, reference)) == pytest.approx(1.0)
+        assert map_rank_correlation(
+            input_gradient_map(model, image, reference), input_gradient_map(randomised, image, reference)
+        ) < 0.5
+
+
+@pytest.mark.parametrize("method", sorted(POLARITY_INVARIANT))
+def test_polarity_invariant_methods_give_one_map_for_both_polarities(method: str) -> None:
+    from histoxplain_model.saliency import get_explainer
+
+    torch.manual_seed(0)
+    model = TinyConvNet().eval()
+    explainer = get_explainer(method, model, model.blocks[1], n_samples=3)
+    reference = model(textured_image(5)).detach()
+    similar = explainer.explain(textured_image(4), reference, polarity="similar").heatmaps
+    dissimilar = explainer.explain(textured_image(4), reference, polarity="dissimilar").heatmaps
+    assert similar.std() > 0
+    np.testing.assert_array_equal(similar, dissimilar)
 
 
 def test_top_blocks_of_timm_models() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_service.evaluation.datasets import DEFAULT_CRC_PATTERN, LAYOUTS, TilingPolicy
-from histoxplain_service.evaluation.faithfulness import BASELINES
+from histoxplain_service.evaluation.faithfulness import BASELINES, REFERENCE_MAPS
 from histoxplain_service.evaluation.metrics import DEFAULT_KS
 from histoxplain_service.evaluation.report import environment, write_json, write_report
 
@@ -114,6 +114,7 @@ def run_explanations_command(args: argparse.Namespace) -> int:
     explanation = ExplanationConfig(
         methods=args.methods, polarities=args.polarities, pairs=args.pairs, steps=args.steps,
         baselines=args.baselines, randomised_blocks=args.randomised_blocks, smoothgrad_samples=args.smoothgrad_samples,
+        reference_maps=args.reference_maps, forward_batch=args.forward_batch, onnx=args.onnx,
     )
     explanation.check()
     load_dataset(config)
@@ -141,6 +142,12 @@ def add_evaluate_parser(subparsers) -> None:
     explanations.add_argument("--methods", type=_csv(str), default=ALL_METHODS, help="comma-separated (default gradcam,gradcampp,smoothgrad)")
     explanations.add_argument("--polarities", type=_csv(str), default=("similar", "dissimilar"), help="comma-separated (default similar,dissimilar)")
     explanations.add_argument("--baselines", type=_csv(str), default=("blur",), help=f"comma-separated, of {', '.join(BASELINES)} (default blur)")
-    explanations.add_argument("--randomised-blocks", type=int, default=1, help="top blocks re-initialised for the sanity check (default 1)")
+    explanations.add_argument("--randomised-blocks", type=int, default=2,
+                              help="steps of the sanity check's cascade: step k re-initialises the top k blocks (default 2)")
+    explanations.add_argument("--reference-maps", type=_csv(str), default=REFERENCE_MAPS,
+                              help=f"comma-separated, of {', '.join(REFERENCE_MAPS)}; random is required (default all)")
+    explanations.add_argument("--forward-batch", type=int, default=16, help="perturbed images per forward pass (default 16)")
+    explanations.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                              help="score deletion/insertion images with onnxruntime when installed (default on; --no-onnx: torch)")
     explanations.add_argument("--smoothgrad-samples", type=int, default=25, help="SmoothGrad noisy copies (default 25, as served)")
     explanations.set_defaults(func=run_explanations_command)

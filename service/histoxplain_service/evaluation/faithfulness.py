@@ -16,11 +16,21 @@ side, which removes structure but keeps colour and stain intensity (Petsiuk's in
 baseline); ``zero`` is zero in model-input space, i.e. the normalisation mean colour.
 Ties in a map (flat regions) are broken by a seeded random order, so a constant map behaves
 like a random one instead of deleting from the top-left corner.
+
+Reference maps: ``smooth_random_map`` (uniform noise on the explainer's feature grid, upsampled
+the way GradCAM upsamples its maps: the chance level for a map as smooth as GradCAM's) and
+``pixel_random_map`` (independent noise per pixel). Pixel noise is not a fair chance level for
+smooth maps: deleting scattered pixels everywhere destroys texture, the encoder's cue, faster
+than deleting any contiguous region, so it is reported as its own row, not used for win rates.
+
+Cost: the two end points of both curves (the image and the baseline) are scored once for all
+maps of an image (:func:`deletion_insertion_many`), and the interior points of every map go
+through the model ``batch_size`` images per forward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,18 +38,25 @@ import torch
 import torch.nn.functional as F
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.saliency import normalise_maps, upsample_maps
 
 __all__ = [
     "BASELINES",
+    "REFERENCE_MAPS",
     "ScoreFn",
     "Curves",
     "baseline_image",
     "centred_gaussian_map",
     "deletion_insertion",
-    "random_map",
+    "deletion_insertion_many",
+    "pixel_random_map",
+    "smooth_random_map",
 ]
 
 BASELINES = ("blur", "zero")
+REFERENCE_MAPS = ("random", "gaussian", "random_pixel")
+"""random: smooth noise on the explainer's feature grid (the chance level win rates use);
+gaussian: centred blob (centre bias); random_pixel: independent noise per pixel."""
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 """(B, 3, H, W) model input -> (B,) score (the explained target)."""
 
@@ -84,9 +101,20 @@ def baseline_image(pixels: torch.Tensor, kind: str = "blur") -> torch.Tensor:
     return blurred
 
 
-def random_map(shape: tuple[int, int], seed: int) -> np.ndarray:
-    """(H, W) float32 uniform noise in [0, 1]: the chance-level map."""
+def pixel_random_map(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """(H, W) float32 uniform noise in [0, 1], independent per pixel."""
     return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def smooth_random_map(shape: tuple[int, int], grid: tuple[int, int], seed: int) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: uniform noise on a ``grid`` (h, w), upsampled to ``shape``.
+
+    The upsampling and min-max are GradCAM's own (:func:`upsample_maps`, :func:`normalise_maps`),
+    so with ``grid`` = the target layer's feature grid the map is exactly as smooth as a GradCAM
+    map and differs from one only in where its mass is: the chance level for smooth maps.
+    """
+    noise = torch.from_numpy(np.random.default_rng(seed).random(tuple(grid), dtype=np.float32))
+    return normalise_maps(upsample_maps(noise[None, None], tuple(shape)))[0, 0].numpy()
 
 
 def centred_gaussian_map(shape: tuple[int, int], sigma_fraction: float = 0.25) -> np.ndarray:
@@ -107,42 +135,72 @@ def _order(saliency: np.ndarray, seed: int) -> np.ndarray:
     return np.lexsort((tie_break, -flat))
 
 
+def _check_inputs(pixels: torch.Tensor, saliencies: Sequence[np.ndarray], steps: int) -> None:
+    if pixels.ndim != 4 or pixels.shape[0] != 1:
+        raise InvalidRequest(f"pixels must be (1, 3, H, W), got {tuple(pixels.shape)}")
+    height, width = pixels.shape[-2:]
+    for saliency in saliencies:
+        if saliency.shape != (height, width):
+            raise InvalidRequest(f"map is {saliency.shape}, the image {(height, width)}; resize the map to the model input")
+    if steps < 1:
+        raise InvalidRequest(f"steps must be >= 1, got {steps}")
+
+
 @torch.no_grad()
+def deletion_insertion_many(
+    score_fn: ScoreFn,
+    pixels: torch.Tensor,
+    saliencies: Sequence[np.ndarray],
+    baseline: torch.Tensor,
+    steps: int = 16,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[Curves]:
+    """Deletion and insertion curves of ``score_fn`` for one (1, 3, H, W) image and several maps.
+
+    ``saliencies``: (H, W) maps at the input resolution; ``steps`` equal fractions of the pixels
+    are changed per curve (S+1 points, from 0 to 100 %). The image and the baseline (both
+    curves' end points) are scored once; the 2 (S-1) interior images of every map are built
+    ``batch_size`` at a time and scored in one forward pass per batch.
+    """
+    _check_inputs(pixels, saliencies, steps)
+    height, width = pixels.shape[-2:]
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    counts = np.round(fractions * height * width).astype(np.int64)
+    ranks = []
+    for saliency in saliencies:
+        rank = torch.empty(height * width, dtype=torch.int64)
+        rank[torch.from_numpy(_order(saliency, seed))] = torch.arange(height * width)
+        ranks.append(rank.view(1, height, width))
+    image_score, baseline_score = (float(v) for v in score_fn(torch.cat([pixels, baseline])).detach().float().cpu())
+    ends = {"deletion": (pixels, baseline), "insertion": (baseline, pixels)}
+    # (map, curve, step) of every interior point, scored in batches.
+    points = [(m, curve, step) for m in range(len(ranks)) for curve in ends for step in range(1, steps)]
+    scores = np.empty(len(points))
+    for first in range(0, len(points), batch_size):
+        chunk = points[first : first + batch_size]
+        changed = torch.stack([(ranks[m] < int(counts[step])) for m, _, step in chunk]).to(pixels.dtype)  # (b, 1, H, W)
+        start = torch.cat([ends[curve][0] for _, curve, _ in chunk])
+        end = torch.cat([ends[curve][1] for _, curve, _ in chunk])
+        scores[first : first + len(chunk)] = score_fn(start * (1 - changed) + end * changed).detach().float().cpu().numpy().reshape(-1)
+    by_point = dict(zip(points, scores))
+    results = []
+    for m in range(len(ranks)):
+        curves = {}
+        for curve, (first_score, last_score) in (("deletion", (image_score, baseline_score)), ("insertion", (baseline_score, image_score))):
+            curves[curve] = np.array([first_score, *(by_point[(m, curve, step)] for step in range(1, steps)), last_score])
+        results.append(Curves(fractions=fractions, deletion=curves["deletion"], insertion=curves["insertion"]))
+    return results
+
+
 def deletion_insertion(
     score_fn: ScoreFn,
     pixels: torch.Tensor,
     saliency: np.ndarray,
     baseline: torch.Tensor,
     steps: int = 16,
-    batch_size: int = 9,
+    batch_size: int = 16,
     seed: int = 0,
 ) -> Curves:
-    """Deletion and insertion curves of ``score_fn`` for one (1, 3, H, W) image and its map.
-
-    ``saliency`` (H, W) at the input resolution; ``steps`` equal fractions of the pixels are
-    changed per curve (S+1 points, from 0 to 100 %); forward passes run ``batch_size`` at a time.
-    """
-    if pixels.ndim != 4 or pixels.shape[0] != 1:
-        raise InvalidRequest(f"pixels must be (1, 3, H, W), got {tuple(pixels.shape)}")
-    height, width = pixels.shape[-2:]
-    if saliency.shape != (height, width):
-        raise InvalidRequest(f"map is {saliency.shape}, the image {(height, width)}; resize the map to the model input")
-    if steps < 1:
-        raise InvalidRequest(f"steps must be >= 1, got {steps}")
-    order = torch.from_numpy(_order(saliency, seed))
-    fractions = np.linspace(0.0, 1.0, steps + 1)
-    counts = np.round(fractions * height * width).astype(np.int64)
-    rank = torch.empty(height * width, dtype=torch.int64)
-    rank[order] = torch.arange(height * width)
-    rank = rank.view(1, 1, height, width)
-
-    def curve(start: torch.Tensor, end: torch.Tensor) -> np.ndarray:
-        scores = []
-        for first in range(0, len(counts), batch_size):
-            chunk = torch.as_tensor(counts[first : first + batch_size]).view(-1, 1, 1, 1)
-            changed = (rank < chunk).to(pixels.dtype)  # (b, 1, H, W): 1 where the pixel is swapped
-            images = start * (1 - changed) + end * changed
-            scores.append(score_fn(images).detach().float().cpu().numpy().reshape(-1))
-        return np.concatenate(scores)
-
-    return Curves(fractions=fractions, deletion=curve(pixels, baseline), insertion=curve(baseline, pixels))
+    """Deletion and insertion curves of ``score_fn`` for one (1, 3, H, W) image and its (H, W) map."""
+    return deletion_insertion_many(score_fn, pixels, [saliency], baseline, steps, batch_size, seed)[0]

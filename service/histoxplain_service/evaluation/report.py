@@ -123,7 +123,7 @@ def _curves_figure(summary: dict, side: str, polarity: str, baseline: str) -> st
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for row in rows:
         x = np.linspace(0, 1, len(row["mean_deletion_curve"]))
-        style = "--" if row["map"] in ("random", "gaussian") else "-"
+        style = "--" if row["map"] in ("random", "gaussian", "random_pixel") else "-"
         axes[0].plot(x, row["mean_deletion_curve"], style, label=f"{row['map']} ({row['deletion_auc_mean']:.3f})")
         axes[1].plot(x, row["mean_insertion_curve"], style, label=f"{row['map']} ({row['insertion_auc_mean']:.3f})")
     for axis, name in zip(axes, ("deletion (lower AUC = better)", "insertion (higher AUC = better)")):
@@ -175,9 +175,15 @@ def _explanations_section(out: Path, content: dict) -> str:
         "and restores pixels most-relevant-first; <b>higher insertion AUC is better</b>. "
         f"{settings['steps']} steps per curve; AUC by the trapezoid rule over the fraction of pixels. Baseline "
         "<i>blur</i>: the image blurred with a Gaussian of sigma = 1/10 of the tile side; <i>zero</i>: the "
-        "normalisation mean colour. <b>random</b> (uniform noise) and <b>gaussian</b> (centred blob) are "
-        "reference maps: a method is only informative where it beats random. 'beats random' is the share of "
-        "pairs where the method's AUC is better than the random map's on the same pair.</p>",
+        "normalisation mean colour. Reference maps: <b>random</b> (uniform noise on the target layer's "
+        f"{_esc('x'.join(str(v) for v in settings.get('random_grid', [])))} feature grid, upsampled like GradCAM: "
+        "as smooth as a GradCAM map, the chance level), <b>gaussian</b> (centred blob: centre bias) and "
+        "<b>random_pixel</b> (independent noise per pixel; deleting scattered pixels destroys texture faster than "
+        "any contiguous region, so it is not a fair chance level for smooth maps and is shown for reference only). "
+        "A method is only informative where it beats random. 'beats random' is the share of "
+        "pairs where the method's AUC is better than the (smooth) random map's on the same pair.</p>",
+        f"<p>Deletion/insertion images scored with {_esc(settings.get('curve_scorer', 'torch'))}; SmoothGrad with "
+        f"{settings['smoothgrad_samples']} noisy samples.</p>",
     ]
     rows = [
         [r["side"], r["polarity"], r["baseline"], r["map"], f"{r['deletion_auc_mean']:.3f} ± {r['deletion_auc_sd']:.3f}",
@@ -189,14 +195,23 @@ def _explanations_section(out: Path, content: dict) -> str:
         for polarity in settings["polarities"]:
             for baseline in settings["baselines"]:
                 parts.append(_curves_figure(summary, side, polarity, baseline))
+    cascade = settings.get("randomised_cascade") or [settings["randomised_modules"]]
     parts.append(
-        "<h3>Sanity check: model randomisation</h3><p>Adebayo et al. 2018: the query-side <i>similar</i> map is "
-        f"recomputed after re-initialising {_esc(', '.join(settings['randomised_modules']))}. The Spearman rank "
-        "correlation with the trained encoder's map should be low; a method above "
-        f"{settings['sanity_threshold']} (mean) does not depend enough on the learned weights (an edge detector scores ~1).</p>"
+        "<h3>Sanity check: cascading model randomisation</h3><p>Adebayo et al. 2018: the query-side <i>similar</i> "
+        "map is recomputed after re-initialising the encoder's top blocks, one more block per step, from the top "
+        "(each step keeps the previous step's random weights). The Spearman rank correlation with the trained "
+        "encoder's map should fall; a method whose mean stays above "
+        f"{settings['sanity_threshold']} at the last step does not depend enough on the learned weights (an edge "
+        "detector, which ignores the model, stays at ~1 at every step).</p><ul>"
+        + "".join(f"<li>step {k}: {_esc(', '.join(names))}</li>" for k, names in enumerate(cascade, 1)) + "</ul>"
     )
-    parts.append(_table(["method", "Spearman mean", "sd", "passes"],
-                        [[m, v["spearman_mean"], v["spearman_sd"], "yes" if v["passes"] else "NO"] for m, v in summary["sanity"].items()]))
+    n_steps = len(cascade)
+    header = ["method", *[f"step {k} Spearman" for k in range(1, n_steps + 1)], "passes (last step)"]
+    rows = []
+    for method, values in summary["sanity"].items():
+        steps = values.get("steps") or [values]
+        rows.append([method, *[f"{s['spearman_mean']:.3f} ± {s['spearman_sd']:.3f}" for s in steps], "yes" if values["passes"] else "NO"])
+    parts.append(_table(header, rows))
     parts.append("<h3>Runtime</h3><p>Median seconds per explanation call (one image against one reference), per side.</p>")
     parts.append(_table(["method", *settings["sides"]], [[m, *v.values()] for m, v in summary["runtime_median_s"].items()]))
     parts.append("<h3>Best and worst cases</h3><p>Ranked by insertion AUC minus deletion AUC of the query-side <i>similar</i> map.</p>")
