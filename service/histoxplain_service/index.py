@@ -26,6 +26,7 @@ Nothing here ever drops or recreates an existing collection.
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 import re
 import uuid
@@ -263,6 +264,11 @@ def _hit(point: Any) -> SearchHit:
         mpp=record.mpp,
         tile_index=record.tile_index,
     )
+
+
+def _server_timeout(timeout: float | None) -> int | None:
+    """A request's remaining seconds as Qdrant's server-side timeout (whole seconds, at least 1)."""
+    return None if timeout is None else max(1, math.ceil(timeout))
 
 
 def _image_filter(image_ids: Sequence[str]) -> qm.Filter:
@@ -508,7 +514,9 @@ class VectorIndex:
             return None
         return qm.Filter(must=[qm.FieldCondition(key="label", match=qm.MatchValue(value=label))])
 
-    def search(self, vector: np.ndarray, k: int, label: str | None = None) -> list[SearchHit]:
+    def search(
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> list[SearchHit]:
         """The ``k`` tiles nearest to ``vector`` (D,) by cosine similarity, best first.
 
         Raises:
@@ -520,19 +528,24 @@ class VectorIndex:
         self._searchable(vector.shape[0])
         with _qdrant_errors(f"searching index {self.name!r}"):
             response = self.client.query_points(
-                self.name, query=vector.tolist(), limit=k, query_filter=self._label_filter(label), with_payload=True
+                self.name, query=vector.tolist(), limit=k, query_filter=self._label_filter(label), with_payload=True,
+                timeout=_server_timeout(timeout),
             )
         return [_hit(point) for point in response.points]
 
-    def _best_per_image(self, vector: list[float], limit: int, query_filter: qm.Filter | None) -> dict[str, SearchHit]:
+    def _best_per_image(
+        self, vector: list[float], limit: int, query_filter: qm.Filter | None, timeout: float | None
+    ) -> dict[str, SearchHit]:
         with _qdrant_errors(f"searching index {self.name!r}"):
             result = self.client.query_points_groups(
                 self.name, query=vector, group_by="image_id", limit=limit, group_size=1,
-                query_filter=query_filter, with_payload=True,
+                query_filter=query_filter, with_payload=True, timeout=_server_timeout(timeout),
             )
         return {str(group.id): _hit(group.hits[0]) for group in result.groups if group.hits}
 
-    def search_images(self, vectors: np.ndarray, k: int, label: str | None = None) -> list[ImageHit]:
+    def search_images(
+        self, vectors: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> list[ImageHit]:
         """Rank whole images by their tiles' similarity to the query tiles (Q, D), best first.
 
         Rule: an image's score is the mean, over the Q query tiles, of the cosine similarity
@@ -551,13 +564,13 @@ class VectorIndex:
         self._searchable(queries.shape[1])
         label_filter = self._label_filter(label)
         query_lists = [query.tolist() for query in queries]
-        best = [self._best_per_image(query, 2 * k, label_filter) for query in query_lists]
+        best = [self._best_per_image(query, 2 * k, label_filter, timeout) for query in query_lists]
         candidates = sorted(set().union(*best))
         if not candidates:
             return []
         if len(query_lists) > 1:
             candidate_filter = _image_filter(candidates)
-            best = [self._best_per_image(query, len(candidates), candidate_filter) for query in query_lists]
+            best = [self._best_per_image(query, len(candidates), candidate_filter, timeout) for query in query_lists]
         ranked: list[ImageHit] = []
         for image_id in candidates:
             tiles = tuple(per_query[image_id] for per_query in best)

@@ -141,7 +141,7 @@ class Retrieval:
         """The ``k`` indexed tiles most similar to the query (treated as one tile), best first."""
         check_k(k)
         index = self.searchable(name)
-        return index.search(self.embed_query(image, timeout), k, label=label)
+        return index.search(self.embed_query(image, timeout), k, label=label, timeout=timeout)
 
     def search_images(
         self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
@@ -150,7 +150,7 @@ class Retrieval:
         check_k(k)
         index = self.searchable(name)
         vectors = self.backend.embed(self.query_tiles(image), timeout=timeout)
-        return index.search_images(vectors, k, label=label)
+        return index.search_images(vectors, k, label=label, timeout=timeout)
 
     # -- explain -----------------------------------------------------------------------------------
 

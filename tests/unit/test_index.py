@@ -149,6 +149,24 @@ def test_search_ranks_by_cosine_and_filters_by_label(index: VectorIndex) -> None
     assert len(only_b) == 6 and {h.label for h in only_b} == {"B"}
 
 
+def test_the_request_deadline_reaches_qdrant(index: VectorIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    index.ensure("fake", DIM)
+    index.upsert(make_records("a", 2), unit(np.eye(DIM)[:2]), make_tiles(2, 0))
+    seen: list[object] = []
+    for method in ("query_points", "query_points_groups"):
+        original = getattr(index.client, method)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs.get("timeout"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(index.client, method, spy)
+    index.search(unit(np.eye(DIM)[0]), k=1, timeout=2.3)
+    index.search_images(unit(np.eye(DIM)[:1]), k=1, timeout=0.2)
+    index.search(unit(np.eye(DIM)[0]), k=1)
+    assert seen == [3, 1, None]
+
+
 def test_search_images_averages_each_images_best_tile_over_query_tiles(index: VectorIndex) -> None:
     index.ensure("fake", DIM)
     rng = np.random.default_rng(3)
