@@ -20,12 +20,8 @@ import numpy as np
 import torch
 
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.saliency import (
-    MethodOptions,
-    check_method,
-    check_polarity,
-    get_explainer,
-)
+from histoxplain_model.options import MethodOptions
+from histoxplain_model.saliency import check_method, check_polarity, get_explainer
 
 __all__ = ["SIDES", "MethodOptions", "RetrievalExplanation", "Side", "explain_retrieval"]
 

@@ -207,7 +207,10 @@ def test_read_image_real_histology_and_path_errors(tmp_path) -> None:
         read_image(empty)
 
 
-def test_imageio_and_errors_do_not_import_torch() -> None:
-    code = "import sys, histoxplain_model.imageio, histoxplain_model.errors; print('torch' in sys.modules)"
+def test_imageio_errors_and_options_do_not_import_torch() -> None:
+    code = (
+        "import sys, histoxplain_model.imageio, histoxplain_model.errors, histoxplain_model.options; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -16,10 +16,10 @@ from dataclasses import fields, replace
 from torch import nn
 
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.options import MethodOptions
 from histoxplain_model.saliency.base import (
     BaseCAM,
     Explainer,
-    MethodOptions,
     ReshapeTransform,
     SaliencyResult,
     gradient_mode,

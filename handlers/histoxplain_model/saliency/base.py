@@ -23,7 +23,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.options import MethodOptions
 from histoxplain_model.saliency.targets import (
     SimilarityTarget,
     check_polarity,
@@ -41,7 +41,6 @@ from histoxplain_model.saliency.targets import (
 __all__ = [
     "BaseCAM",
     "Explainer",
-    "MethodOptions",
     "ReshapeTransform",
     "SaliencyResult",
     "gradient_mode",
@@ -50,52 +49,6 @@ __all__ = [
 ]
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Options of the saliency methods (all have defaults; each method reads its own).
-
-    n_samples: n noisy copies (Smilkov et al. section 4.1 see diminishing returns beyond 50;
-        25 halves the cost).
-    sigma: noise standard deviation as a fraction of the image's value range
-        (max - min), Smilkov et al. section 4.1 (10-20% works best).
-    chunk_size: noisy copies per SmoothGrad forward pass; bounds peak memory.
-    seed: seed of the SmoothGrad noise generator (same seed, same maps).
-    gradcampp_gradient_scale: "unit" (default) evaluates GradCAM++ eq. 19 on gradients rescaled
-        so that max |dS/dA| = 1 per map, which makes the map independent of the target's scale;
-        "raw" uses the raw gradients exactly as pytorch-grad-cam does (see GradCAMPlusPlus).
-    gradcampp_eps: eps in the denominator of eq. 19 (in the units chosen above).
-    """
-
-    n_samples: int = 25
-    sigma: float = 0.15
-    chunk_size: int = 5
-    seed: int = 0
-    gradcampp_gradient_scale: Literal["unit", "raw"] = "unit"
-    gradcampp_eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.n_samples, int) and self.n_samples >= 1):
-            raise InvalidRequest(
-                f"n_samples must be a positive integer, got {self.n_samples!r}"
-            )
-        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
-            raise InvalidRequest(
-                f"chunk_size must be a positive integer, got {self.chunk_size!r}"
-            )
-        if not (np.isfinite(self.sigma) and self.sigma >= 0):
-            raise InvalidRequest(
-                f"sigma must be a fraction >= 0 of the value range (e.g. 0.15), "
-                f"got {self.sigma!r}"
-            )
-        if self.gradcampp_gradient_scale not in ("unit", "raw"):
-            raise InvalidRequest(
-                f"gradcampp_gradient_scale must be 'unit' or 'raw', got "
-                f"{self.gradcampp_gradient_scale!r}"
-            )
-        if not (np.isfinite(self.gradcampp_eps) and self.gradcampp_eps >= 0):
-            raise InvalidRequest(f"gradcampp_eps must be >= 0, got {self.gradcampp_eps!r}")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,8 @@ import torch
 from torch import nn
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.saliency.base import (
-    Explainer,
-    MethodOptions,
-    ReshapeTransform,
-    normalise_maps,
-)
+from histoxplain_model.options import MethodOptions
+from histoxplain_model.saliency.base import Explainer, ReshapeTransform, normalise_maps
 from histoxplain_model.saliency.targets import SimilarityTarget
 
 __all__ = ["InputGradient", "SmoothGrad"]
