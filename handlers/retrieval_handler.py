@@ -12,6 +12,11 @@ Request (input map; text values UTF-8):
                    method                 gradcam | gradcampp | smoothgrad
                    polarity               similar (default) | dissimilar
                    side                   query | retrieved | both (default)
+                   smoothgrad_samples, smoothgrad_sigma, smoothgrad_chunk_size, smoothgrad_seed,
+                   gradcampp_gradient_scale, gradcampp_eps
+                                          optional method options (text); absent: the library
+                                          default (``histoxplain_model.options.INPUT_KEYS``).
+                                          A bad value fails only its request (INVALID_ARGUMENT).
     mode=info      (nothing else)         the served encoder's description
 
 Response (one per request, also inside a batch): an envelope
@@ -53,6 +58,7 @@ from histoxplain_model import errors
 from histoxplain_model.encoders import load_encoder
 from histoxplain_model.explain import explain_retrieval
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, decode_image
+from histoxplain_model.options import options_from_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -245,12 +251,14 @@ class RetrievalHandler(BaseHandler):
         method = _text(request, "method")
         polarity = _text(request, "polarity", "similar")
         side = _text(request, "side", "both")
+        options = options_from_inputs(request)
         query = self._decode_all([_image_bytes(request, "query")], "query")[0]
         references = self._decode_all(_numbered(request, "reference"), "reference")
         # Saliency needs autograd: leave any inference mode the caller may have entered.
         with torch.inference_mode(False), torch.enable_grad():
             explanation = explain_retrieval(
-                self.encoder, query, references, method=method, polarity=polarity, side=side
+                self.encoder, query, references, method=method, polarity=polarity, side=side,
+                options=options,
             )
         arrays: dict[str, np.ndarray] = {"scores": np.asarray(explanation.scores, dtype=np.float32)}
         if explanation.query_heatmaps is not None:

@@ -18,6 +18,7 @@ import numpy as np
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.options import MAX_N_SAMPLES, MethodOptions
 from histoxplain_service.index import ImageHit, IndexInfo, SearchHit
 from histoxplain_service.retrieval import ExplainedSearch, Retrieval
 from histoxplain_service.settings import Settings
@@ -50,7 +51,6 @@ SIDE_NAMES: dict[int, str] = {
     types_pb2.EXPLANATION_SIDE_BOTH: "both",
 }
 HEATMAP_DTYPES = (types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32)
-MAX_SMOOTHGRAD_SAMPLES = 200
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,21 @@ class ExplainChoice:
     heatmap_dtype: int = types_pb2.ARRAY_DTYPE_FLOAT16
     smoothgrad_samples: int | None = None
     smoothgrad_noise: float | None = None
+
+    @property
+    def method_options(self) -> MethodOptions | None:
+        """The library's options for this request; ``None`` when every option is the default.
+
+        The SmoothGrad fields are passed whatever the method (the other methods do not read
+        them), so a request is checked the same way for every method.
+        """
+        if self.smoothgrad_samples is None and self.smoothgrad_noise is None:
+            return None
+        defaults = MethodOptions()
+        return MethodOptions(
+            n_samples=defaults.n_samples if self.smoothgrad_samples is None else self.smoothgrad_samples,
+            sigma=defaults.sigma if self.smoothgrad_noise is None else self.smoothgrad_noise,
+        )
 
 
 def _enum_name(enum_type: Any, value: int) -> str:
@@ -96,12 +111,13 @@ def explain_choice_from_proto(options: types_pb2.ExplainOptions) -> ExplainChoic
             [types_pb2.ArrayDtype.Name(value) for value in HEATMAP_DTYPES],
         )
     samples = options.smoothgrad_samples or None
-    if samples is not None and not 1 <= samples <= MAX_SMOOTHGRAD_SAMPLES:
+    if samples is not None and not 1 <= samples <= MAX_N_SAMPLES:
         raise InvalidRequest(
-            f"smoothgrad_samples={samples} is out of range; use 1 to {MAX_SMOOTHGRAD_SAMPLES} "
+            f"smoothgrad_samples={samples} is out of range; use 1 to {MAX_N_SAMPLES} "
             "(0 for the server's default)"
         )
     noise = options.smoothgrad_noise if options.HasField("smoothgrad_noise") else None
+    # The same bounds as MethodOptions (n_samples, sigma), named as the caller sent them.
     if noise is not None and not (np.isfinite(noise) and 0.0 < noise <= 1.0):
         raise InvalidRequest(f"smoothgrad_noise={noise} is out of range; use a number in (0, 1]")
     return ExplainChoice(method, polarity, side, dtype, samples, noise)
@@ -118,16 +134,21 @@ def _lookup(kind: str, value: int, names: dict[int, str], enum_type: Any, defaul
 
 
 def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
-    """The options actually used, echoed in responses with defaults filled in."""
+    """The options actually used, echoed in responses with defaults filled in.
+
+    SmoothGrad's samples and noise are echoed for SmoothGrad only (the values it ran with,
+    the defaults included); other methods do not use them, so they stay 0 / unset.
+    """
     message = types_pb2.ExplainOptions(
         method=METHOD_ENUMS[choice.method],
         polarity={name: value for value, name in POLARITY_NAMES.items()}[choice.polarity],
         side={name: value for value, name in SIDE_NAMES.items()}[choice.side],
         heatmap_dtype=choice.heatmap_dtype,
-        smoothgrad_samples=choice.smoothgrad_samples or 0,
     )
-    if choice.smoothgrad_noise is not None:
-        message.smoothgrad_noise = choice.smoothgrad_noise
+    if choice.method == "smoothgrad":
+        used = choice.method_options or MethodOptions()
+        message.smoothgrad_samples = used.n_samples
+        message.smoothgrad_noise = used.sigma
     return message
 
 

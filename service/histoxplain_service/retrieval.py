@@ -15,6 +15,7 @@ import numpy as np
 from qdrant_client import QdrantClient
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.options import MethodOptions
 from histoxplain_service.backends import ModelBackend, ModelInfo
 from histoxplain_service.index import ImageHit, IndexInfo, SearchHit, TileRecord, VectorIndex, list_indexes, open_index
 from histoxplain_service.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
@@ -162,24 +163,32 @@ class Retrieval:
     def explain_hits(
         self, name: str, image: np.ndarray, hits: Sequence[SearchHit], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
+        options: MethodOptions | None = None,
     ) -> ExplainedSearch:
-        """Explain the query against indexed tiles (their stored pixels)."""
+        """Explain the query against indexed tiles (their stored pixels).
+
+        ``options``: the method's options (e.g. SmoothGrad's samples and noise); ``None``: the
+        library defaults.
+        """
         self._check_explain_options(method, polarity, side)
         if not hits:
             raise InvalidRequest("nothing to explain against: the search returned no hits")
         index = self.index(name)
         references = [index.load_tile(hit) for hit in hits]
-        return self._explain(image, references, list(hits), method, polarity, side, timeout)
+        return self._explain(image, references, list(hits), method, polarity, side, timeout, options)
 
     def explain_images(
         self, image: np.ndarray, references: Sequence[np.ndarray], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
+        options: MethodOptions | None = None,
     ) -> ExplainedSearch:
         """Explain the query against reference images given directly (no index)."""
         self._check_explain_options(method, polarity, side)
         if not references:
             raise InvalidRequest("no reference images to explain against; give at least one")
-        return self._explain(image, list(references), [None] * len(references), method, polarity, side, timeout)
+        return self._explain(
+            image, list(references), [None] * len(references), method, polarity, side, timeout, options
+        )
 
     def indexed_hits(
         self, name: str, image: np.ndarray, image_ids: Sequence[str] = (), point_ids: Sequence[str] = (),
@@ -205,16 +214,17 @@ class Retrieval:
     def search_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
         side: str = "both", label: str | None = None, timeout: float | None = None,
+        options: MethodOptions | None = None,
     ) -> ExplainedSearch:
         self._check_explain_options(method, polarity, side)
         hits = self.search(name, image, k, label=label, timeout=timeout)
-        return self.explain_hits(name, image, hits, method, polarity, side, timeout)
+        return self.explain_hits(name, image, hits, method, polarity, side, timeout, options)
 
     def _explain(
         self, image: np.ndarray, references: list[np.ndarray], hits: list[SearchHit | None],
-        method: str, polarity: str, side: str, timeout: float | None,
+        method: str, polarity: str, side: str, timeout: float | None, options: MethodOptions | None,
     ) -> ExplainedSearch:
-        result = self.backend.explain(image, references, method, polarity, side, timeout=timeout)
+        result = self.backend.explain(image, references, method, polarity, side, timeout=timeout, options=options)
         explained = tuple(
             ExplainedHit(
                 hit=hit,

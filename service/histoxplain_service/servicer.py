@@ -153,7 +153,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         name = _require_index(request.index)
         k = self._check_k(request.k, self._settings.max_explain_k, "k")
         image_ranking = _image_ranking(request.ranking)
-        choice = self._explain_choice(request.options)
+        choice = converters.explain_choice_from_proto(request.options)
 
         def search_and_explain(timeout: float) -> pb.SearchAndExplainResponse:
             query = self._decode(request.image, "query image")
@@ -161,12 +161,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 image_hits = self._retrieval.search_images(name, query, k, timeout=timeout)
                 tiles = [max(hit.tiles, key=lambda tile: tile.score) for hit in image_hits]
                 explained = self._retrieval.explain_hits(
-                    name, query, tiles, choice.method, choice.polarity, choice.side, timeout=timeout
+                    name, query, tiles, choice.method, choice.polarity, choice.side, timeout=timeout,
+                    options=choice.method_options,
                 )
                 shown_hits: Sequence[object] = image_hits
             else:
                 explained = self._retrieval.search_and_explain(
-                    name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout
+                    name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
+                    options=choice.method_options,
                 )
                 shown_hits = [item.hit for item in explained.hits]
             results = converters.explained_references(explained, choice, range(len(explained.hits)), shown_hits)
@@ -175,7 +177,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         return await self._run(context, search_and_explain)
 
     async def Explain(self, request: pb.ExplainRequest, context: aio.ServicerContext) -> pb.ExplainResponse:
-        choice = self._explain_choice(request.options)
+        choice = converters.explain_choice_from_proto(request.options)
         kind = request.WhichOneof("references")
         if kind is None:
             raise InvalidRequest("no references to explain against; set `indexed` (index + ids) or `images`")
@@ -194,14 +196,16 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             if kind == "indexed":
                 hits = self._retrieval.indexed_hits(name, query, image_ids, point_ids, timeout)
                 explained = self._retrieval.explain_hits(
-                    name, query, hits, choice.method, choice.polarity, choice.side, timeout=timeout
+                    name, query, hits, choice.method, choice.polarity, choice.side, timeout=timeout,
+                    options=choice.method_options,
                 )
             else:
                 references = [
                     self._decode(data, f"reference image {position}") for position, data in enumerate(request.images.images)
                 ]
                 explained = self._retrieval.explain_images(
-                    query, references, choice.method, choice.polarity, choice.side, timeout=timeout
+                    query, references, choice.method, choice.polarity, choice.side, timeout=timeout,
+                    options=choice.method_options,
                 )
             order = sorted(range(len(explained.hits)), key=lambda i: -explained.hits[i].similarity)
             if request.k:
@@ -219,15 +223,6 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if not data:
             raise InvalidRequest(f"the {what} is empty; send PNG, JPEG or TIFF bytes")
         return decode_image(data, self._settings.core.max_pixels, source=what)
-
-    def _explain_choice(self, options: types_pb2.ExplainOptions) -> converters.ExplainChoice:
-        choice = converters.explain_choice_from_proto(options)
-        if choice.smoothgrad_samples is not None or choice.smoothgrad_noise is not None:
-            raise InvalidRequest(
-                "this server uses its default SmoothGrad samples and noise; leave smoothgrad_samples "
-                "and smoothgrad_noise unset"
-            )
-        return choice
 
     @staticmethod
     def _check_k(k: int, limit: int, what: str) -> int:

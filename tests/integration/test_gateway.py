@@ -215,6 +215,7 @@ def errors_index(embedded: Running, tiles: dict[str, bytes]) -> str:
         ("k too large", hc.InvalidArgument),
         ("oversized message", hc.ResourceExhausted),
         ("missed deadline", hc.DeadlineExceeded),
+        ("smoothgrad samples out of range", hc.InvalidArgument),
     ],
 )
 def test_error_reaches_the_client_as_its_status(
@@ -234,6 +235,9 @@ def test_error_reaches_the_client_as_its_status(
         "k too large": lambda: client.search_and_explain(errors_index, query, k=101),
         "oversized message": lambda: client.search(errors_index, os.urandom(3 * 1024 * 1024), k=1),
         "missed deadline": lambda: client.search_and_explain(errors_index, query, k=1, method="smoothgrad", timeout=0.05),
+        "smoothgrad samples out of range": lambda: client.search_and_explain(
+            errors_index, query, k=1, method="smoothgrad", smoothgrad_samples=100000
+        ),
     }
     try:
         calls[case]()
@@ -245,6 +249,47 @@ def test_error_reaches_the_client_as_its_status(
         pytest.fail(f"{case}: no error")
     assert isinstance(raised, error_class), f"{case}: {raised!r}"
     assert raised.details, f"{case}: no message"
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_smoothgrad_samples_and_noise_are_honoured(
+    embedded: Running, embedded_backend: Any, tiles: dict[str, bytes]
+) -> None:
+    """smoothgrad_samples=3 gives the library's n=3 map (not the default n=25 one); the noise
+    reaches the model too; out-of-range values are INVALID_ARGUMENT with the allowed range."""
+    from histoxplain_model.explain import explain_retrieval
+    from histoxplain_model.options import MethodOptions
+
+    query_png, reference_png = tiles["ihc-0-1"], tiles["ihc-1-2"]
+    query, reference = _pixels(query_png), _pixels(reference_png)
+
+    def served(**options: Any) -> np.ndarray:
+        explained = embedded.client.explain(
+            query_png, references=[reference_png], method="smoothgrad", side="query", heatmap_dtype="float32", **options
+        )
+        return explained.query_heatmaps[0]
+
+    def in_process(options: MethodOptions | None) -> np.ndarray:
+        return explain_retrieval(
+            embedded_backend.encoder, query, [reference], "smoothgrad", side="query", options=options
+        ).query_heatmaps[0]
+
+    three = served(smoothgrad_samples=3)
+    np.testing.assert_allclose(three, in_process(MethodOptions(n_samples=3)), atol=1e-5)
+    assert np.abs(three - in_process(None)).max() > 0.05, "smoothgrad_samples=3 gave the default map"
+    # float32 on the wire: 0.3 arrives as 0.30000001192092896, and the gateway uses exactly that.
+    noisy = served(smoothgrad_samples=3, smoothgrad_noise=0.3)
+    np.testing.assert_allclose(noisy, in_process(MethodOptions(n_samples=3, sigma=float(np.float32(0.3)))), atol=1e-5)
+    assert np.abs(noisy - three).max() > 0.05, "smoothgrad_noise had no effect"
+
+    with pytest.raises(hc.InvalidArgument, match="smoothgrad_samples=100000 is out of range; use 1 to 256"):
+        served(smoothgrad_samples=100000)
+    with pytest.raises(hc.InvalidArgument, match=r"smoothgrad_noise=.* use a number in \(0, 1\]"):
+        served(smoothgrad_noise=1.5)
 
 
 # -- TorchServe --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from histoxplain_model import errors
+from histoxplain_model.options import MethodOptions
 from histoxplain_service.backends.torchserve import (
     TorchServeBackend,
     TorchServeConfig,
@@ -188,6 +189,25 @@ def test_handler_batch_isolates_a_bad_request(handler, tiles, embedded) -> None:
         decode_envelope(responses[4])
 
 
+def test_handler_reads_method_options_and_a_bad_one_fails_alone(handler, tiles, embedded) -> None:
+    instance, context = handler
+    explain = {
+        "mode": b"explain", "method": b"smoothgrad", "query": encode_png(tiles[0]),
+        "reference.0": encode_png(tiles[1]), "side": b"query",
+    }
+    good = {**explain, "smoothgrad_samples": b"3", "smoothgrad_sigma": b"0.25"}
+    too_many = {**explain, "smoothgrad_samples": b"100000"}
+    not_a_number = {**explain, "smoothgrad_sigma": b"lots"}
+    responses = instance.handle([too_many, good, not_a_number], context)
+    with pytest.raises(errors.InvalidRequest, match="from 1 to 256"):
+        decode_envelope(responses[0])
+    with pytest.raises(errors.InvalidRequest, match="'smoothgrad_sigma' must be a number"):
+        decode_envelope(responses[2])
+    _, arrays = decode_envelope(responses[1])
+    local = embedded.explain(tiles[0], [tiles[1]], "smoothgrad", side="query", options=MethodOptions(n_samples=3, sigma=0.25))
+    assert float(np.max(np.abs(arrays["query_heatmaps"].astype(np.float32) - local.query_heatmaps))) <= HEATMAP_ATOL
+
+
 def test_handler_explains_inside_inference_mode(handler, tiles, embedded) -> None:
     """TorchServe may call the handler under inference mode: gradients must still flow."""
     instance, context = handler
@@ -247,6 +267,25 @@ def test_explanations_match_in_process(torchserve_backend, embedded, tiles, meth
         assert served_maps.shape == local_maps.shape and served_maps.dtype == np.float32
         assert float(np.max(np.abs(served_maps - local_maps))) <= HEATMAP_ATOL, name
         assert float(local_maps.max()) > 0  # not a vacuous comparison of empty maps
+
+
+@pytest.mark.integration
+def test_smoothgrad_options_give_the_in_process_maps(torchserve_backend, embedded, tiles) -> None:
+    query, references = tiles[0], tiles[1:3]
+    # sigma as the gateway passes it on: a float32 value from the wire.
+    options = MethodOptions(n_samples=3, sigma=float(np.float32(0.3)))
+    served = torchserve_backend.explain(query, references, "smoothgrad", "similar", "query", timeout=120, options=options)
+    local = embedded.explain(query, references, "smoothgrad", "similar", "query", options=options)
+    default = embedded.explain(query, references, "smoothgrad", "similar", "query")
+    assert served.query_heatmaps.shape == local.query_heatmaps.shape == (2, 224, 224)
+    assert float(np.max(np.abs(served.query_heatmaps - local.query_heatmaps))) <= HEATMAP_ATOL
+    assert float(np.max(np.abs(served.query_heatmaps - default.query_heatmaps))) > 0.05, "options were not applied"
+    with pytest.raises(errors.InvalidRequest, match="from 1 to 256"):
+        torchserve_backend.predict(
+            {"mode": b"explain", "method": b"smoothgrad", "query": encode_png(query),
+             "reference.0": encode_png(references[0]), "smoothgrad_samples": b"100000"},
+            60,
+        )
 
 
 def _concurrently(calls: list[Callable[[], object]]) -> list[object]:

@@ -60,3 +60,16 @@ def test_errors(backend, tiles: list[np.ndarray]) -> None:
         backend.explain(tiles[0], tiles[1:], "lime")
     with pytest.raises(DeadlineExceeded):
         backend.embed(tiles, timeout=0.0)
+
+
+def test_explain_passes_method_options_to_the_library(backend, tiles: list[np.ndarray]) -> None:
+    from histoxplain_model.explain import explain_retrieval
+    from histoxplain_model.options import MethodOptions
+
+    options = MethodOptions(n_samples=3)
+    chosen = backend.explain(tiles[0], tiles[1:2], "smoothgrad", side="query", options=options)
+    default = backend.explain(tiles[0], tiles[1:2], "smoothgrad", side="query")
+    library = explain_retrieval(backend.encoder, tiles[0], tiles[1:2], "smoothgrad", side="query", options=options)
+    np.testing.assert_allclose(chosen.query_heatmaps, library.query_heatmaps, atol=1e-6)
+    assert np.abs(chosen.query_heatmaps - default.query_heatmaps).max() > 0.05
+    assert chosen.reference_heatmaps is None

@@ -11,6 +11,7 @@ from PIL import Image
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.arrays import decode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.options import MethodOptions
 from histoxplain_service import converters
 from histoxplain_service.index import Box, ImageHit, IndexInfo, SearchHit
 from histoxplain_service.settings import Settings
@@ -49,13 +50,31 @@ def test_methods_map_to_library_names_and_back(enum: int, name: str) -> None:
         ({"polarity": 9}, UnknownNameError, "POLARITY_SIMILAR"),
         ({"side": 7}, UnknownNameError, "EXPLANATION_SIDE_BOTH"),
         ({"heatmap_dtype": types_pb2.ARRAY_DTYPE_UINT8}, UnknownNameError, "ARRAY_DTYPE_FLOAT32"),
-        ({"smoothgrad_samples": 500}, InvalidRequest, "1 to 200"),
+        ({"smoothgrad_samples": 500}, InvalidRequest, "smoothgrad_samples=500 is out of range; use 1 to 256"),
+        ({"smoothgrad_noise": 1.5}, InvalidRequest, "(0, 1]"),
         ({"smoothgrad_noise": 0.0}, InvalidRequest, "(0, 1]"),
     ],
 )
 def test_bad_options_are_invalid_with_the_allowed_values(options: dict, error: type, text: str) -> None:
     with pytest.raises(error, match=text.replace("(", r"\(").replace("]", r"\]")):
         converters.explain_choice_from_proto(types_pb2.ExplainOptions(**options))
+
+
+def test_smoothgrad_options_become_method_options_and_are_echoed_as_used() -> None:
+    default = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_SMOOTHGRAD))
+    assert default.method_options is None
+    echoed = converters.explain_choice_to_proto(default)
+    assert (echoed.smoothgrad_samples, echoed.smoothgrad_noise) == (25, pytest.approx(0.15))
+    chosen = converters.explain_choice_from_proto(
+        types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_SMOOTHGRAD, smoothgrad_samples=3)
+    )
+    assert chosen.method_options == MethodOptions(n_samples=3)
+    noisy = converters.explain_choice_from_proto(types_pb2.ExplainOptions(smoothgrad_noise=0.25))
+    assert noisy.method_options == MethodOptions(sigma=0.25)
+    # GradCAM ignores SmoothGrad's options: the echo does not claim they were used.
+    assert not converters.explain_choice_to_proto(noisy).HasField("smoothgrad_noise")
+    largest = types_pb2.ExplainOptions(smoothgrad_samples=256, smoothgrad_noise=1.0)
+    assert converters.explain_choice_from_proto(largest).method_options == MethodOptions(n_samples=256, sigma=1.0)
 
 
 @pytest.mark.parametrize("dtype", [types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32])

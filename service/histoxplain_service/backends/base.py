@@ -10,6 +10,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from histoxplain_model.explain import RetrievalExplanation
+    from histoxplain_model.options import MethodOptions
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,13 @@ class ModelBackend(Protocol):
         polarity: str = "similar",
         side: str = "both",
         timeout: float | None = None,
+        options: MethodOptions | None = None,
     ) -> RetrievalExplanation:
-        """Explain ``query`` against each of ``references`` (and/or each reference against it)."""
+        """Explain ``query`` against each of ``references`` (and/or each reference against it).
+
+        ``options``: the method's options (e.g. SmoothGrad's samples and noise); ``None`` is
+        the library defaults.
+        """
         ...
 
     def ready(self) -> bool:

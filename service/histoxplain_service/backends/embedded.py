@@ -16,6 +16,7 @@ from histoxplain_service.backends.base import ModelInfo
 if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
     from histoxplain_model.explain import RetrievalExplanation
+    from histoxplain_model.options import MethodOptions
     from histoxplain_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class EmbeddedBackend:
         polarity: str = "similar",
         side: str = "both",
         timeout: float | None = None,
+        options: MethodOptions | None = None,
     ) -> RetrievalExplanation:
         from histoxplain_model.explain import explain_retrieval
 
@@ -91,7 +93,8 @@ class EmbeddedBackend:
         with self._explain_lock:
             _check_deadline(deadline)
             return explain_retrieval(
-                self._encoder, query, list(references), method=method, polarity=polarity, side=side
+                self._encoder, query, list(references), method=method, polarity=polarity, side=side,
+                options=options,
             )
 
     def ready(self) -> bool:

@@ -27,6 +27,7 @@ from google.protobuf import empty_pb2
 from PIL import Image
 
 from histoxplain_model import errors
+from histoxplain_model.options import MethodOptions, options_to_inputs
 from histoxplain_service.backends._torchserve_proto import inference_pb2, inference_pb2_grpc
 from histoxplain_service.backends.base import ModelInfo
 
@@ -201,7 +202,10 @@ class TorchServeBackend:
         polarity: str = "similar",
         side: str = "both",
         timeout: float | None = None,
+        options: MethodOptions | None = None,
     ) -> RetrievalExplanation:
+        """``options`` that differ from the defaults travel in the input map
+        (``histoxplain_model.options.INPUT_KEYS``); the handler rebuilds them exactly."""
         if len(references) == 0:
             raise errors.InvalidRequest("no reference images to explain against; give at least one")
         inputs = {
@@ -210,6 +214,7 @@ class TorchServeBackend:
             "polarity": polarity.encode("utf-8"),
             "side": side.encode("utf-8"),
             "query": encode_png(query),
+            **options_to_inputs(options),
         }
         inputs.update({f"reference.{index}": encode_png(image) for index, image in enumerate(references)})
         meta, arrays = self.predict(inputs, timeout)

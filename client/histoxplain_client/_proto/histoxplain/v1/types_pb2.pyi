@@ -442,10 +442,13 @@ class ExplainOptions(_message.Message):
     heatmap_dtype: Global___ArrayDtype.ValueType
     """Element type of returned heatmap arrays: FLOAT16 or FLOAT32. Unspecified: FLOAT16."""
     smoothgrad_samples: _builtins.int
-    """SmoothGrad only: number of noisy samples, 1 to 200. 0: the server's default."""
+    """SmoothGrad only (other methods ignore it): number of noisy samples, 1 to 256. 0: the
+    server's default (25). Out of range: INVALID_ARGUMENT.
+    """
     smoothgrad_noise: _builtins.float
-    """SmoothGrad only: noise standard deviation as a fraction of the input range. Unset: the
-    server's default.
+    """SmoothGrad only (other methods ignore it): noise standard deviation as a fraction of the
+    input's value range, in (0, 1]. Unset: the server's default (0.15). Out of range:
+    INVALID_ARGUMENT.
     """
     def __init__(
         self,
