@@ -25,6 +25,7 @@ from histoxplain_model.errors import (
     InvalidRequest,
     NotFound,
 )
+from histoxplain_model.options import MethodOptions
 from histoxplain_service.settings import Settings
 
 log = logging.getLogger("histoxplain")
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
     explain.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_CHOICES)}")
     _explain_options(explain)
+    explain.add_argument("--samples", type=int, metavar="N",
+                         help="SmoothGrad only: noisy copies per image, 1 to 256 (default 25)")
+    explain.add_argument("--noise", type=float, metavar="SIGMA",
+                         help="SmoothGrad only: noise std as a fraction of the image's value range, "
+                              "in (0, 1] (default 0.15)")
     explain.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for overlay PNGs and index.html")
     _common(explain)
     explain.set_defaults(func=cmd_explain)
@@ -220,16 +226,37 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     check_k(args.k)
     check_choice("method", args.method, METHOD_CHOICES)
+    options = smoothgrad_options(args.method, args.samples, args.noise)
     settings = settings_from_args(args)
     image = _read_query(args.image, settings)
     retrieval = open_retrieval(settings)
-    explained = retrieval.search_and_explain(args.index, image, args.k, args.method, args.polarity, args.side)
+    explained = retrieval.search_and_explain(
+        args.index, image, args.k, args.method, args.polarity, args.side, options=options
+    )
     page = write_report(
         [explained], args.out, title=f"histoxplain: {args.image.name} against index {args.index}",
         notes=[f"encoder: {retrieval.model.preset}", f"index: {args.index}", f"query: {args.image}"],
     )
     print(f"wrote {page}")
     return 0
+
+
+def smoothgrad_options(method: str, samples: int | None, noise: float | None) -> MethodOptions | None:
+    """``--samples`` / ``--noise`` as method options; refused for any method but SmoothGrad
+    (the flags would otherwise be silently ignored)."""
+    if samples is None and noise is None:
+        return None
+    if method != "smoothgrad":
+        raise InvalidRequest(f"--samples and --noise apply to --method smoothgrad only, not {method}; drop them")
+    defaults = MethodOptions()
+    try:
+        return MethodOptions(
+            n_samples=defaults.n_samples if samples is None else samples,
+            sigma=defaults.sigma if noise is None else noise,
+        )
+    except InvalidRequest as error:
+        flag = "--samples" if samples is not None and "n_samples" in str(error) else "--noise"
+        raise InvalidRequest(f"{flag}: {error}") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -76,6 +76,47 @@ def test_explain_writes_overlays_and_report(dataset: Path, indexed: Path, tmp_pa
     assert not list(tmp_path.glob(".report-*")), "staging folder left behind"
 
 
+def test_explain_smoothgrad_samples_and_noise_reach_the_model(
+    dataset: Path, indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histoxplain_model.options import MethodOptions
+    from histoxplain_service.backends.embedded import EmbeddedBackend
+
+    seen: list[object] = []
+    real_explain = EmbeddedBackend.explain
+
+    def recording_explain(self, *args, options=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(options)
+        return real_explain(self, *args, options=options, **kwargs)
+
+    monkeypatch.setattr(EmbeddedBackend, "explain", recording_explain)
+    out = tmp_path / "report"
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", "--method", "smoothgrad",
+                 "--samples", "2", "--noise", "0.3", "--side", "query", "--out", str(out),
+                 "--data-dir", str(indexed)]) == 0
+    assert seen == [MethodOptions(n_samples=2, sigma=0.3)]
+    assert len(sorted(out.glob("*.png"))) == 1 + 2  # query, and the hit's tile and query map
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--method", "gradcam", "--samples", "3"], "--method smoothgrad only"),
+        (["--method", "smoothgrad", "--samples", "0"], "--samples: n_samples (SmoothGrad noisy copies) must be an integer from 1 to 256"),
+        (["--method", "smoothgrad", "--samples", "100000"], "from 1 to 256, got 100000"),
+        (["--method", "smoothgrad", "--noise", "1.5"], "--noise: sigma (SmoothGrad noise) must be a fraction"),
+    ],
+)
+def test_explain_options_out_of_range_exit_2(
+    dataset: Path, indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
+) -> None:
+    out = tmp_path / "o"
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", *flags, "--out", str(out),
+                 "--data-dir", str(indexed)]) == 2
+    assert needle in _error(capsys)
+    assert not out.exists()
+
+
 def _error(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "no error printed"
