@@ -104,7 +104,11 @@ def test_explanations_end_to_end(layouts: dict[str, Path], tmp_path: Path) -> No
     assert all(summary["runtime_median_s"][m]["query"] > 0 for m in summary["runtime_median_s"])
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 4 + 6  # curves + best/worst grids
-    assert "step 2 Spearman" in html and "random_pixel" in html
+    assert "step 2 Spearman" in html and "del. beats random_pixel" in html
+    for row in summary["faithfulness"]:
+        assert 0.0 <= row["deletion_beats_random_pixel"] <= 1.0
+        if row["map"] == "random":
+            assert row["deletion_beats_random"] == row["insertion_beats_random"] == 0.0
     journal = (out / "explanations.pairs.jsonl").read_text().splitlines()
     assert len(journal) == 2
     # Resume: nothing is recomputed, the journal does not grow.
@@ -119,3 +123,9 @@ def test_bad_input_is_invalid_request(layouts: dict[str, Path], tmp_path: Path) 
         evaluate("retrieval", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--k", "0")
     with pytest.raises(InvalidRequest, match="unknown method"):
         evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--methods", "lime")
+    with pytest.raises(InvalidRequest, match="must include random"):
+        evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--reference-maps", "gaussian")
+    with pytest.raises(InvalidRequest, match="unknown reference map 'noise'"):
+        evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--reference-maps", "random,noise")
+    with pytest.raises(InvalidRequest, match="--forward-batch must be >= 1"):
+        evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--forward-batch", "0")

@@ -83,8 +83,8 @@ class ExplanationConfig:
             raise InvalidRequest("--polarities must include similar (the sanity check recomputes the similar map)")
         if "random" not in self.reference_maps:
             raise InvalidRequest("--reference-maps must include random (win rates are measured against it)")
-        if self.pairs < 1 or self.steps < 2 or self.randomised_blocks < 1 or self.smoothgrad_samples < 1:
-            raise InvalidRequest("--pairs and --smoothgrad-samples must be >= 1, --steps >= 2 and --randomised-blocks >= 1")
+        if min(self.pairs, self.randomised_blocks, self.smoothgrad_samples, self.forward_batch) < 1 or self.steps < 2:
+            raise InvalidRequest("--pairs, --randomised-blocks, --smoothgrad-samples and --forward-batch must be >= 1, --steps >= 2")
 
 
 def _pair_indices(tiles: TileSet, n_pairs: int, seed: int) -> list[tuple[int, int]]:
@@ -366,6 +366,15 @@ def summarise(records: Sequence[dict], explanation: ExplanationConfig) -> dict:
                     insertion = np.array([row[name]["insertion_auc"] for row in rows])
                     rand_del = np.array([row["random"]["deletion_auc"] for row in rows])
                     rand_ins = np.array([row["random"]["insertion_auc"] for row in rows])
+                    # Pixel-level maps (SmoothGrad) also against pixel noise: the chance level of their own kind.
+                    pixel_wins = {}
+                    if "random_pixel" in explanation.reference_maps:
+                        pixel_del = np.array([row["random_pixel"]["deletion_auc"] for row in rows])
+                        pixel_ins = np.array([row["random_pixel"]["insertion_auc"] for row in rows])
+                        pixel_wins = {
+                            "deletion_beats_random_pixel": float(np.mean(deletion < pixel_del)),
+                            "insertion_beats_random_pixel": float(np.mean(insertion > pixel_ins)),
+                        }
                     faithfulness.append(
                         {
                             "side": side,
@@ -379,6 +388,7 @@ def summarise(records: Sequence[dict], explanation: ExplanationConfig) -> dict:
                             "insertion_auc_sd": float(insertion.std()),
                             "deletion_beats_random": float(np.mean(deletion < rand_del)),
                             "insertion_beats_random": float(np.mean(insertion > rand_ins)),
+                            **pixel_wins,
                             "mean_deletion_curve": np.mean([row[name]["deletion"] for row in rows], axis=0).round(5).tolist(),
                             "mean_insertion_curve": np.mean([row[name]["insertion"] for row in rows], axis=0).round(5).tolist(),
                         }

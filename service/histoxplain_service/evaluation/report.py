@@ -181,16 +181,22 @@ def _explanations_section(out: Path, content: dict) -> str:
         "<b>random_pixel</b> (independent noise per pixel; deleting scattered pixels destroys texture faster than "
         "any contiguous region, so it is not a fair chance level for smooth maps and is shown for reference only). "
         "A method is only informative where it beats random. 'beats random' is the share of "
-        "pairs where the method's AUC is better than the (smooth) random map's on the same pair.</p>",
+        "pairs where the method's AUC is better than the (smooth) random map's on the same pair; 'beats "
+        "random_pixel' the same against pixel noise, the chance level of pixel-level maps such as SmoothGrad's.</p>",
         f"<p>Deletion/insertion images scored with {_esc(settings.get('curve_scorer', 'torch'))}; SmoothGrad with "
         f"{settings['smoothgrad_samples']} noisy samples.</p>",
     ]
+    pixel = any("deletion_beats_random_pixel" in r for r in summary["faithfulness"])
     rows = [
         [r["side"], r["polarity"], r["baseline"], r["map"], f"{r['deletion_auc_mean']:.3f} ± {r['deletion_auc_sd']:.3f}",
-         r["deletion_beats_random"], f"{r['insertion_auc_mean']:.3f} ± {r['insertion_auc_sd']:.3f}", r["insertion_beats_random"]]
+         r["deletion_beats_random"], *([r["deletion_beats_random_pixel"]] if pixel else []),
+         f"{r['insertion_auc_mean']:.3f} ± {r['insertion_auc_sd']:.3f}", r["insertion_beats_random"],
+         *([r["insertion_beats_random_pixel"]] if pixel else [])]
         for r in summary["faithfulness"]
     ]
-    parts.append(_table(["side", "polarity", "baseline", "map", "deletion AUC", "del. beats random", "insertion AUC", "ins. beats random"], rows))
+    header = ["side", "polarity", "baseline", "map", "deletion AUC", "del. beats random", *(["del. beats random_pixel"] if pixel else []),
+              "insertion AUC", "ins. beats random", *(["ins. beats random_pixel"] if pixel else [])]
+    parts.append(_table(header, rows))
     for side in content["settings"]["sides"]:
         for polarity in settings["polarities"]:
             for baseline in settings["baselines"]:
