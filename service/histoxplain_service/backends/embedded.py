@@ -90,11 +90,18 @@ class EmbeddedBackend:
         if len(references) == 0:
             raise InvalidRequest("no reference images to explain against; give at least one")
         deadline = _deadline(timeout)
+        vectors = None
+        if self._pixel_embedder is not None:
+            # ONNX Runtime embeds several times faster than a torch forward pass; the explainer
+            # then runs torch only where gradients are needed.
+            vectors = self.embed([query, *references], timeout)
         with self._explain_lock:
             _check_deadline(deadline)
             return explain_retrieval(
                 self._encoder, query, list(references), method=method, polarity=polarity, side=side,
                 options=options,
+                query_embedding=None if vectors is None else vectors[0],
+                reference_embeddings=None if vectors is None else vectors[1:],
             )
 
     def ready(self) -> bool:
