@@ -80,11 +80,10 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     """Min-max each (H, W) map of (..., H, W) to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.flatten(-2)
-    low = flat.amin(-1)[..., None, None]
-    span = (flat.amax(-1) - flat.amin(-1))[..., None, None]
-    scaled = (maps - low) / torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, scaled, torch.zeros_like(scaled)).clamp_(0.0, 1.0)
+    low, high = torch.aminmax(maps.flatten(-2), dim=-1)
+    # A constant map has maps - low == 0 everywhere, so the clamped span turns it into zeros.
+    span = (high - low).clamp_(min=torch.finfo(maps.dtype).tiny)
+    return (maps - low[..., None, None]).div_(span[..., None, None]).clamp_(0.0, 1.0)
 
 
 def _detached_input(pixels: torch.Tensor) -> torch.Tensor:

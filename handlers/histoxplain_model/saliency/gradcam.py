@@ -48,13 +48,20 @@ class GradCAMPlusPlus(BaseCAM):
 
     def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         sum_activations = activations.sum(dim=(-2, -1), keepdim=True)
+        eps = self.options.gradcampp_eps
         if self.options.gradcampp_gradient_scale == "unit":
+            # Eq. 19 on g' = g / m (m = max|g|) without dividing the big gradient tensor:
+            # multiplying numerator and denominator by m^3 gives, for g > 0,
+            #   a' g' = g^3 / (2 m g^2 + S g^3 + eps m^3)  (S = sum_ab A_ab, clamped at 0).
             steepest = grads.abs().amax(dim=(-3, -2, -1), keepdim=True)
-            grads = grads / torch.where(steepest > 0, steepest, torch.ones_like(steepest))
+            unit = torch.where(steepest > 0, steepest, torch.ones_like(steepest))
             sum_activations = sum_activations.clamp(min=0)
-        grads_2 = grads.pow(2)
-        grads_3 = grads_2 * grads
-        alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + self.options.gradcampp_eps)
-        # a * ReLU(g) is 0 where g <= 0; `where` also keeps an inf a (denominator 0) out of it.
-        positive = grads > 0
-        return torch.where(positive, grads * alpha, torch.zeros_like(alpha)).sum(dim=(-2, -1))
+            two_m, eps_m3 = 2 * unit, eps * unit.pow(3)
+        else:
+            two_m, eps_m3 = 2.0, eps
+        grads_2 = grads * grads
+        denominator = torch.addcmul(two_m * torch.ones_like(sum_activations), sum_activations, grads)
+        denominator.mul_(grads_2).add_(eps_m3)
+        # a * ReLU(g) is 0 where g <= 0; the clamp keeps those entries (and a 0/0 there) out.
+        numerator = grads.clamp(min=0).mul_(grads_2)
+        return numerator.div_(denominator).nan_to_num_(nan=0.0).sum(dim=(-2, -1))
