@@ -36,7 +36,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import argparse
 import json
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -54,12 +53,12 @@ torch.set_num_threads(1)
 import timm  # noqa: E402
 
 from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, MethodOptions, SmoothGrad  # noqa: E402
+from results_md import RESULTS, write_section  # noqa: E402
 
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224")
 # The layers the encoder presets hook (histoxplain_model.encoders): the last CNN feature map,
 # and for a CLS-pooled ViT the last block's norm1 (a later layer gives zero patch gradients).
 TARGET_LAYERS = {"tf_efficientnet_lite0": "bn2", "resnet50": "layer4", "vit_small_patch16_224": "blocks.-1.norm1"}
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Explanation latency"
 
 
@@ -264,17 +263,6 @@ def markdown(rows: list[dict], args: argparse.Namespace, started: str, load: str
                 f"{captum['peak_rss_mib']:.0f} ({captum['rise_mib']:.0f}) |"
             )
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) our section of RESULTS.md, keeping the other sections."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(updated)
 
 
 def main() -> None:

@@ -15,18 +15,22 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
 from histoxplain_model.encoders import DEFAULT_PRESET, load_encoder
 from histoxplain_model.onnx_backend import OnnxEmbedder, export_onnx
+from results_md import write_section
 
 
 def _images_per_second(run: Callable[[], object], batch: int, repeats: int, min_seconds: float) -> float:
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="minimum timed runs per cell (median reported)")
     parser.add_argument("--min-seconds", type=float, default=2.0, help="minimum time per cell")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     height, width = encoder.input_size
     with tempfile.TemporaryDirectory() as folder:
         embedder = OnnxEmbedder(export_onnx(encoder, Path(folder) / "model.onnx"), intra_op_threads=args.threads)
+        providers = embedder.providers
         print(
             f"# {args.preset} ({encoder.preset.architecture}), {height}x{width} px, {args.threads} thread(s), "
             f"torch {torch.__version__}, ORT providers {embedder.providers}",
@@ -76,11 +82,26 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((batch, eager, eager_cl, ort, cosine))
             print(f"batch {batch}: eager {eager:.1f}, channels_last {eager_cl:.1f}, ORT {ort:.1f} img/s", flush=True)
 
-    print()
-    print("| batch | torch eager img/s | torch channels_last img/s | ORT img/s | ORT / eager | ORT / channels_last | min cosine |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        "## ONNX embedding throughput",
+        "",
+        f"`benchmarks/onnx_bench.py{''.join(' ' + arg for arg in (sys.argv[1:] if argv is None else argv))}`: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.machine()}, {args.preset} ({encoder.preset.architecture}), {height}x{width} px, "
+        f"{args.threads} thread(s), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"providers {providers}. Images per second, median of at least {args.repeats} runs. "
+        "Target (issue 2, req. 9): ORT >= 3x torch eager at batch 32.",
+        "",
+        "| batch | torch eager img/s | torch channels_last img/s | ORT img/s | ORT / eager | ORT / channels_last | min cosine |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for batch, eager, eager_cl, ort, cosine in rows:
-        print(f"| {batch} | {eager:.1f} | {eager_cl:.1f} | {ort:.1f} | {ort / eager:.2f}x | {ort / eager_cl:.2f}x | {cosine:.7f} |")
+        lines.append(
+            f"| {batch} | {eager:.1f} | {eager_cl:.1f} | {ort:.1f} | {ort / eager:.2f}x | {ort / eager_cl:.2f}x | {cosine:.7f} |"
+        )
+    text = "\n".join(lines)
+    print("\n" + text)
+    if not args.no_write:
+        print(f"written to {write_section(text)}", file=sys.stderr)
     return 0
 
 

@@ -49,9 +49,9 @@ from histoxplain_service.index import open_qdrant  # noqa: E402
 from histoxplain_service.retrieval import Retrieval  # noqa: E402
 from histoxplain_service.server import Gateway  # noqa: E402
 from histoxplain_service.settings import Settings  # noqa: E402
+from results_md import RESULTS, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 INDEX = "bench"
 K = 10
 TILE = 224
@@ -214,19 +214,6 @@ def render(rows: list[Row], quick: bool) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replace (or append) the ``## Serving`` section of RESULTS.md; other sections stay as they are."""
-    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"## Serving\n\n{text}\n"
-    start = existing.find("## Serving\n")
-    if start < 0:
-        updated = existing.rstrip("\n") + "\n\n" + section
-    else:
-        end = existing.find("\n## ", start + 1)
-        updated = existing[:start] + section + ("" if end < 0 else existing[end + 1 :])
-    RESULTS.write_text(updated)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (noisy, for a smoke run)")
@@ -253,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             tiles = sample_tiles(index_size + 8)
             retrieval = Retrieval(core, backend, qdrant)
             print(f"indexing {index_size} tiles ...", flush=True)
-            retrieval.index_encoded(INDEX, [(data, f"tile-{i}", None) for i, data in enumerate(tiles[:index_size])])
+            retrieval.index_encoded(INDEX, [(data, f"tile-{i}", None, None) for i, data in enumerate(tiles[:index_size])])
             queries = tiles[index_size:]
 
             print("in-process", flush=True)
@@ -297,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_results:
-        write_results(text)
+        write_section(f"## Serving\n\n{text}")
         print(f"\nwritten under '## Serving' in {RESULTS}")
     return 0
 
