@@ -17,6 +17,10 @@ Request (input map; text values UTF-8):
                                           optional method options (text); absent: the library
                                           default (``histoxplain_model.options.INPUT_KEYS``).
                                           A bad value fails only its request (INVALID_ARGUMENT).
+                   query_embedding        optional stored vector of the query: D raw float32 LE
+                   reference_embeddings   optional stored vectors of the references: K*D raw
+                                          float32 LE, row-major. Given, that side is not
+                                          embedded again; a wrong length fails its request.
     mode=info      (nothing else)         the served encoder's description
 
 Response (one per request, also inside a batch): an envelope
@@ -145,6 +149,26 @@ def _numbered(request: Mapping[str, Any], prefix: str) -> list[bytes]:
     return [_image_bytes(request, f"{prefix}.{index}") for index in indices]
 
 
+def _embeddings(request: Mapping[str, Any], key: str, rows: int | None, dim: int) -> np.ndarray | None:
+    """Raw little-endian float32 under ``key`` -> (dim,) (``rows`` None) or (rows, dim); absent: None."""
+    value = request.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise errors.InvalidRequest(f"input {key!r} is text; send raw little-endian float32 bytes")
+    data = bytes(value)
+    expected = (1 if rows is None else rows) * dim
+    if len(data) != 4 * expected:
+        raise errors.InvalidRequest(
+            f"input {key!r} has {len(data)} bytes; expected {expected} float32 values ({4 * expected} bytes) "
+            f"for a {dim}-d encoder; send embeddings from the served encoder"
+        )
+    vectors = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if not np.isfinite(vectors).all():
+        raise errors.InvalidRequest(f"input {key!r} has NaN or infinite values; send the stored embeddings unchanged")
+    return vectors if rows is None else vectors.reshape(rows, dim)
+
+
 def _image_bytes(request: Mapping[str, Any], key: str) -> bytes:
     value = request.get(key)
     if value is None:
@@ -254,11 +278,14 @@ class RetrievalHandler(BaseHandler):
         options = options_from_inputs(request)
         query = self._decode_all([_image_bytes(request, "query")], "query")[0]
         references = self._decode_all(_numbered(request, "reference"), "reference")
+        dim = int(self.encoder.embedding_dim)
+        query_embedding = _embeddings(request, "query_embedding", None, dim)
+        reference_embeddings = _embeddings(request, "reference_embeddings", len(references), dim)
         # Saliency needs autograd: leave any inference mode the caller may have entered.
         with torch.inference_mode(False), torch.enable_grad():
             explanation = explain_retrieval(
                 self.encoder, query, references, method=method, polarity=polarity, side=side,
-                options=options,
+                options=options, query_embedding=query_embedding, reference_embeddings=reference_embeddings,
             )
         arrays: dict[str, np.ndarray] = {"scores": np.asarray(explanation.scores, dtype=np.float32)}
         if explanation.query_heatmaps is not None:

@@ -523,15 +523,33 @@ class VectorIndex:
             InvalidRequest: k <= 0.  NotFound: missing or empty index.
             FailedPrecondition: the vector's dimension is not the index's.
         """
+        return [_hit(point) for point in self._nearest(vector, k, label, timeout, with_vectors=False)]
+
+    def search_with_vectors(
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> tuple[list[SearchHit], np.ndarray]:
+        """:meth:`search` plus the hits' stored vectors (N, D) float32, row i for hit i.
+
+        The vectors are what the index holds (L2-normalised); explanations reuse them instead of
+        embedding the hits again.
+        """
+        points = self._nearest(vector, k, label, timeout, with_vectors=True)
+        dim = np.asarray(vector).size
+        vectors = np.asarray([point.vector for point in points], dtype=np.float32).reshape(len(points), dim)
+        return [_hit(point) for point in points], vectors
+
+    def _nearest(
+        self, vector: np.ndarray, k: int, label: str | None, timeout: float | None, with_vectors: bool
+    ) -> list[Any]:
         self._check_k(k)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         self._searchable(vector.shape[0])
         with _qdrant_errors(f"searching index {self.name!r}"):
             response = self.client.query_points(
                 self.name, query=vector.tolist(), limit=k, query_filter=self._label_filter(label), with_payload=True,
-                timeout=_server_timeout(timeout),
+                with_vectors=with_vectors, timeout=_server_timeout(timeout),
             )
-        return [_hit(point) for point in response.points]
+        return list(response.points)
 
     def _best_per_image(
         self, vector: list[float], limit: int, query_filter: qm.Filter | None, timeout: float | None

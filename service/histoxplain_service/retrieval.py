@@ -175,7 +175,18 @@ class Retrieval:
             raise InvalidRequest("nothing to explain against: the search returned no hits")
         index = self.index(name)
         references = [index.load_tile(hit) for hit in hits]
-        return self._explain(image, references, list(hits), method, polarity, side, timeout, options)
+        return self._explain(
+            image, references, list(hits), method, polarity, side, timeout, options,
+            reference_embeddings=self._stored_vectors(index, hits),
+        )
+
+    def _stored_vectors(self, index: VectorIndex, hits: Sequence[SearchHit]) -> np.ndarray | None:
+        """The hits' vectors (K, D) as the index stores them, or None when they are not this
+        model's (an index built with another encoder: the backend embeds the tiles instead)."""
+        if index.encoder() != (self.model.preset, self.model.embedding_dim):
+            return None
+        _, vectors = index.points([hit.point_id for hit in hits])
+        return vectors
 
     def explain_images(
         self, image: np.ndarray, references: Sequence[np.ndarray], method: str,
@@ -216,15 +227,30 @@ class Retrieval:
         side: str = "both", label: str | None = None, timeout: float | None = None,
         options: MethodOptions | None = None,
     ) -> ExplainedSearch:
+        """:meth:`search` then :meth:`explain_hits`, reusing the query's embedding and the hits'
+        stored vectors so the backend embeds nothing again."""
         self._check_explain_options(method, polarity, side)
-        hits = self.search(name, image, k, label=label, timeout=timeout)
-        return self.explain_hits(name, image, hits, method, polarity, side, timeout, options)
+        check_k(k)
+        index = self.searchable(name)
+        query_vector = self.embed_query(image, timeout)
+        hits, vectors = index.search_with_vectors(query_vector, k, label=label, timeout=timeout)
+        if not hits:
+            raise InvalidRequest("nothing to explain against: the search returned no hits")
+        references = [index.load_tile(hit) for hit in hits]
+        return self._explain(
+            image, references, hits, method, polarity, side, timeout, options,
+            query_embedding=query_vector, reference_embeddings=vectors,
+        )
 
     def _explain(
         self, image: np.ndarray, references: list[np.ndarray], hits: list[SearchHit | None],
         method: str, polarity: str, side: str, timeout: float | None, options: MethodOptions | None,
+        query_embedding: np.ndarray | None = None, reference_embeddings: np.ndarray | None = None,
     ) -> ExplainedSearch:
-        result = self.backend.explain(image, references, method, polarity, side, timeout=timeout, options=options)
+        result = self.backend.explain(
+            image, references, method, polarity, side, timeout=timeout, options=options,
+            query_embedding=query_embedding, reference_embeddings=reference_embeddings,
+        )
         explained = tuple(
             ExplainedHit(
                 hit=hit,

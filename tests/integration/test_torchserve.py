@@ -29,6 +29,7 @@ from histoxplain_service.backends.torchserve import (
     TorchServeBackend,
     TorchServeConfig,
     decode_envelope,
+    encode_float32,
     encode_png,
 )
 
@@ -208,6 +209,31 @@ def test_handler_reads_method_options_and_a_bad_one_fails_alone(handler, tiles, 
     assert float(np.max(np.abs(arrays["query_heatmaps"].astype(np.float32) - local.query_heatmaps))) <= HEATMAP_ATOL
 
 
+def test_handler_uses_given_embeddings_and_a_bad_one_fails_alone(handler, tiles, embedded) -> None:
+    instance, context = handler
+    vectors = embedded.embed(tiles[:3])
+    explain = {
+        "mode": b"explain", "method": b"gradcam", "query": encode_png(tiles[0]),
+        "reference.0": encode_png(tiles[1]), "reference.1": encode_png(tiles[2]),
+    }
+    good = {**explain, "query_embedding": encode_float32(vectors[0]), "reference_embeddings": encode_float32(vectors[1:])}
+    short = {**explain, "reference_embeddings": encode_float32(vectors[1:2])}  # one row for two references
+    not_finite = {**explain, "query_embedding": encode_float32(np.full(vectors.shape[1], np.nan))}
+    text = {**explain, "query_embedding": "0.1,0.2"}
+    responses = instance.handle([short, good, not_finite, text], context)
+    with pytest.raises(errors.InvalidRequest, match="'reference_embeddings' has 5120 bytes; expected 2560"):
+        decode_envelope(responses[0])
+    with pytest.raises(errors.InvalidRequest, match="NaN"):
+        decode_envelope(responses[2])
+    with pytest.raises(errors.InvalidRequest, match="is text"):
+        decode_envelope(responses[3])
+    _, arrays = decode_envelope(responses[1])
+    local = embedded.explain(tiles[0], tiles[1:3], "gradcam")
+    np.testing.assert_allclose(arrays["scores"], local.scores, atol=SCORE_ATOL)
+    for name in ("query_heatmaps", "reference_heatmaps"):
+        assert float(np.max(np.abs(arrays[name].astype(np.float32) - getattr(local, name)))) <= HEATMAP_ATOL, name
+
+
 def test_handler_explains_inside_inference_mode(handler, tiles, embedded) -> None:
     """TorchServe may call the handler under inference mode: gradients must still flow."""
     instance, context = handler
@@ -267,6 +293,33 @@ def test_explanations_match_in_process(torchserve_backend, embedded, tiles, meth
         assert served_maps.shape == local_maps.shape and served_maps.dtype == np.float32
         assert float(np.max(np.abs(served_maps - local_maps))) <= HEATMAP_ATOL, name
         assert float(local_maps.max()) > 0  # not a vacuous comparison of empty maps
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("side", ["both", "retrieved"])
+def test_stored_embeddings_give_the_in_process_maps(torchserve_backend, embedded, tiles, side) -> None:
+    query, references = tiles[0], tiles[1:3]
+    vectors = embedded.embed(tiles[:3])
+    served = torchserve_backend.explain(
+        query, references, "gradcam", "similar", side, timeout=120,
+        query_embedding=vectors[0], reference_embeddings=vectors[1:],
+    )
+    local = embedded.explain(query, references, "gradcam", "similar", side)
+    np.testing.assert_allclose(served.scores, local.scores, atol=SCORE_ATOL)
+    for name in ("query_heatmaps", "reference_heatmaps"):
+        local_maps = getattr(local, name)
+        if local_maps is None:
+            assert getattr(served, name) is None
+            continue
+        assert float(np.max(np.abs(getattr(served, name) - local_maps))) <= HEATMAP_ATOL, name
+    with pytest.raises(errors.InvalidRequest, match="query_embedding"):
+        torchserve_backend.explain(query, references, "gradcam", timeout=60, query_embedding=vectors[0, :10])
+    with pytest.raises(errors.InvalidRequest, match="'query_embedding' has 40 bytes"):
+        torchserve_backend.predict(
+            {"mode": b"explain", "method": b"gradcam", "query": encode_png(query),
+             "reference.0": encode_png(references[0]), "query_embedding": encode_float32(vectors[0, :10])},
+            60,
+        )
 
 
 @pytest.mark.integration

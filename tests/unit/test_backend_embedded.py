@@ -51,6 +51,43 @@ def test_explain_scores_are_the_embedding_cosines(backend, tiles: list[np.ndarra
     assert result.query_heatmaps.shape == (2, 224, 224) and result.reference_heatmaps.shape == (2, 224, 224)
 
 
+@pytest.mark.parametrize("given", ["both", "query", "references"])
+def test_given_embeddings_give_the_same_explanation(backend, tiles: list[np.ndarray], given: str) -> None:
+    embeddings = backend.embed(tiles)
+    query_embedding = embeddings[0] if given in ("both", "query") else None
+    reference_embeddings = embeddings[1:] if given in ("both", "references") else None
+    result = backend.explain(
+        tiles[0], tiles[1:], "gradcam", "similar", "both",
+        query_embedding=query_embedding, reference_embeddings=reference_embeddings,
+    )
+    recomputed = backend.explain(tiles[0], tiles[1:], "gradcam", "similar", "both")
+    np.testing.assert_allclose(result.scores, recomputed.scores, atol=1e-6)
+    np.testing.assert_allclose(result.query_heatmaps, recomputed.query_heatmaps, atol=1e-5)
+    np.testing.assert_allclose(result.reference_heatmaps, recomputed.reference_heatmaps, atol=1e-5)
+
+
+def test_given_embeddings_are_used_not_recomputed(backend, tiles: list[np.ndarray], monkeypatch) -> None:
+    embeddings = backend.embed(tiles)
+    monkeypatch.setattr(backend, "_pixel_embedder", None)
+    monkeypatch.setattr(backend.encoder, "embed", lambda pixels: pytest.fail("embedded again"))
+    flipped = -embeddings[1:]  # the scores must follow the vectors given, not the pixels
+    result = backend.explain(
+        tiles[0], tiles[1:], "gradcam", "similar", "query",
+        query_embedding=embeddings[0], reference_embeddings=flipped,
+    )
+    np.testing.assert_allclose(result.scores, flipped @ embeddings[0], atol=1e-5)
+
+
+def test_embeddings_of_the_wrong_shape_are_invalid(backend, tiles: list[np.ndarray]) -> None:
+    embeddings = backend.embed(tiles)
+    with pytest.raises(InvalidRequest, match="query_embedding"):
+        backend.explain(tiles[0], tiles[1:], "gradcam", query_embedding=embeddings[0, :100])
+    with pytest.raises(InvalidRequest, match="reference_embeddings"):
+        backend.explain(tiles[0], tiles[1:], "gradcam", reference_embeddings=embeddings[1:2])
+    with pytest.raises(InvalidRequest, match="NaN"):
+        backend.explain(tiles[0], tiles[1:], "gradcam", query_embedding=np.full(1280, np.nan, np.float32))
+
+
 def test_errors(backend, tiles: list[np.ndarray]) -> None:
     with pytest.raises(InvalidRequest, match="at least one"):
         backend.embed([])

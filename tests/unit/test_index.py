@@ -149,6 +149,20 @@ def test_search_ranks_by_cosine_and_filters_by_label(index: VectorIndex) -> None
     assert len(only_b) == 6 and {h.label for h in only_b} == {"B"}
 
 
+def test_search_with_vectors_returns_each_hits_stored_vector(index: VectorIndex) -> None:
+    index.ensure("fake", DIM)
+    vectors = unit(np.random.default_rng(3).normal(size=(8, DIM)))
+    records = make_records("a", 4, label="A") + make_records("b", 4, label="B")
+    index.upsert(records, vectors, make_tiles(8, 0))
+    query = unit(np.random.default_rng(4).normal(size=DIM))
+    hits, hit_vectors = index.search_with_vectors(query, k=5, label="A")
+    assert [h.point_id for h in hits] == [h.point_id for h in index.search(query, k=5, label="A")]
+    assert len(hits) == 4 and hit_vectors.shape == (4, DIM) and hit_vectors.dtype == np.float32
+    by_id = {record.point_id: vector for record, vector in zip(records, vectors)}
+    np.testing.assert_allclose(hit_vectors, np.stack([by_id[h.point_id] for h in hits]), atol=1e-6)
+    np.testing.assert_allclose(hit_vectors @ query, [h.score for h in hits], atol=1e-5)
+
+
 def test_the_request_deadline_reaches_qdrant(index: VectorIndex, monkeypatch: pytest.MonkeyPatch) -> None:
     index.ensure("fake", DIM)
     index.upsert(make_records("a", 2), unit(np.eye(DIM)[:2]), make_tiles(2, 0))

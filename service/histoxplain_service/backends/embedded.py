@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
-from histoxplain_service.backends.base import ModelInfo
+from histoxplain_service.backends.base import ModelInfo, check_embeddings
 
 if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
@@ -84,24 +84,33 @@ class EmbeddedBackend:
         side: str = "both",
         timeout: float | None = None,
         options: MethodOptions | None = None,
+        query_embedding: np.ndarray | None = None,
+        reference_embeddings: np.ndarray | None = None,
     ) -> RetrievalExplanation:
+        """Stored embeddings, when given, replace embedding that side (see ModelBackend.explain)."""
         from histoxplain_model.explain import explain_retrieval
 
         if len(references) == 0:
             raise InvalidRequest("no reference images to explain against; give at least one")
+        query_vector, reference_vectors = check_embeddings(
+            query_embedding, reference_embeddings, len(references), int(self._encoder.embedding_dim)
+        )
         deadline = _deadline(timeout)
-        vectors = None
         if self._pixel_embedder is not None:
             # ONNX Runtime embeds several times faster than a torch forward pass; the explainer
             # then runs torch only where gradients are needed.
-            vectors = self.embed([query, *references], timeout)
+            if query_vector is None and reference_vectors is None:
+                vectors = self.embed([query, *references], timeout)
+                query_vector, reference_vectors = vectors[0], vectors[1:]
+            elif query_vector is None:
+                query_vector = self.embed([query], timeout)[0]
+            elif reference_vectors is None:
+                reference_vectors = self.embed(list(references), timeout)
         with self._explain_lock:
             _check_deadline(deadline)
             return explain_retrieval(
                 self._encoder, query, list(references), method=method, polarity=polarity, side=side,
-                options=options,
-                query_embedding=None if vectors is None else vectors[0],
-                reference_embeddings=None if vectors is None else vectors[1:],
+                options=options, query_embedding=query_vector, reference_embeddings=reference_vectors,
             )
 
     def ready(self) -> bool:

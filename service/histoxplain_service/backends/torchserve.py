@@ -29,12 +29,14 @@ from PIL import Image
 from histoxplain_model import errors
 from histoxplain_model.options import MethodOptions, options_to_inputs
 from histoxplain_service.backends._torchserve_proto import inference_pb2, inference_pb2_grpc
-from histoxplain_service.backends.base import ModelInfo
+from histoxplain_service.backends.base import ModelInfo, check_embeddings
 
 if TYPE_CHECKING:
     from histoxplain_model.explain import RetrievalExplanation
 
-__all__ = ["ENVELOPE_MAGIC", "TorchServeBackend", "TorchServeConfig", "decode_envelope", "encode_png"]
+__all__ = [
+    "ENVELOPE_MAGIC", "TorchServeBackend", "TorchServeConfig", "decode_envelope", "encode_float32", "encode_png",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,11 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def encode_float32(array: np.ndarray) -> bytes:
+    """An array's values as raw little-endian float32, row-major (4 bytes a value, no header)."""
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
 def decode_envelope(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -203,11 +210,16 @@ class TorchServeBackend:
         side: str = "both",
         timeout: float | None = None,
         options: MethodOptions | None = None,
+        query_embedding: np.ndarray | None = None,
+        reference_embeddings: np.ndarray | None = None,
     ) -> RetrievalExplanation:
         """``options`` that differ from the defaults travel in the input map
-        (``histoxplain_model.options.INPUT_KEYS``); the handler rebuilds them exactly."""
+        (``histoxplain_model.options.INPUT_KEYS``); the handler rebuilds them exactly. Given
+        embeddings travel as raw little-endian float32 (``query_embedding``,
+        ``reference_embeddings``), so the handler skips those forward passes."""
         if len(references) == 0:
             raise errors.InvalidRequest("no reference images to explain against; give at least one")
+        query_vector, reference_vectors = check_embeddings(query_embedding, reference_embeddings, len(references))
         inputs = {
             "mode": b"explain",
             "method": method.encode("utf-8"),
@@ -217,6 +229,10 @@ class TorchServeBackend:
             **options_to_inputs(options),
         }
         inputs.update({f"reference.{index}": encode_png(image) for index, image in enumerate(references)})
+        if query_vector is not None:
+            inputs["query_embedding"] = encode_float32(query_vector)
+        if reference_vectors is not None:
+            inputs["reference_embeddings"] = encode_float32(reference_vectors)
         meta, arrays = self.predict(inputs, timeout)
         # Imported here: histoxplain_model.explain imports torch, which this backend needs
         # for nothing else (a TorchServe gateway stays torch-free until the first explain).
