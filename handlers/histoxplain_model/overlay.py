@@ -84,7 +84,9 @@ def overlay(
 
 def _png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
+    # zlib level 1: half the encoding time of PIL's default 6 for ~10% more bytes; overlays are
+    # encoded per hit and per side on every explanation request.
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
