@@ -62,9 +62,10 @@ class RunningTorchServe:
         }
 
 
-def _require_java() -> None:
+def require_java() -> None:
+    """TorchServe runs on Java 17; .ci/run installs it, so its absence is a set-up error, not a skip."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        pytest.skip("TorchServe needs Java 17 (openjdk-17-jre-headless), which is not installed")
+        pytest.fail("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless (.ci/run does this)")
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +83,7 @@ def torchserve_model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def torchserve(torchserve_model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTorchServe]:
-    _require_java()
+    require_java()
     from histoxplain_service.backends.torchserve import TorchServeConfig
     from histoxplain_service.torchserve_process import TorchServeProcess
 
