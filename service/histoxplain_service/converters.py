@@ -10,6 +10,7 @@ caller asks for float32) and as an overlay PNG drawn over the image at the image
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from histoxplain_model.options import MAX_N_SAMPLES, MethodOptions
 from histoxplain_service.index import ImageHit, IndexInfo, SearchHit
 from histoxplain_service.retrieval import ExplainedSearch, Retrieval
 from histoxplain_service.settings import Settings
+
+_OVERLAY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
 
 __all__ = [
     "ExplainChoice",
@@ -217,16 +220,29 @@ def explained_references(
 ) -> list[types_pb2.ExplainedReference]:
     """``explained.hits[i]`` for i in ``order`` as messages, each with ``shown_hits`` (same
     order) as its hit; ``reference_index`` is i (rank in the search / position in the request)."""
+    indices = list(order)
+    hits = list(shown_hits)
+    if len(indices) != len(hits):
+        raise ValueError(f"{len(indices)} references but {len(hits)} hits to show")
+    # Drawing and PNG-encoding the overlays is most of the response's cost; PIL's encoder and
+    # numpy release the GIL, so two threads render them side by side.
+    jobs = [
+        (explained.query_image if side == "query" else explained.hits[i].image, heatmap)
+        for i in indices
+        for side, heatmap in (("query", explained.hits[i].query_heatmap), ("hit", explained.hits[i].hit_heatmap))
+        if heatmap is not None
+    ]
+    rendered = iter(list(_OVERLAY_THREADS.map(lambda job: heatmap_to_proto(job[1], job[0], choice.heatmap_dtype), jobs)))
     references = []
-    for i, hit in zip(order, shown_hits, strict=True):
+    for i, hit in zip(indices, hits):
         item = explained.hits[i]
         message = types_pb2.ExplainedReference(reference_index=i, similarity=float(item.similarity))
         if hit is not None:
             message.hit.CopyFrom(search_hit_to_proto(hit))
         if item.query_heatmap is not None:
-            message.query_heatmap.CopyFrom(heatmap_to_proto(item.query_heatmap, explained.query_image, choice.heatmap_dtype))
+            message.query_heatmap.CopyFrom(next(rendered))
         if item.hit_heatmap is not None:
-            message.reference_heatmap.CopyFrom(heatmap_to_proto(item.hit_heatmap, item.image, choice.heatmap_dtype))
+            message.reference_heatmap.CopyFrom(next(rendered))
         references.append(message)
     return references
 
