@@ -59,9 +59,9 @@ class ExplainedSearch:
     hits: tuple[ExplainedHit, ...]
 
 
-def check_k(k: int, limit: int = MAX_K) -> int:
+def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limit:
-        raise InvalidRequest(f"k must be an integer from 1 to {limit}, got {k!r}")
+        raise InvalidRequest(f"{what} must be an integer from 1 to {limit}, got {k!r}")
     return k
 
 

@@ -25,7 +25,7 @@ from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
 from histoxplain_model.imageio import decode_image
 from histoxplain_service import converters
 from histoxplain_service.gateway_settings import GatewaySettings
-from histoxplain_service.retrieval import ExplainedSearch, Retrieval
+from histoxplain_service.retrieval import Retrieval, check_k
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -134,7 +134,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> pb.SearchResponse:
         name = _require_index(request.index)
-        k = self._check_k(request.k, self._settings.max_k, "k")
+        k = check_k(request.k, self._settings.max_k, "k")
         image_ranking = _image_ranking(request.ranking)
 
         def search(timeout: float) -> pb.SearchResponse:
@@ -151,7 +151,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self, request: pb.SearchAndExplainRequest, context: aio.ServicerContext
     ) -> pb.SearchAndExplainResponse:
         name = _require_index(request.index)
-        k = self._check_k(request.k, self._settings.max_explain_k, "k")
+        k = check_k(request.k, self._settings.max_explain_k, "k")
         image_ranking = _image_ranking(request.ranking)
         choice = converters.explain_choice_from_proto(request.options)
 
@@ -187,7 +187,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             count = len(image_ids) + len(point_ids)
         else:
             count = len(request.images.images)
-        self._check_k(count, self._settings.max_explain_k, "the number of references")
+        check_k(count, self._settings.max_explain_k, "the number of references")
         if request.k > count:
             raise InvalidRequest(f"k={request.k} is more than the {count} references given; use 0 to explain all")
 
@@ -224,11 +224,6 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             raise InvalidRequest(f"the {what} is empty; send PNG, JPEG or TIFF bytes")
         return decode_image(data, self._settings.core.max_pixels, source=what)
 
-    @staticmethod
-    def _check_k(k: int, limit: int, what: str) -> int:
-        if not 1 <= k <= limit:
-            raise InvalidRequest(f"{what} must be from 1 to {limit}, got {k}")
-        return k
 
 
 def _require_index(name: str) -> str:
@@ -242,5 +237,3 @@ def _image_ranking(ranking: int) -> bool:
         raise InvalidRequest(f"unknown ranking level {ranking}; use RANKING_LEVEL_TILE or RANKING_LEVEL_IMAGE")
     return ranking == types_pb2.RANKING_LEVEL_IMAGE
 
-
-__all__ += ["ExplainedSearch"]
