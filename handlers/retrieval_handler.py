@@ -6,9 +6,9 @@ values arrive as raw bytes (``model_store/config.properties``).
 
 Request (input map; text values UTF-8):
 
-    mode=embed     image.0, image.1, ...  encoded images (PNG, JPEG, TIFF); at least one
-    mode=explain   query                  encoded query image
-                   reference.0, ...       encoded reference images; at least one
+    mode=embed     image.0, image.1, ...  images; at least one
+    mode=explain   query                  the query image
+                   reference.0, ...       reference images; at least one
                    method                 gradcam | gradcampp | smoothgrad
                    polarity               similar (default) | dissimilar
                    side                   query | retrieved | both (default)
@@ -23,17 +23,15 @@ Request (input map; text values UTF-8):
                                           embedded again; a wrong length fails its request.
     mode=info      (nothing else)         the served encoder's description
 
-Response (one per request, also inside a batch): an envelope
+An image is an encoded file (PNG, JPEG, TIFF) or a pixel envelope ((H, W, 3) uint8 RGB, what the
+gateway sends: no PNG encode/decode on either side).
 
-    b"HXP1" | uint32 little-endian header length | header (UTF-8 JSON) | array bytes
-
-The header is ``{"status": "ok", "meta": {...}, "arrays": [{"name", "dtype", "shape", "offset",
-"nbytes"}]}`` with offsets into the bytes after the header, or ``{"status": "error", "error":
-{"kind": <histoxplain_model.errors class name or "InternalError">, "code": <gRPC status name>,
-"message": ...}}``. Arrays: ``embeddings`` (N, D) float32 L2-normalised; ``scores`` (K,)
-float32; ``query_heatmaps`` / ``reference_heatmaps`` (K, H, W) float16 in [0, 1] (half the bytes
-of float32; rounding moves a value in [0, 1] by at most 2**-12 = 2.4e-4). The decoder is
-``histoxplain_service.backends.torchserve.decode_envelope``.
+Response (one per request, also inside a batch): an ``HXP1`` envelope
+(``histoxplain_model.envelope`` holds the format, its encoder and its decoder). Arrays:
+``embeddings`` (N, D) float32 L2-normalised; ``scores`` (K,) float32; ``query_heatmaps`` /
+``reference_heatmaps`` (K, H, W) float16 in [0, 1] (half the bytes of float32; rounding moves a
+value in [0, 1] by at most 2**-12 = 2.4e-4). A failed request gets an error envelope with its
+error class and gRPC status name.
 
 Batching: embed requests of one batch are decoded one by one (a bad image fails only its
 request) and embedded together; explain requests run one after another with gradients enabled
@@ -48,7 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,60 +58,14 @@ from ts.torch_handler.base_handler import BaseHandler
 from histoxplain_model import errors
 from histoxplain_model.encoders import load_encoder
 from histoxplain_model.explain import explain_retrieval
-from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, decode_image
+from histoxplain_model.envelope import decode_request_image, encode_envelope, encode_error
+from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
 from histoxplain_model.options import options_from_inputs
 
 logger = logging.getLogger(__name__)
 
-ENVELOPE_MAGIC = b"HXP1"
 SETUP_CONFIG = "setup_config.json"
 MODES = ("embed", "explain", "info")
-#: gRPC status code names per error class (most specific first); anything else is INTERNAL.
-_STATUS_CODES: tuple[tuple[type[Exception], str], ...] = (
-    (errors.InvalidRequest, "INVALID_ARGUMENT"),
-    (errors.NotFound, "NOT_FOUND"),
-    (errors.FailedPrecondition, "FAILED_PRECONDITION"),
-    (errors.DependencyUnavailable, "UNAVAILABLE"),
-    (errors.DeadlineExceeded, "DEADLINE_EXCEEDED"),
-)
-
-
-# -- envelope encoding (the matching decoder lives in the TorchServe backend) ----------------
-
-
-def encode_envelope(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
-    """An ``ok`` envelope: JSON ``meta`` plus raw little-endian ``arrays`` (C order)."""
-    specs = []
-    payloads = []
-    offset = 0
-    for name, array in arrays.items():
-        contiguous = np.ascontiguousarray(array)
-        if contiguous.dtype.byteorder == ">":
-            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
-        data = contiguous.tobytes()
-        specs.append(
-            {"name": name, "dtype": contiguous.dtype.name, "shape": list(contiguous.shape),
-             "offset": offset, "nbytes": len(data)}
-        )
-        payloads.append(data)
-        offset += len(data)
-    return _pack({"status": "ok", "meta": dict(meta), "arrays": specs}, payloads)
-
-
-def encode_error(error: BaseException) -> bytes:
-    """An ``error`` envelope; unexpected errors get a generic message (the log has the trace)."""
-    code = next((code for cls, code in _STATUS_CODES if isinstance(error, cls)), None)
-    if code is None:
-        kind, code = "InternalError", "INTERNAL"
-        message = "the model failed on this request; the TorchServe log has the details"
-    else:
-        kind, message = type(error).__name__, str(error)
-    return _pack({"status": "error", "error": {"kind": kind, "code": code, "message": message}}, [])
-
-
-def _pack(header: Mapping[str, Any], payloads: Sequence[bytes]) -> bytes:
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return b"".join([ENVELOPE_MAGIC, struct.pack("<I", len(header_bytes)), header_bytes, *payloads])
 
 
 # -- request parsing -------------------------------------------------------------------------
@@ -236,7 +187,8 @@ class RetrievalHandler(BaseHandler):
         if not encoded:
             raise errors.InvalidRequest(f"no {what} inputs; send {what}.0, {what}.1, ...")
         return [
-            decode_image(data, self.max_pixels, source=f"{what}.{index}") for index, data in enumerate(encoded)
+            decode_request_image(data, self.max_pixels, source=f"{what}.{index}")
+            for index, data in enumerate(encoded)
         ]
 
     def _embed(self, items: list[tuple[int, list[np.ndarray]]], batch: int) -> list[tuple[int, bytes]]:

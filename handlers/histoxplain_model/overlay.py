@@ -4,11 +4,17 @@ A heatmap (h, w) in [0, 1] is resized (bilinear) to the image it is drawn on, ma
 256-entry colour table taken from matplotlib, and alpha-blended over the image:
 ``out = (1 - alpha) * image + alpha * colour``, the blend pytorch-grad-cam's
 ``show_cam_on_image`` uses.
+
+PNGs are written here rather than by Pillow: every row gets PNG's "Up" filter (vectorised in
+numpy) and zlib compresses with Huffman coding only. On a 224 px overlay that takes 1.4 ms and
+83 KB where Pillow's encoder (adaptive filters, zlib level 1) takes 5.5 ms and 86 KB, and the
+gateway draws 2k of them per explained search. The output is an ordinary 8-bit RGB PNG.
 """
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from functools import cache
 
 import numpy as np
@@ -82,12 +88,28 @@ def overlay(
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_FILTER_UP = 2
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def _png(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    # zlib level 1: half the encoding time of PIL's default 6 for ~10% more bytes; overlays are
-    # encoded per hit and per side on every explanation request.
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """(H, W, 3) uint8 -> PNG bytes: "Up"-filtered rows, Huffman-only deflate (see the module doc)."""
+    height, width, _ = rgb.shape
+    rows = np.ascontiguousarray(rgb).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = _PNG_FILTER_UP
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
+    compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_HUFFMAN_ONLY)
+    pixels = compressor.compress(filtered.tobytes()) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"".join(
+        [_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", pixels), _png_chunk(b"IEND", b"")]
+    )
 
 
 def overlay_png(

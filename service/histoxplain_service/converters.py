@@ -224,8 +224,8 @@ def explained_references(
     hits = list(shown_hits)
     if len(indices) != len(hits):
         raise ValueError(f"{len(indices)} references but {len(hits)} hits to show")
-    # Drawing and PNG-encoding the overlays is most of the response's cost; PIL's encoder and
-    # numpy release the GIL, so two threads render them side by side.
+    # Drawing and PNG-encoding the overlays is most of the response's cost; numpy and zlib
+    # release the GIL, so two threads render them side by side.
     jobs = [
         (explained.query_image if side == "query" else explained.hits[i].image, heatmap)
         for i in indices

@@ -203,14 +203,16 @@ class Retrieval:
 
     def indexed_hits(
         self, name: str, image: np.ndarray, image_ids: Sequence[str] = (), point_ids: Sequence[str] = (),
-        timeout: float | None = None,
+        timeout: float | None = None, query_embedding: np.ndarray | None = None,
     ) -> list[SearchHit]:
         """Indexed references as hits scored against the query: each image id becomes its tile
-        most similar to the query, each point id its own tile (image ids first, in the given order)."""
+        most similar to the query, each point id its own tile (image ids first, in the given order).
+
+        ``query_embedding``: the query's vector when the caller has it (else it is embedded)."""
         if not image_ids and not point_ids:
             raise InvalidRequest("no image ids or point ids given; name at least one indexed image or tile")
         index = self.searchable(name)
-        query = self.embed_query(image, timeout)
+        query = self.embed_query(image, timeout) if query_embedding is None else query_embedding
         hits = []
         for image_id in image_ids:
             records, vectors = index.image_tiles(image_id)
@@ -221,6 +223,23 @@ class Retrieval:
             records, vectors = index.points(point_ids)
             hits.extend(_hit(record, float(score)) for record, score in zip(records, vectors @ query))
         return hits
+
+    def explain_indexed(
+        self, name: str, image: np.ndarray, image_ids: Sequence[str], point_ids: Sequence[str], method: str,
+        polarity: str = "similar", side: str = "both", timeout: float | None = None,
+        options: MethodOptions | None = None,
+    ) -> ExplainedSearch:
+        """:meth:`indexed_hits` then their explanation, embedding the query once and passing
+        the hits' stored vectors, so the backend embeds nothing again."""
+        self._check_explain_options(method, polarity, side)
+        query_vector = self.embed_query(image, timeout)
+        hits = self.indexed_hits(name, image, image_ids, point_ids, timeout, query_embedding=query_vector)
+        index = self.index(name)
+        references = [index.load_tile(hit) for hit in hits]
+        return self._explain(
+            image, references, list(hits), method, polarity, side, timeout, options,
+            query_embedding=query_vector, reference_embeddings=self._stored_vectors(index, hits),
+        )
 
     def search_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",

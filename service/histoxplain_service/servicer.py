@@ -194,10 +194,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         def explain(timeout: float) -> pb.ExplainResponse:
             query = self._decode(request.query_image, "query image")
             if kind == "indexed":
-                hits = self._retrieval.indexed_hits(name, query, image_ids, point_ids, timeout)
-                explained = self._retrieval.explain_hits(
-                    name, query, hits, choice.method, choice.polarity, choice.side, timeout=timeout,
-                    options=choice.method_options,
+                explained = self._retrieval.explain_indexed(
+                    name, query, image_ids, point_ids, choice.method, choice.polarity, choice.side,
+                    timeout=timeout, options=choice.method_options,
                 )
             else:
                 references = [

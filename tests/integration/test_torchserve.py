@@ -24,14 +24,9 @@ import pytest
 import torch
 
 from histoxplain_model import errors
+from histoxplain_model.envelope import decode_envelope, encode_request_image
 from histoxplain_model.options import MethodOptions
-from histoxplain_service.backends.torchserve import (
-    TorchServeBackend,
-    TorchServeConfig,
-    decode_envelope,
-    encode_float32,
-    encode_png,
-)
+from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig, encode_float32
 
 torch.set_num_threads(1)
 
@@ -81,55 +76,6 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-# -- the wire envelope (no TorchServe needed) --------------------------------------------------
-
-
-def test_envelope_round_trips_arrays_and_meta(handler_module) -> None:
-    embeddings = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
-    heatmaps = np.linspace(0, 1, 2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
-    payload = handler_module.encode_envelope(
-        {"mode": "explain", "method": "gradcam"},
-        {
-            "embeddings": embeddings,
-            "query_heatmaps": heatmaps.astype(np.float16),
-            "empty": np.zeros((0, 3), np.float32),
-        },
-    )
-    meta, arrays = decode_envelope(payload)
-    assert meta == {"mode": "explain", "method": "gradcam"}
-    np.testing.assert_array_equal(arrays["embeddings"], embeddings)
-    assert arrays["query_heatmaps"].dtype == np.float16
-    assert np.max(np.abs(arrays["query_heatmaps"].astype(np.float32) - heatmaps)) <= 2.0**-12
-    assert arrays["empty"].shape == (0, 3)
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        (errors.ImageDecodeError("image.0 is not an image"), errors.ImageDecodeError),
-        (errors.UnknownNameError.for_name("method", "gradcat", ["gradcam"]), errors.UnknownNameError),
-        (errors.InvalidRequest("no images"), errors.InvalidRequest),
-        (errors.DeadlineExceeded("late"), errors.DeadlineExceeded),
-    ],
-)
-def test_error_envelope_raises_the_same_class(handler_module, error, expected) -> None:
-    with pytest.raises(expected) as raised:
-        decode_envelope(handler_module.encode_error(error))
-    assert type(raised.value) is expected
-    assert str(raised.value) == str(error)
-
-
-def test_unexpected_error_becomes_generic_internal(handler_module) -> None:
-    with pytest.raises(RuntimeError, match="TorchServe log") as raised:
-        decode_envelope(handler_module.encode_error(ZeroDivisionError("secret detail")))
-    assert "secret" not in str(raised.value)
-
-
-def test_not_an_envelope_is_rejected() -> None:
-    with pytest.raises(RuntimeError, match="not a histoxplain envelope"):
-        decode_envelope(b'{"embeddings": []}')
-
-
 def test_torchserve_config_is_loopback_only_with_token_auth(tmp_path) -> None:
     from histoxplain_service.torchserve_process import DEFAULT_TS_CONFIG, TorchServePorts, _config_text
 
@@ -169,11 +115,12 @@ def handler(handler_module, tmp_path_factory, encoder):
 
 def test_handler_batch_isolates_a_bad_request(handler, tiles, embedded) -> None:
     instance, context = handler
-    good_a = {"mode": b"embed", "image.0": encode_png(tiles[0]), "image.1": encode_png(tiles[1])}
+    # Both image forms: encoded files (what a direct TorchServe user sends) and pixel envelopes.
+    good_a = {"mode": b"embed", "image.0": encode_request_image(tiles[0], raw=False), "image.1": encode_request_image(tiles[1])}
     bad_image = {"mode": b"embed", "image.0": b"\x89PNG\r\n\x1a\n truncated"}
     bad_mode = {"mode": b"classify"}
-    good_b = {"mode": b"embed", "image.0": encode_png(tiles[2])}
-    gap = {"mode": b"embed", "image.0": encode_png(tiles[0]), "image.2": encode_png(tiles[1])}
+    good_b = {"mode": b"embed", "image.0": encode_request_image(tiles[2])}
+    gap = {"mode": b"embed", "image.0": encode_request_image(tiles[0]), "image.2": encode_request_image(tiles[1])}
     responses = instance.handle([good_a, bad_image, bad_mode, good_b, gap], context)
     assert len(responses) == 5
     meta, arrays = decode_envelope(responses[0])
@@ -193,8 +140,8 @@ def test_handler_batch_isolates_a_bad_request(handler, tiles, embedded) -> None:
 def test_handler_reads_method_options_and_a_bad_one_fails_alone(handler, tiles, embedded) -> None:
     instance, context = handler
     explain = {
-        "mode": b"explain", "method": b"smoothgrad", "query": encode_png(tiles[0]),
-        "reference.0": encode_png(tiles[1]), "side": b"query",
+        "mode": b"explain", "method": b"smoothgrad", "query": encode_request_image(tiles[0]),
+        "reference.0": encode_request_image(tiles[1]), "side": b"query",
     }
     good = {**explain, "smoothgrad_samples": b"3", "smoothgrad_sigma": b"0.25"}
     too_many = {**explain, "smoothgrad_samples": b"100000"}
@@ -213,8 +160,8 @@ def test_handler_uses_given_embeddings_and_a_bad_one_fails_alone(handler, tiles,
     instance, context = handler
     vectors = embedded.embed(tiles[:3])
     explain = {
-        "mode": b"explain", "method": b"gradcam", "query": encode_png(tiles[0]),
-        "reference.0": encode_png(tiles[1]), "reference.1": encode_png(tiles[2]),
+        "mode": b"explain", "method": b"gradcam", "query": encode_request_image(tiles[0]),
+        "reference.0": encode_request_image(tiles[1]), "reference.1": encode_request_image(tiles[2]),
     }
     good = {**explain, "query_embedding": encode_float32(vectors[0]), "reference_embeddings": encode_float32(vectors[1:])}
     short = {**explain, "reference_embeddings": encode_float32(vectors[1:2])}  # one row for two references
@@ -238,8 +185,8 @@ def test_handler_explains_inside_inference_mode(handler, tiles, embedded) -> Non
     """TorchServe may call the handler under inference mode: gradients must still flow."""
     instance, context = handler
     request = {
-        "mode": b"explain", "method": b"gradcam", "query": encode_png(tiles[0]),
-        "reference.0": encode_png(tiles[1]), "side": b"query",
+        "mode": b"explain", "method": b"gradcam", "query": encode_request_image(tiles[0]),
+        "reference.0": encode_request_image(tiles[1]), "side": b"query",
     }
     with torch.inference_mode():
         (response,) = instance.handle([request], context)
@@ -316,8 +263,8 @@ def test_stored_embeddings_give_the_in_process_maps(torchserve_backend, embedded
         torchserve_backend.explain(query, references, "gradcam", timeout=60, query_embedding=vectors[0, :10])
     with pytest.raises(errors.InvalidRequest, match="'query_embedding' has 40 bytes"):
         torchserve_backend.predict(
-            {"mode": b"explain", "method": b"gradcam", "query": encode_png(query),
-             "reference.0": encode_png(references[0]), "query_embedding": encode_float32(vectors[0, :10])},
+            {"mode": b"explain", "method": b"gradcam", "query": encode_request_image(query),
+             "reference.0": encode_request_image(references[0]), "query_embedding": encode_float32(vectors[0, :10])},
             60,
         )
 
@@ -335,8 +282,8 @@ def test_smoothgrad_options_give_the_in_process_maps(torchserve_backend, embedde
     assert float(np.max(np.abs(served.query_heatmaps - default.query_heatmaps))) > 0.05, "options were not applied"
     with pytest.raises(errors.InvalidRequest, match="from 1 to 256"):
         torchserve_backend.predict(
-            {"mode": b"explain", "method": b"smoothgrad", "query": encode_png(query),
-             "reference.0": encode_png(references[0]), "smoothgrad_samples": b"100000"},
+            {"mode": b"explain", "method": b"smoothgrad", "query": encode_request_image(query),
+             "reference.0": encode_request_image(references[0]), "smoothgrad_samples": b"100000"},
             60,
         )
 
@@ -360,7 +307,7 @@ def _concurrently(calls: list[Callable[[], object]]) -> list[object]:
 def test_concurrent_requests_are_batched_and_correct(torchserve, torchserve_backend, embedded, tiles) -> None:
     expected = embedded.embed(tiles)
     requests = [
-        (index % len(tiles), {"mode": b"embed", "image.0": encode_png(tiles[index % len(tiles)])})
+        (index % len(tiles), {"mode": b"embed", "image.0": encode_request_image(tiles[index % len(tiles)])})
         for index in range(8)
     ]
     results = _concurrently([lambda inputs=inputs: torchserve_backend.predict(inputs, 60) for _, inputs in requests])
@@ -393,7 +340,7 @@ def test_errors_of_the_model_reach_the_caller_as_domain_errors(torchserve_backen
     with pytest.raises(errors.UnknownNameError, match="side"):
         torchserve_backend.explain(tiles[0], [tiles[1]], "gradcam", side="left", timeout=60)
     with pytest.raises(errors.InvalidRequest, match="query"):
-        torchserve_backend.predict({"mode": b"explain", "method": b"gradcam", "reference.0": encode_png(tiles[1])}, 60)
+        torchserve_backend.predict({"mode": b"explain", "method": b"gradcam", "reference.0": encode_request_image(tiles[1])}, 60)
 
 
 @pytest.mark.integration

@@ -72,3 +72,26 @@ def test_bad_inputs_raise(image, heatmap):
 def test_unknown_colormap_lists_known():
     with pytest.raises(UnknownNameError, match="jet"):
         overlay_png(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), colormap="rainbow")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 17, 3), (23, 1, 3), (224, 224, 3), (97, 131, 3)])
+def test_png_writer_is_lossless_for_pillow_and_libpng(shape) -> None:
+    import cv2  # OpenCV's libpng: a second, independent decoder (pytorch-grad-cam brings it)
+
+    from histoxplain_model.overlay import _png
+
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    png = _png(rgb)
+    np.testing.assert_array_equal(decode(png), rgb)
+    bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(bgr[..., ::-1].reshape(shape), rgb)
+
+
+def test_png_writer_compresses_an_overlay() -> None:
+    from skimage import data
+
+    image = np.ascontiguousarray(data.immunohistochemistry()[:224, :224])
+    y, x = np.mgrid[0:7, 0:7]
+    png = overlay_png(image, np.exp(-((y - 3.0) ** 2 + (x - 2.0) ** 2) / 4.0))
+    assert len(png) < 0.7 * image.nbytes
+    assert decode(png).shape == image.shape

@@ -88,6 +88,18 @@ def test_explain_hits_passes_the_indexed_vectors_of_the_hits(retrieval: Retrieva
     assert call["reference_embeddings"].shape == (2, DIM)
 
 
+def test_explain_indexed_embeds_the_query_once_and_passes_every_vector(retrieval: Retrieval) -> None:
+    query = np.full((8, 8, 3), 200, np.uint8)
+    explained = retrieval.explain_indexed(INDEX, query, ["img0"], [], "gradcam")
+    assert retrieval.backend.embedded == 1  # scoring the image's tiles and explaining share it
+    (call,) = retrieval.backend.explained
+    np.testing.assert_allclose(call["query_embedding"], retrieval.embed_query(query), atol=1e-6)
+    (hit,) = [item.hit for item in explained.hits]
+    assert hit.image_id == "img0"
+    _, stored = retrieval.index(INDEX).points([hit.point_id])
+    np.testing.assert_allclose(call["reference_embeddings"], stored, atol=1e-6)
+
+
 def test_references_given_as_images_have_no_stored_vectors(retrieval: Retrieval) -> None:
     image = np.full((8, 8, 3), 90, np.uint8)
     retrieval.explain_images(image, [image, image], "gradcam")

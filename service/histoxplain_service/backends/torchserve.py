@@ -1,20 +1,19 @@
 """The ``torchserve`` model backend: TorchServe's gRPC inference API with token authorization.
 
 Requests and responses follow the handler's wire format (``handlers/retrieval_handler.py``,
-documented in ``model_store/README.md``): the mode and the encoded images go in the
-``PredictionsRequest.input`` map, the answer is an ``HXP1`` envelope decoded by
-:func:`decode_envelope`. Images are sent as PNG (lossless, so TorchServe sees exactly the
-pixels the embedded backend would). Every call carries ``authorization: Bearer <inference key>``
+documented in ``model_store/README.md``): the mode and the images go in the
+``PredictionsRequest.input`` map, the answer is an ``HXP1`` envelope
+(``histoxplain_model.envelope``). Images travel as pixel envelopes (raw RGB; PNG only where
+the raw pixels would take over half of the message limit), so TorchServe sees exactly the pixels the embedded backend would, and neither side
+spends time on PNG. Every call carries ``authorization: Bearer <inference key>``
 from TorchServe's ``key_file.json``; the file is re-read when it changes and once more after a
 PERMISSION_DENIED (TorchServe rewrites it when keys are regenerated).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import empty_pb2
-from PIL import Image
 
 from histoxplain_model import errors
+from histoxplain_model.envelope import decode_envelope, encode_request_image
 from histoxplain_model.options import MethodOptions, options_to_inputs
 from histoxplain_service.backends._torchserve_proto import inference_pb2, inference_pb2_grpc
 from histoxplain_service.backends.base import ModelInfo, check_embeddings
@@ -34,23 +33,11 @@ from histoxplain_service.backends.base import ModelInfo, check_embeddings
 if TYPE_CHECKING:
     from histoxplain_model.explain import RetrievalExplanation
 
-__all__ = [
-    "ENVELOPE_MAGIC", "TorchServeBackend", "TorchServeConfig", "decode_envelope", "encode_float32", "encode_png",
-]
+__all__ = ["TorchServeBackend", "TorchServeConfig", "encode_float32"]
 
 logger = logging.getLogger(__name__)
 
-ENVELOPE_MAGIC = b"HXP1"
 _Response = TypeVar("_Response")
-_HEADER_LENGTH = struct.Struct("<I")
-#: Error kinds the handler may send that are not classes of ``histoxplain_model.errors``.
-_CODE_ERRORS: dict[str, type[errors.HistoxplainError]] = {
-    "INVALID_ARGUMENT": errors.InvalidRequest,
-    "NOT_FOUND": errors.NotFound,
-    "FAILED_PRECONDITION": errors.FailedPrecondition,
-    "UNAVAILABLE": errors.DependencyUnavailable,
-    "DEADLINE_EXCEEDED": errors.DeadlineExceeded,
-}
 
 
 @dataclass(frozen=True)
@@ -72,55 +59,9 @@ class TorchServeConfig:
     max_message_bytes: int = 64 * 1024 * 1024
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 RGB -> PNG bytes (lossless; compression level 1: speed over size)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise errors.InvalidRequest(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
 def encode_float32(array: np.ndarray) -> bytes:
     """An array's values as raw little-endian float32, row-major (4 bytes a value, no header)."""
     return np.ascontiguousarray(array, dtype="<f4").tobytes()
-
-
-def decode_envelope(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """An ``HXP1`` envelope -> ``(meta, arrays)``; an error envelope raises its error class.
-
-    Raises:
-        HistoxplainError subclass: the handler's per-request error (kind -> class, or the
-            class for its gRPC code); RuntimeError for INTERNAL or a malformed envelope.
-    """
-    if len(payload) < 8 or payload[:4] != ENVELOPE_MAGIC:
-        raise RuntimeError("TorchServe answered with something that is not a histoxplain envelope (wrong handler?)")
-    (header_length,) = _HEADER_LENGTH.unpack_from(payload, 4)
-    body_start = 8 + header_length
-    header = json.loads(payload[8:body_start].decode("utf-8"))
-    if header.get("status") == "error":
-        raise _error_from(header.get("error", {}))
-    arrays = {}
-    body = memoryview(payload)[body_start:]
-    for spec in header.get("arrays", []):
-        start, nbytes = int(spec["offset"]), int(spec["nbytes"])
-        if start + nbytes > len(body):
-            raise RuntimeError(f"TorchServe envelope is truncated (array {spec['name']!r})")
-        array = np.frombuffer(body[start : start + nbytes], dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
-        arrays[spec["name"]] = array.reshape(spec["shape"])
-    return header.get("meta", {}), arrays
-
-
-def _error_from(error: Mapping[str, Any]) -> Exception:
-    kind = str(error.get("kind", ""))
-    message = str(error.get("message", "the model failed on this request"))
-    cls = getattr(errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, errors.HistoxplainError):
-        return cls(message)
-    code_cls = _CODE_ERRORS.get(str(error.get("code", "")))
-    if code_cls is not None:
-        return code_cls(message)
-    return RuntimeError(f"TorchServe model error: {message}")
 
 
 class _KeyFile:
@@ -194,7 +135,7 @@ class TorchServeBackend:
         if len(images) == 0:
             raise errors.InvalidRequest("no images to embed; send at least one image")
         inputs = {"mode": b"embed"}
-        inputs.update({f"image.{index}": encode_png(image) for index, image in enumerate(images)})
+        inputs.update({f"image.{index}": data for index, data in enumerate(self._encode_images(images))})
         _, arrays = self.predict(inputs, timeout)
         embeddings = arrays["embeddings"].astype(np.float32, copy=False)
         if embeddings.shape[0] != len(images):
@@ -225,10 +166,11 @@ class TorchServeBackend:
             "method": method.encode("utf-8"),
             "polarity": polarity.encode("utf-8"),
             "side": side.encode("utf-8"),
-            "query": encode_png(query),
             **options_to_inputs(options),
         }
-        inputs.update({f"reference.{index}": encode_png(image) for index, image in enumerate(references)})
+        query_data, *reference_data = self._encode_images([query, *references])
+        inputs["query"] = query_data
+        inputs.update({f"reference.{index}": data for index, data in enumerate(reference_data)})
         if query_vector is not None:
             inputs["query_embedding"] = encode_float32(query_vector)
         if reference_vectors is not None:
@@ -269,6 +211,11 @@ class TorchServeBackend:
         self._channel.close()
 
     # -- transport -----------------------------------------------------------------------------
+
+    def _encode_images(self, images: Sequence[np.ndarray]) -> list[bytes]:
+        """Raw pixels while they take at most half of the message limit, else PNG (smaller)."""
+        raw = sum(image.nbytes for image in images) <= self.config.max_message_bytes // 2
+        return [encode_request_image(image, raw) for image in images]
 
     def predict(
         self, inputs: Mapping[str, bytes], timeout: float | None = None
