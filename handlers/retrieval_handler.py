@@ -129,6 +129,20 @@ def _image_bytes(request: Mapping[str, Any], key: str) -> bytes:
     return bytes(value)
 
 
+def _worker_device(context: Any) -> str:
+    """The device of this worker: ``HISTOXPLAIN_DEVICE`` when set (``auto`` counts as unset),
+    else TorchServe's choice as BaseHandler makes it: ``cuda:<gpu_id>`` (the GPU TorchServe
+    assigned to this worker, round robin over ``number_of_gpu``) when CUDA is available and a
+    gpu_id is given, else ``cpu``."""
+    configured = os.environ.get("HISTOXPLAIN_DEVICE", "").strip()
+    if configured and configured.lower() != "auto":
+        return configured
+    gpu_id = context.system_properties.get("gpu_id")
+    if torch.cuda.is_available() and gpu_id is not None:
+        return f"cuda:{gpu_id}"
+    return "cpu"
+
+
 class RetrievalHandler(BaseHandler):
     """Embeds images and explains retrievals with one ``histoxplain_model`` encoder."""
 
@@ -139,21 +153,29 @@ class RetrievalHandler(BaseHandler):
         self.max_embed_batch = 32
 
     def initialize(self, context: Any) -> None:
-        """Load the preset named in the archive's ``setup_config.json`` with its weights file."""
+        """Load the preset named in the archive's ``setup_config.json`` with its weights file,
+        on the worker's device (:func:`_worker_device`)."""
         torch.set_num_threads(int(os.environ.get("HISTOXPLAIN_TORCH_THREADS", "1")))
         model_dir = Path(context.system_properties["model_dir"])
         setup = json.loads((model_dir / SETUP_CONFIG).read_text())
         weights = setup.get("weights")
         self.max_pixels = int(setup.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_embed_batch = int(setup.get("max_embed_batch", 32))
-        self.encoder = load_encoder(setup["preset"], weights=model_dir / weights if weights else None)
+        device = _worker_device(context)
+        self.encoder = load_encoder(setup["preset"], weights=model_dir / weights if weights else None, device=device)
+        self.device = self.encoder.device
+        if self.device.type == "cuda":
+            # Library code names its device explicitly; this keeps stray CUDA state (contexts,
+            # cuBLAS handles) of this worker off GPU 0.
+            torch.cuda.set_device(self.device)
         self.manifest = context.manifest
         self.initialized = True
         import histoxplain_model
 
         logger.info(
-            "histoxplain encoder %s loaded from %s (library %s)",
-            setup["preset"], model_dir, Path(histoxplain_model.__file__).parent,
+            "histoxplain encoder %s loaded from %s on %s (asked: %s, gpu_id %s; library %s)",
+            setup["preset"], model_dir, self.device, device, context.system_properties.get("gpu_id"),
+            Path(histoxplain_model.__file__).parent,
         )
 
     def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[bytes]:

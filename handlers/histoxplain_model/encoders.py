@@ -31,6 +31,7 @@ from torch import nn
 
 from . import checkpoints
 from .ctranspath import convert_ctranspath_state_dict, create_ctranspath
+from .devices import resolve_device
 from .errors import InvalidRequest, UnknownNameError
 
 __all__ = [
@@ -355,16 +356,21 @@ def _default_target(model: nn.Module) -> tuple[str, Layout]:
 def load_encoder(preset: str, weights: str | os.PathLike[str] | None = None, device: str = "cpu") -> Encoder:
     """Build the preset's model (``pretrained=False``), load local weights and wrap it as an Encoder.
 
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (``histoxplain_model.devices``); the
+    weights are read on the CPU and the model is then moved there. ``preprocess`` puts pixels
+    on that device; ``embed_images`` and the explainers return CPU numpy arrays.
+
     Raises:
         UnknownNameError: unknown preset or timm architecture.
-        InvalidRequest: weights needed but not given, missing or unreadable.
+        InvalidRequest: weights needed but not given, missing or unreadable; a bad device name.
         WeightsMismatchError: the weights do not fit the architecture.
+        FailedPrecondition: a CUDA device asked for on a machine where torch sees none.
     """
+    torch_device = resolve_device(device)  # before the weights: a bad device fails fast
     spec = get_preset(preset)
     model = _build_model(spec)
     _load_weights(model, spec, weights)
     model.eval()
-    torch_device = torch.device(device)
     model.to(torch_device)
     data_config = {**resolve_model_data_config(model), **spec.data_config}
     target_name, layout = (spec.target_layer, spec.layout) if spec.target_layer else _default_target(model)
@@ -379,5 +385,5 @@ def load_encoder(preset: str, weights: str | os.PathLike[str] | None = None, dev
     if spec.embedding_dim is not None and dim != spec.embedding_dim:
         raise RuntimeError(f"preset {spec.name} declares {spec.embedding_dim}-d but the model gives {dim}-d")
     spec = replace(spec, embedding_dim=dim, target_layer=target_name, layout=layout)
-    log.info("loaded encoder %s (%s, %d-d, target %s)", spec.name, spec.architecture, dim, target_name)
+    log.info("loaded encoder %s (%s, %d-d, target %s) on %s", spec.name, spec.architecture, dim, target_name, torch_device)
     return Encoder(spec, model, data_config, target_layer, transform, torch_device)

@@ -5,7 +5,9 @@ from the torch model. The export uses the TorchScript-based exporter (``dynamo=F
 default dynamo exporter needs the ``onnxscript`` package), opset 17 and a dynamic batch axis.
 :func:`cached_onnx_embedder` keeps one ``.onnx`` file per preset and weights fingerprint in a
 cache folder, checks it against torch after export, writes it atomically and rebuilds it when
-missing or corrupt. CUDAExecutionProvider is used where available, else the CPU provider.
+missing or corrupt. The cached embedder runs where the encoder runs: on a CUDA encoder it asks
+for ORT's CUDAExecutionProvider on the same GPU when ORT offers it (the ``onnxruntime-gpu``
+package; plain ``onnxruntime`` has only the CPU provider), on a CPU encoder the CPU provider.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = [
     "OPSET",
     "onnxruntime_available",
+    "onnxruntime_has_cuda",
+    "providers_for",
     "export_onnx",
     "OnnxEmbedder",
     "weights_fingerprint",
@@ -48,6 +52,29 @@ _MIN_COSINE = 0.9999  # export check against torch
 def onnxruntime_available() -> bool:
     """True when the ``onnxruntime`` package can be imported."""
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def onnxruntime_has_cuda() -> bool:
+    """True when the installed onnxruntime offers CUDAExecutionProvider (``onnxruntime-gpu``).
+
+    Offered is not guaranteed to start (it also needs CUDA and cuDNN libraries that fit);
+    :attr:`OnnxEmbedder.uses_cuda` says what a session really got.
+    """
+    if not onnxruntime_available():
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def providers_for(device: torch.device | str) -> list[str | tuple[str, dict[str, Any]]]:
+    """ORT execution providers for a torch device: the CUDA provider on the same GPU first when
+    ``device`` is CUDA and ORT offers it, then always the CPU provider."""
+    device = torch.device(device)
+    if device.type == "cuda" and onnxruntime_has_cuda():
+        index = device.index if device.index is not None else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def _l2_normalise(embeddings: np.ndarray) -> np.ndarray:
@@ -96,7 +123,8 @@ class OnnxEmbedder:
         path: the ``.onnx`` file.
         intra_op_threads: ORT intra-op threads (1 by default: on small shared machines more
             threads stall when another process is busy); None leaves ORT's default.
-        providers: execution providers; default CUDA where available, then CPU.
+        providers: execution providers (names or ``(name, options)`` pairs, see
+            :func:`providers_for`); default CUDA where available, then CPU.
         preprocess: images -> (B, 3, H, W) pixels (an Encoder's ``preprocess``), for ``embed_images``.
     """
 
@@ -104,7 +132,7 @@ class OnnxEmbedder:
         self,
         path: str | os.PathLike[str],
         intra_op_threads: int | None = 1,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
         preprocess: Callable[[Sequence[np.ndarray]], Any] | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -124,6 +152,12 @@ class OnnxEmbedder:
         self.input_name = self.session.get_inputs()[0].name
         self.embedding_dim = int(self.session.get_outputs()[0].shape[-1])
         self._preprocess = preprocess
+
+    @property
+    def uses_cuda(self) -> bool:
+        """Whether the session really runs on CUDA (ORT falls back to the CPU, with only a log
+        line, when the CUDA provider cannot start)."""
+        return "CUDAExecutionProvider" in self.providers
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 preprocessed pixels -> (B, D) float32 L2-normalised embeddings."""
@@ -173,7 +207,7 @@ def cached_onnx_embedder(
     The file name holds the preset, input size, opset, torch version and a fingerprint of the
     weights, so other weights never reuse a stale export. A missing or unreadable file is
     re-exported to a temporary file, checked against torch (cosine >= 0.9999) and moved into
-    place atomically.
+    place atomically. The session's providers follow ``encoder.device`` (:func:`providers_for`).
     """
     import onnxruntime  # noqa: F401  (fail early and clearly when it is not installed)
 
@@ -183,16 +217,17 @@ def cached_onnx_embedder(
     height, width = encoder.input_size
     key = f"{weights_fingerprint(encoder.model)}:{height}x{width}:{OPSET}:{torch.__version__}"
     path = cache_dir / f"{safe_preset}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.onnx"
+    providers = providers_for(getattr(encoder, "device", "cpu"))
     if path.exists():
         try:
-            return OnnxEmbedder(path, intra_op_threads, preprocess=encoder.preprocess)
+            return OnnxEmbedder(path, intra_op_threads, providers, preprocess=encoder.preprocess)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             log.warning("cached ONNX model %s is unreadable (%s); exporting it again", path, exc)
     handle, temporary = tempfile.mkstemp(prefix=f".{safe_preset}-", suffix=".onnx.tmp", dir=cache_dir)
     os.close(handle)
     try:
         export_onnx(encoder, temporary)
-        embedder = OnnxEmbedder(temporary, intra_op_threads, preprocess=encoder.preprocess)
+        embedder = OnnxEmbedder(temporary, intra_op_threads, providers, preprocess=encoder.preprocess)
         cosine = _check_against_torch(encoder, embedder)
         if cosine < _MIN_COSINE:
             raise RuntimeError(f"ONNX export of {encoder.preset.name} disagrees with torch (cosine {cosine:.6f})")
@@ -201,4 +236,4 @@ def cached_onnx_embedder(
         if os.path.exists(temporary):
             os.unlink(temporary)
     log.info("exported %s to %s (cosine to torch %.7f)", encoder.preset.name, path, cosine)
-    return OnnxEmbedder(path, intra_op_threads, preprocess=encoder.preprocess)
+    return OnnxEmbedder(path, intra_op_threads, providers, preprocess=encoder.preprocess)

@@ -17,9 +17,11 @@ variable                     field               default                        
 ``HISTOXPLAIN_MIN_TISSUE``   ``min_tissue``      0.25                             number 0..1 (0 keeps every tile)
 ``HISTOXPLAIN_SLIDE_LEVEL``  ``slide_level``     0                                integer >= 0 (pyramid level)
 ``HISTOXPLAIN_BATCH_SIZE``   ``batch_size``      64                               integer 1..4096 (tiles per upsert)
+``HISTOXPLAIN_DEVICE``       ``device``          ``auto``: GPU 0, else the CPU    ``cpu``, ``cuda``, ``cuda:N``, ``auto``
 ===========================  ==================  ===============================  ==================================
 
-An empty value counts as unset. A bad value raises
+``device`` is where the in-process (embedded) encoder runs; its spelling is checked here,
+whether that GPU exists when the encoder is loaded. An empty value counts as unset. A bad value raises
 :class:`~histoxplain_model.errors.InvalidRequest` naming the variable and what it allows.
 To add a setting: add a field (with its default) and one ``_Var`` line to ``_VARIABLES``;
 ``from_env`` and the checks pick it up.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from histoxplain_model.devices import check_device_name
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
 
@@ -72,6 +75,14 @@ def _url(text: str) -> str | None:
     return text.rstrip("/")
 
 
+def _device_name(value: object) -> bool:
+    try:
+        check_device_name(str(value))
+    except InvalidRequest:
+        return False
+    return True
+
+
 _VARIABLES: tuple[_Var, ...] = (
     _Var("data_dir", "HISTOXPLAIN_DATA", lambda t: Path(t).expanduser(), lambda v: str(v) != "", "a folder path"),
     _Var("qdrant_url", "QDRANT_URL", _url, None, "an http:// or https:// URL of a Qdrant server, or unset"),
@@ -85,6 +96,8 @@ _VARIABLES: tuple[_Var, ...] = (
     _Var("min_tissue", "HISTOXPLAIN_MIN_TISSUE", float, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1"),
     _Var("slide_level", "HISTOXPLAIN_SLIDE_LEVEL", _int, lambda v: v >= 0, "an integer >= 0"),
     _Var("batch_size", "HISTOXPLAIN_BATCH_SIZE", _int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    _Var("device", "HISTOXPLAIN_DEVICE", str.lower, _device_name,
+         "cpu, cuda, cuda:N (N = GPU index) or auto (cuda:0 when there is a GPU, else cpu)"),
 )
 
 
@@ -105,6 +118,8 @@ class Settings:
         min_tissue: fraction of a tile that must be tissue for it to be indexed.
         slide_level: pyramid level read from whole-slide files.
         batch_size: tiles embedded and upserted per batch.
+        device: torch device of the in-process encoder: ``cpu``, ``cuda``, ``cuda:N`` or
+            ``auto`` (``histoxplain_model.devices.resolve_device``).
     """
 
     data_dir: Path = Path("./histoxplain-data")
@@ -118,6 +133,7 @@ class Settings:
     min_tissue: float = 0.25
     slide_level: int = 0
     batch_size: int = 64
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         # Accept str paths from callers (tests, flags); the fields are always Path afterwards.

@@ -54,6 +54,13 @@ class SmoothGrad(Explainer):
     differ only through the references. (Captum draws new noise per call; with the same draws
     the result equals ``NoiseTunnel(Saliency).attribute(nt_type="smoothgrad")``.)
 
+    The noise is always drawn on the CPU and then copied to the model's device: CUDA generators
+    (Philox) give other numbers than the CPU's (Mersenne Twister) for the same seed, so drawing
+    on the GPU would make a seed mean different maps on a GPU server and on a CPU one. With the
+    CPU draw, a seed gives the same noise everywhere and maps differ across devices only by
+    floating-point rounding. The copy is n * 3 * H * W floats (n=25 at 224 px: 15 MB), once
+    per explain call.
+
     Cost: the K references share the n noisy forward passes; each still needs its own backward
     pass per noisy copy (n forwards + n*K backwards). Images go one at a time and their copies
     ``options.chunk_size`` per forward pass, to bound memory. The map is the per-pixel maximum
@@ -70,12 +77,12 @@ class SmoothGrad(Explainer):
         super().__init__(model, target_layer, reshape_transform, options)
         self.inner = InputGradient(model, options=self.options)
 
-    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The n standard-normal draws (n, C, H, W), reproducible from ``options.seed``."""
-        generator = torch.Generator(device=device).manual_seed(self.options.seed)
-        return torch.randn(
-            (self.options.n_samples, *shape), generator=generator, device=device
-        )
+    def noise(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The n standard-normal draws (n, C, H, W) on ``device``, reproducible from
+        ``options.seed``; drawn by a CPU generator whatever the device (class docstring)."""
+        generator = torch.Generator(device="cpu").manual_seed(self.options.seed)
+        draws = torch.randn((self.options.n_samples, *shape), generator=generator)
+        return draws.to(device)
 
     def mean_attributions(self, pixels: torch.Tensor, target: SimilarityTarget) -> torch.Tensor:
         """Mean |dS_k/dx| over the noisy copies: pixels (B,3,H,W) -> (B, K, 3, H, W).
