@@ -95,3 +95,12 @@ def test_png_writer_compresses_an_overlay() -> None:
     png = overlay_png(image, np.exp(-((y - 3.0) ** 2 + (x - 2.0) ** 2) / 4.0))
     assert len(png) < 0.7 * image.nbytes
     assert decode(png).shape == image.shape
+
+
+def test_blend_is_within_one_of_the_float_blend() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    heatmap = rng.random((40, 40)).astype(np.float32)
+    for alpha in (0.25, 0.4, 0.5, 0.8):
+        exact = (1 - alpha) * image.astype(np.float64) + alpha * colorize(heatmap).astype(np.float64)
+        assert np.max(np.abs(overlay(image, heatmap, alpha).astype(np.float64) - exact)) <= 1.0
