@@ -233,13 +233,12 @@ class Gateway:
 
 
 def create_backend(settings: GatewaySettings) -> ModelBackend:
-    """The model backend ``settings.backend`` names (the embedded one loads the encoder here)."""
+    """The model backend ``settings.backend`` names. The embedded one loads the encoder here,
+    as the CLI does: on ``HISTOXPLAIN_DEVICE``, embeddings through ONNX Runtime when installed."""
     if settings.backend == "embedded":
-        from histoxplain_model.encoders import load_encoder
+        from histoxplain_service.backends.embedded import create_embedded_backend
 
-        from histoxplain_service.backends.embedded import EmbeddedBackend
-
-        return EmbeddedBackend(load_encoder(settings.core.model, settings.core.weights))
+        return create_embedded_backend(settings.core)
     from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig
 
     return TorchServeBackend(

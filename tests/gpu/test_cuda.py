@@ -8,9 +8,8 @@ TorchServe's Python package (``ts``), not its Java server. No Qdrant, no gRPC.
 Tolerances. ``fp32``: TF32 off on both cuDNN (convolutions) and cuBLAS (matmuls), so both
 devices do IEEE float32 and differ only in summation order (cuDNN/cuBLAS algorithms, parallel
 reductions): ~1e-6 relative per op, ~1e-5 after a network. The min-max normalisation of a map
-divides by its range, which can amplify that, and SmoothGrad's |gradient| can change where a
-ReLU6 input sits within rounding of a kink. Maps: 2e-3 max abs (in [0, 1]); scores (cosines):
-1e-4. A real device bug (other noise, another layer, a map left on the GPU un-normalised)
+divides by its range, which can amplify that. Maps: 2e-3 max abs (in [0, 1]; SmoothGrad on the
+CNN is compared as whole maps, see SMOOTHGRAD_AGREEMENT); scores (cosines): 1e-4. A real device bug (other noise, another layer, a map left on the GPU un-normalised)
 moves maps by > 0.1. ``default``: torch's defaults on the GPU, where cuDNN convolutions use TF32
 (10-bit mantissa, ~5e-4 relative per product) on Ampere and later: maps 5e-2, scores 2e-3.
 """
@@ -49,6 +48,12 @@ CUDA = torch.device("cuda:0")
 METHODS = ("gradcam", "gradcampp", "smoothgrad")
 # precision -> (max abs map difference, max abs score difference); see the module docstring.
 TOLERANCE = {"fp32": (2e-3, 1e-4), "default": (5e-2, 2e-3)}
+# SmoothGrad on a ReLU6 CNN is compared as whole maps, not pixel by pixel: input gradients through
+# piecewise-linear activations jump where a unit crosses a kink, so a rounding difference between
+# devices can flip a unit on one noisy copy and move single pixels of an n=4 average (measured on
+# an H200: max pixel difference 0.056 with TF32 off, 0.15 with it on, while the ViT's stayed at
+# 3e-6). precision -> (max mean abs map difference, min Pearson correlation of the maps).
+SMOOTHGRAD_AGREEMENT = {"fp32": (2e-3, 0.995), "default": (1e-2, 0.98)}
 MIN_COSINE = 0.9999
 FLOAT16_ROUNDING = 2.5e-4  # the handler sends heatmaps as float16: 2**-12 in [0, 1]
 
@@ -111,6 +116,26 @@ def _max_diff(a: np.ndarray | None, b: np.ndarray | None) -> float:
     return float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32))))
 
 
+def _check_maps(
+    cpu: RetrievalExplanation, gpu: RetrievalExplanation, method: str, mode: str, record_property, prefix: str = ""
+) -> None:
+    """GradCAM-family maps pixel by pixel; SmoothGrad maps as wholes (SMOOTHGRAD_AGREEMENT)."""
+    pairs = [(cpu.query_heatmaps, gpu.query_heatmaps), (cpu.reference_heatmaps, gpu.reference_heatmaps)]
+    max_diff = max(_max_diff(a, b) for a, b in pairs)
+    record_property(f"{prefix}max_map_diff", max_diff)
+    if method != "smoothgrad":
+        assert max_diff <= TOLERANCE[mode][0], (method, mode, max_diff)
+        return
+    for a, b in pairs:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        mean_diff = float(np.mean(np.abs(a - b)))
+        correlation = min(float(np.corrcoef(x.ravel(), y.ravel())[0, 1]) for x, y in zip(a, b))
+        record_property(f"{prefix}mean_map_diff", mean_diff)
+        record_property(f"{prefix}min_map_correlation", correlation)
+        max_mean, min_correlation = SMOOTHGRAD_AGREEMENT[mode]
+        assert mean_diff <= max_mean and correlation >= min_correlation, (mode, mean_diff, correlation)
+
+
 def _explain(encoder: Encoder, tiles: list[np.ndarray], method: str, references: int = 3) -> RetrievalExplanation:
     options = MethodOptions(n_samples=4, chunk_size=2, seed=5) if method == "smoothgrad" else None
     return explain_retrieval(encoder, tiles[0], tiles[1 : 1 + references], method, options=options)
@@ -158,19 +183,15 @@ def test_maps_and_scores_on_cuda_match_cpu(encoders, cpu_explanations, tiles, ar
     with precision(mode):
         gpu = _explain(encoders[(arch, "cuda")], tiles, method)
     _check_numpy(gpu)
-    map_tolerance, score_tolerance = TOLERANCE[mode]
-    query_diff = _max_diff(cpu.query_heatmaps, gpu.query_heatmaps)
-    reference_diff = _max_diff(cpu.reference_heatmaps, gpu.reference_heatmaps)
     score_diff = _max_diff(cpu.scores, gpu.scores)
-    record_property("max_map_diff", max(query_diff, reference_diff))
     record_property("max_score_diff", score_diff)
     # GradCAM++ on the random ViT-S (target blocks[-1].norm1, LayerNorm output) gives all-zero
     # maps on the CPU as well (measured on CPU for seeds 0-2, both polarities): there the test
     # checks only that both devices agree. Every other map must reach 1 after min-max.
     if (arch, method) != ("vit", "gradcampp"):
         assert float(gpu.query_heatmaps.max()) > 0.5 and float(gpu.reference_heatmaps.max()) > 0.5
-    assert query_diff <= map_tolerance and reference_diff <= map_tolerance, (query_diff, reference_diff)
-    assert score_diff <= score_tolerance, score_diff
+    _check_maps(cpu, gpu, method, mode, record_property)
+    assert score_diff <= TOLERANCE[mode][1], score_diff
 
 
 def test_explaining_twice_does_not_grow_gpu_memory(encoders, tiles, record_property) -> None:
@@ -211,17 +232,14 @@ def test_embedded_backend_on_cuda_matches_the_cpu_backend(tmp_path, tiles, recor
     assert isinstance(gpu_vectors, np.ndarray) and gpu_vectors.dtype == np.float32 and gpu_vectors.shape == (5, 1280)
     assert float(np.min(np.sum(gpu_vectors * cpu_vectors, axis=1))) >= MIN_COSINE
 
-    map_tolerance, score_tolerance = TOLERANCE["fp32"]
     for method in METHODS:
         options = MethodOptions(n_samples=4, seed=2) if method == "smoothgrad" else None
         cpu = on_cpu.explain(tiles[0], tiles[1:4], method, options=options)
         with precision("fp32"):
             gpu = on_gpu.explain(tiles[0], tiles[1:4], method, options=options)
         _check_numpy(gpu)
-        diffs = (_max_diff(cpu.query_heatmaps, gpu.query_heatmaps), _max_diff(cpu.reference_heatmaps, gpu.reference_heatmaps))
-        record_property(f"backend_{method}_max_map_diff", max(diffs))
-        assert max(diffs) <= map_tolerance, (method, diffs)
-        assert _max_diff(cpu.scores, gpu.scores) <= score_tolerance, method
+        _check_maps(cpu, gpu, method, "fp32", record_property, prefix=f"backend_{method}_")
+        assert _max_diff(cpu.scores, gpu.scores) <= TOLERANCE["fp32"][1], method
 
 
 # -- TorchServe handler (the Python class, no Java) ------------------------------------------------
