@@ -8,6 +8,14 @@ Three ways, on loopback only:
                      and on (batchSize 8, maxBatchDelay 10 ms)
 each with 1 and 8 concurrent clients. Bounded request counts; it stops by itself.
 
+All ways are up at once (two TorchServe models, one per batching setting) and take turns: round
+by round, each way serves one request per client before the next way's round. A change in the
+machine's speed during the run (on a shared 2-core VM the same explanation measured 490 ms and
+650 ms minutes apart) then hits every way alike instead of whichever ran at that moment.
+Every process runs with MALLOC_ARENA_MAX=1 (the script re-executes itself to set it; see the
+comment at the top): which glibc malloc arena a thread draws otherwise moved torch's speed by
+up to 20% per thread, in either direction.
+
     .venv/bin/python benchmarks/serving_bench.py [--quick] [--no-results]
 
 Prints a table and the ratio gateway+TorchServe p50 / in-process p50 for SearchAndExplain at one
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import io
 import logging
@@ -35,6 +44,14 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# glibc gives threads their own malloc arenas, and torch's CPU kernels ran up to 20% faster or
+# slower depending on which arena the calling thread had (the same explanation: 346 ms on a
+# gateway worker thread, 429 ms on the benchmark's thread, in one process). One arena for every
+# thread of every process here (TorchServe inherits the environment) takes that out of the
+# comparison; glibc reads the variable at start-up, hence the re-exec.
+if os.environ.get("MALLOC_ARENA_MAX") != "1":
+    os.environ["MALLOC_ARENA_MAX"] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -94,25 +111,41 @@ def sample_tiles(count: int) -> list[bytes]:
     return tiles
 
 
-def measure(call: Callable[[int], Any], requests: int, clients: int) -> tuple[list[float], float]:
-    """Run ``requests`` calls spread over ``clients`` threads; (latencies in s, wall time in s)."""
-    latencies: list[float] = []
-    lock = threading.Lock()
+@dataclass(frozen=True)
+class Way:
+    """One way to serve: a label, its batching setting and a call per RPC (request number -> result)."""
 
-    def worker(indices: list[int]) -> None:
-        for i in indices:
-            start = time.perf_counter()
-            call(i)
-            elapsed = time.perf_counter() - start
-            with lock:
-                latencies.append(elapsed)
+    name: str
+    batching: str
+    calls: dict[str, Callable[[int], Any]]
 
-    shares = [list(range(c, requests, clients)) for c in range(clients)]
-    wall_start = time.perf_counter()
+
+def measure_interleaved(ways: list[Way], rpc: str, requests: int, clients: int) -> list[Row]:
+    """``requests`` calls of ``rpc`` per way from ``clients`` threads, in rounds: each round
+    every way (in rotating order) serves ``clients`` concurrent requests. Throughput is a way's
+    requests over the wall time of its own rounds."""
+    latencies: list[list[float]] = [[] for _ in ways]
+    busy = [0.0] * len(ways)
+
+    def timed(call: Callable[[int], Any], number: int) -> float:
+        start = time.perf_counter()
+        call(number)
+        return time.perf_counter() - start
+
+    rounds = -(-requests // clients)
     with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(worker, share) for share in shares]:
-            future.result()
-    return latencies, time.perf_counter() - wall_start
+        for round_number in range(rounds):
+            shift = round_number % len(ways)
+            for position in [*range(shift, len(ways)), *range(shift)]:
+                start = time.perf_counter()
+                numbers = range(round_number * clients, (round_number + 1) * clients)
+                futures = [pool.submit(timed, ways[position].calls[rpc], number) for number in numbers]
+                latencies[position].extend(future.result() for future in futures)
+                busy[position] += time.perf_counter() - start
+    return [
+        summarise(way.name, way.batching, clients, rpc, latencies[position], busy[position])
+        for position, way in enumerate(ways)
+    ]
 
 
 def summarise(way: str, batching: str, clients: int, rpc: str, latencies: list[float], wall: float) -> Row:
@@ -121,17 +154,20 @@ def summarise(way: str, batching: str, clients: int, rpc: str, latencies: list[f
     return Row(way, batching, clients, rpc, len(ordered), statistics.median(ordered) * 1e3, p95 * 1e3, len(ordered) / wall)
 
 
-def bench_way(
-    way: str, batching: str, search: Callable[[int], Any], explain: Callable[[int], Any], counts: dict[str, int]
-) -> list[Row]:
+def bench(ways: list[Way], counts: dict[str, int]) -> list[Row]:
+    for way in ways:  # warm-up: lazy model info, first forward and backward passes
+        for call in way.calls.values():
+            call(0)
     rows = []
-    search(0), explain(0)  # warm-up (lazy model info, first forward)
     for clients in (1, 8):
-        for rpc, call in (("Search", search), ("SearchAndExplain", explain)):
+        for rpc in ("Search", "SearchAndExplain"):
             n = counts[rpc] * (2 if clients == 8 else 1)
-            rows.append(summarise(way, batching, clients, rpc, *measure(call, n, clients)))
-            print(f"  {way:18s} {batching:4s} clients={clients} {rpc:16s} p50={rows[-1].p50_ms:8.1f} ms", flush=True)
-    return rows
+            measured = measure_interleaved(ways, rpc, n, clients)
+            for row in measured:
+                print(f"  {row.way:18s} {row.batching:4s} clients={clients} {rpc:16s} p50={row.p50_ms:8.1f} ms", flush=True)
+            rows += measured
+    order = {(way.name, way.batching): position for position, way in enumerate(ways)}
+    return sorted(rows, key=lambda row: order[(row.way, row.batching)])
 
 
 class GatewayThread:
@@ -153,19 +189,19 @@ class GatewayThread:
         self.thread.join(10)
 
 
-def through_gateway(settings: GatewaySettings, backend: Any, qdrant: Any, queries: list[bytes], way: str,
-                    batching: str, counts: dict[str, int]) -> list[Row]:
+def gateway_way(
+    settings: GatewaySettings, backend: Any, qdrant: Any, queries: list[bytes], name: str, batching: str,
+    servers: list[GatewayThread], clients: list[hc.Client],
+) -> Way:
+    """A gateway (started here, stopped by the caller through ``servers``) and an SDK client."""
     server = GatewayThread(settings, backend, qdrant)
-    try:
-        with hc.Client(f"127.0.0.1:{server.gateway.port}", timeout=600, retry=hc.NO_RETRY) as client:
-            return bench_way(
-                way, batching,
-                lambda i: client.search(INDEX, queries[i % len(queries)], k=K),
-                lambda i: client.search_and_explain(INDEX, queries[i % len(queries)], k=K, method="gradcam"),
-                counts,
-            )
-    finally:
-        server.stop()
+    servers.append(server)
+    client = hc.Client(f"127.0.0.1:{server.gateway.port}", timeout=600, retry=hc.NO_RETRY)
+    clients.append(client)
+    return Way(name, batching, {
+        "Search": lambda i: client.search(INDEX, queries[i % len(queries)], k=K),
+        "SearchAndExplain": lambda i: client.search_and_explain(INDEX, queries[i % len(queries)], k=K, method="gradcam"),
+    })
 
 
 def load_build_mar() -> Any:
@@ -179,8 +215,9 @@ def render(rows: list[Row], quick: bool) -> str:
     in_process = {(r.rpc, r.clients): r for r in rows if r.way == "in-process"}
     lines = [
         f"Run: `benchmarks/serving_bench.py{' --quick' if quick else ''}` on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 intra-op thread, loopback; "
-        f"efficientnet-lite0-imagenet, index of tiles in embedded Qdrant, k={K}, GradCAM, side=both.",
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 intra-op thread, MALLOC_ARENA_MAX=1, loopback; "
+        f"efficientnet-lite0-imagenet, index of tiles in embedded Qdrant, k={K}, GradCAM, side=both. "
+        "All ways up at once, taking turns round by round (see the script's docstring).",
         "",
         *(
             [
@@ -222,63 +259,66 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    counts = {"Search": 8, "SearchAndExplain": 4} if args.quick else {"Search": 50, "SearchAndExplain": 20}
+    counts = {"Search": 8, "SearchAndExplain": 4} if args.quick else {"Search": 50, "SearchAndExplain": 30}
     index_size = min(args.index_size, 60) if args.quick else args.index_size
 
     from histoxplain_model.encoders import load_encoder
 
     from histoxplain_service.backends.embedded import EmbeddedBackend
 
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="histoxplain-serving-bench-") as tmp:
+    servers: list[GatewayThread] = []
+    clients: list[hc.Client] = []
+    with tempfile.TemporaryDirectory(prefix="histoxplain-serving-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         core = Settings(data_dir=work / "data", tile_size=TILE, min_tissue=0.0)
-        settings = GatewaySettings(core=core, port=0, backend="embedded", health_interval_s=5.0, worker_threads=8)
         backend = EmbeddedBackend(load_encoder(core.model))
         qdrant = open_qdrant(core)
-        try:
-            tiles = sample_tiles(index_size + 8)
-            retrieval = Retrieval(core, backend, qdrant)
-            print(f"indexing {index_size} tiles ...", flush=True)
-            retrieval.index_encoded(INDEX, [(data, f"tile-{i}", None, None) for i, data in enumerate(tiles[:index_size])])
-            queries = tiles[index_size:]
+        stack.callback(backend.close)
+        stack.callback(qdrant.close)
 
-            print("in-process", flush=True)
-            rows += bench_way(
-                "in-process", "-",
-                lambda i: retrieval.search(INDEX, decode_image(queries[i % len(queries)], core.max_pixels), K),
-                lambda i: retrieval.search_and_explain(
+        tiles = sample_tiles(index_size + 8)
+        retrieval = Retrieval(core, backend, qdrant)
+        print(f"indexing {index_size} tiles ...", flush=True)
+        retrieval.index_encoded(INDEX, [(data, f"tile-{i}", None, None) for i, data in enumerate(tiles[:index_size])])
+        queries = tiles[index_size:]
+
+        def settings(backend_name: str) -> GatewaySettings:
+            return GatewaySettings(core=core, port=0, backend=backend_name, health_interval_s=5.0, worker_threads=8)
+
+        model_backends: list[tuple[str, str, str, Any]] = [("gateway+embedded", "-", "embedded", backend)]
+        if not args.no_torchserve:
+            from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig
+            from histoxplain_service.torchserve_process import TorchServeProcess
+
+            store = work / "model-store"
+            load_build_mar().build_mar(store, model_name="histoxplain", check=False)
+            process = stack.enter_context(TorchServeProcess(store, work / "torchserve"))
+            for label, batch_size in (("off", 1), ("on", 8)):
+                print(f"starting TorchServe model, batching {label} (batchSize {batch_size})", flush=True)
+                model = process.register_model(
+                    "histoxplain.mar", f"histoxplain-batch{batch_size}", batch_size=batch_size, max_batch_delay_ms=10
+                )
+                ts_backend = TorchServeBackend(
+                    TorchServeConfig(target=process.grpc_target, model_name=model, key_file=process.key_file)
+                )
+                stack.callback(ts_backend.close)
+                model_backends.append(("gateway+torchserve", label, "torchserve", ts_backend))
+
+        # Stopped in reverse: SDK clients, then gateways, then TorchServe and the backends.
+        stack.callback(lambda: [server.stop() for server in servers])
+        stack.callback(lambda: [client.close() for client in clients])
+        ways = [
+            Way("in-process", "-", {
+                "Search": lambda i: retrieval.search(INDEX, decode_image(queries[i % len(queries)], core.max_pixels), K),
+                "SearchAndExplain": lambda i: retrieval.search_and_explain(
                     INDEX, decode_image(queries[i % len(queries)], core.max_pixels), K, "gradcam"
                 ),
-                counts,
-            )
-            print("gateway + embedded", flush=True)
-            rows += through_gateway(settings, backend, qdrant, queries, "gateway+embedded", "-", counts)
-
-            if not args.no_torchserve:
-                from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig
-                from histoxplain_service.torchserve_process import TorchServeProcess
-
-                store = work / "model-store"
-                load_build_mar().build_mar(store, model_name="histoxplain", check=False)
-                with TorchServeProcess(store, work / "torchserve") as process:
-                    ts_backend = TorchServeBackend(
-                        TorchServeConfig(target=process.grpc_target, model_name="histoxplain", key_file=process.key_file)
-                    )
-                    ts_settings = GatewaySettings(core=core, port=0, backend="torchserve", health_interval_s=5.0, worker_threads=8)
-                    try:
-                        for label, batch_size in (("off", 1), ("on", 8)):
-                            print(f"gateway + TorchServe, batching {label}", flush=True)
-                            process.register_model("histoxplain.mar", "histoxplain", batch_size=batch_size, max_batch_delay_ms=10)
-                            try:
-                                rows += through_gateway(ts_settings, ts_backend, qdrant, queries, "gateway+torchserve", label, counts)
-                            finally:
-                                process.unregister_model("histoxplain")
-                    finally:
-                        ts_backend.close()
-        finally:
-            qdrant.close()
-            backend.close()
+            }),
+        ]
+        for name, batching, backend_name, model_backend in model_backends:
+            ways.append(gateway_way(settings(backend_name), model_backend, qdrant, queries, name, batching, servers, clients))
+        print("measuring (the ways take turns)", flush=True)
+        rows = bench(ways, counts)
 
     text = render(rows, args.quick)
     print()
