@@ -86,7 +86,9 @@ class Client(ClientBase):
         sent again; a one-shot iterator (generator, ``images_from_folder``) is sent once.
         Re-sending is safe: indexing an image id again replaces it. If reading an input fails,
         the stream is cancelled (never half-closed) and that error is raised here; grpc also
-        logs it as "Exception iterating requests!".
+        logs it as "Exception iterating requests!". Nothing after the failing input is sent;
+        images sent before it may be indexed (the server can see a cancellation as the end of
+        the stream), so fix the input and send the list again.
         """
         tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
 

@@ -551,8 +551,12 @@ def test_message_size_limit_is_enforced_client_side(address, fake):
 def test_unreadable_input_file_raises_the_local_error(client, fake, tmp_path):
     with pytest.raises(FileNotFoundError):
         client.index_images("crc", [png(RED), tmp_path / "missing.png"])
-    # The call is cancelled, never half-closed: the server must not commit a partial stream.
-    assert "completed" not in fake.wait_for_streams()
+    # The client cancels the call, but the server may see that as an ordinary end of stream (a
+    # gRPC race; see test_async_index_images_retries_a_list_and_stops_on_bad_input): certain is
+    # that nothing after the unreadable file was sent, and that the call was not retried.
+    outcomes = fake.wait_for_streams()
+    assert len(outcomes) == fake.calls["IndexImages"] <= 1
+    assert len(fake.indexes.get("crc", {})) <= 1  # at most the one image before it
 
 
 @pytest.mark.parametrize(
