@@ -15,7 +15,7 @@ COPY handlers/ handlers/
 COPY service/ service/
 COPY model_store/ model_store/
 RUN /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/python model_store/build_mar.py --out /opt/model-store --model-name histoxplain --batch-size 4 --max-batch-delay-ms 20
+ && /opt/venv/bin/python model_store/build_mar.py --out /opt/model-store --model-name histoxplain --batch-size 1 --max-batch-delay-ms 20
 
 FROM python:3.11-slim-bookworm
 

@@ -70,7 +70,10 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="histoxplain-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rebuild-mar", action="store_true", help="rebuild the model archive even if it exists")
-    parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1,
+        help="TorchServe batchSize (default %(default)s: off; see docs/SERVING.md, 'Batching')",
+    )
     parser.add_argument("--max-batch-delay-ms", type=int, default=20, help="TorchServe maxBatchDelay (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
