@@ -29,9 +29,12 @@ gateway sends: no PNG encode/decode on either side).
 Response (one per request, also inside a batch): an ``HXP1`` envelope
 (``histoxplain_model.envelope`` holds the format, its encoder and its decoder). Arrays:
 ``embeddings`` (N, D) float32 L2-normalised; ``scores`` (K,) float32; ``query_heatmaps`` /
-``reference_heatmaps`` (K, H, W) float16 in [0, 1] (half the bytes of float32; rounding moves a
-value in [0, 1] by at most 2**-12 = 2.4e-4). A failed request gets an error envelope with its
-error class and gRPC status name.
+``reference_heatmaps``: for GradCAM and GradCAM++ the raw class activation maps (K, h, w)
+float32 >= 0 at the target layer's resolution, with ``meta["map_size"]`` = [H, W] (the receiver
+upsamples and min-max normalises them: ``RetrievalExplanation.finished``; 7x7 instead of
+224x224 values for EfficientNet-Lite0); for SmoothGrad the finished maps (K, H, W) float16 in
+[0, 1] (rounding moves a value by at most 2**-12 = 2.4e-4). A failed request gets an error
+envelope with its error class and gRPC status name.
 
 Batching: embed requests of one batch are decoded one by one (a bad image fails only its
 request) and embedded together; explain requests run one after another with gradients enabled
@@ -260,14 +263,19 @@ class RetrievalHandler(BaseHandler):
             explanation = explain_retrieval(
                 self.encoder, query, references, method=method, polarity=polarity, side=side,
                 options=options, query_embedding=query_embedding, reference_embeddings=reference_embeddings,
+                native_cams=True,
             )
+        # Raw CAMs are a few hundred values a map: float32. Finished maps are float16.
+        dtype = np.float32 if explanation.map_size is not None else np.float16
         arrays: dict[str, np.ndarray] = {"scores": np.asarray(explanation.scores, dtype=np.float32)}
         if explanation.query_heatmaps is not None:
-            arrays["query_heatmaps"] = np.asarray(explanation.query_heatmaps, dtype=np.float16)
+            arrays["query_heatmaps"] = np.asarray(explanation.query_heatmaps, dtype=dtype)
         if explanation.reference_heatmaps is not None:
-            arrays["reference_heatmaps"] = np.asarray(explanation.reference_heatmaps, dtype=np.float16)
+            arrays["reference_heatmaps"] = np.asarray(explanation.reference_heatmaps, dtype=dtype)
         meta = {"mode": "explain", "batch": batch, "method": explanation.method,
                 "polarity": explanation.polarity, "side": side}
+        if explanation.map_size is not None:
+            meta["map_size"] = list(explanation.map_size)
         return encode_envelope(meta, arrays)
 
     def _info(self) -> dict[str, Any]:

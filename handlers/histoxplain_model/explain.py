@@ -13,7 +13,7 @@ query embedding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -38,6 +38,9 @@ class RetrievalExplanation:
         "query" or "both").
     reference_heatmaps (K, H, W): reference k explained against the query (None unless side is
         "retrieved" or "both").
+    map_size: None for finished maps. (H, W) when the heatmaps are raw class activation maps
+        (K, h, w) at the target layer's resolution (``explain_retrieval(..., native_cams=True)``,
+        what the TorchServe handler sends); :meth:`finished` turns them into the maps above.
     """
 
     method: str
@@ -45,6 +48,21 @@ class RetrievalExplanation:
     scores: np.ndarray
     query_heatmaps: np.ndarray | None
     reference_heatmaps: np.ndarray | None
+    map_size: tuple[int, int] | None = None
+
+    def finished(self) -> RetrievalExplanation:
+        """The same explanation with finished maps (upsampled to ``map_size``, min-max; numpy)."""
+        if self.map_size is None:
+            return self
+        from histoxplain_model.maps import finish_cams
+
+        def finish(maps: np.ndarray | None) -> np.ndarray | None:
+            return None if maps is None else finish_cams(maps, self.map_size)
+
+        return replace(
+            self, query_heatmaps=finish(self.query_heatmaps), reference_heatmaps=finish(self.reference_heatmaps),
+            map_size=None,
+        )
 
 
 def check_side(side: str) -> Side:
@@ -79,6 +97,7 @@ def explain_retrieval(
     *,
     query_embedding: np.ndarray | None = None,
     reference_embeddings: np.ndarray | None = None,
+    native_cams: bool = False,
 ) -> RetrievalExplanation:
     """Explain why the query and each of the K reference images are similar (or dissimilar).
 
@@ -87,6 +106,8 @@ def explain_retrieval(
     side "query", "retrieved" or "both".
     query_embedding (D,) / reference_embeddings (K, D): the stored vectors if the caller has
     them (e.g. from the index), to skip re-embedding; they must come from this encoder.
+    native_cams: CAM methods return raw maps at the target layer's resolution with ``map_size``
+    set (a few hundred bytes a map instead of H*W values; see :meth:`RetrievalExplanation.finished`).
     """
     check_method(method)
     polarity = check_polarity(polarity)
@@ -109,13 +130,14 @@ def explain_retrieval(
         )
 
     query_heatmaps = reference_heatmaps = None
+    native = False
     if side in ("query", "both"):
-        query_heatmaps = explainer.explain(query_pixels, reference_vectors, polarity).heatmaps[0]
+        result = explainer.explain(query_pixels, reference_vectors, polarity, native=native_cams)
+        query_heatmaps, native = result.heatmaps[0], result.native
     if side in ("retrieved", "both"):
         # (K, 1, H, W): reference k against the single query embedding.
-        reference_heatmaps = explainer.explain(reference_pixels, query_vector, polarity).heatmaps[
-            :, 0
-        ]
+        result = explainer.explain(reference_pixels, query_vector, polarity, native=native_cams)
+        reference_heatmaps, native = result.heatmaps[:, 0], result.native
     scores = torch.nn.functional.cosine_similarity(query_vector, reference_vectors, dim=1)
     return RetrievalExplanation(
         method=method,
@@ -123,4 +145,5 @@ def explain_retrieval(
         scores=scores.detach().float().cpu().numpy(),
         query_heatmaps=query_heatmaps,
         reference_heatmaps=reference_heatmaps,
+        map_size=(int(query_pixels.shape[-2]), int(query_pixels.shape[-1])) if native else None,
     )

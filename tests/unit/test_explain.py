@@ -115,3 +115,21 @@ def test_real_encoder_on_real_histology():
     assert np.all((result.scores > 0) & (result.scores <= 1))  # tiles of one image are similar
     png = overlay_png(tiles[0], result.query_heatmaps[0])
     assert png[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad"])
+def test_native_cams_finish_to_the_same_maps(encoder, method):
+    query, *references = images(4, seed=5)
+    options = MethodOptions(n_samples=2) if method == "smoothgrad" else None
+    finished = explain_retrieval(encoder, query, references, method, options=options)
+    native = explain_retrieval(encoder, query, references, method, options=options, native_cams=True)
+    if method == "smoothgrad":  # input-gradient maps are already at the input resolution
+        assert native.map_size is None and native.finished() is native
+    else:
+        assert native.map_size == finished.query_heatmaps.shape[1:]
+        assert native.query_heatmaps.shape[1:] < finished.query_heatmaps.shape[1:]  # target-layer grid
+        assert native.query_heatmaps.min() >= 0
+    again = native.finished()
+    np.testing.assert_allclose(again.query_heatmaps, finished.query_heatmaps, atol=1e-5)
+    np.testing.assert_allclose(again.reference_heatmaps, finished.reference_heatmaps, atol=1e-5)
+    np.testing.assert_array_equal(again.scores, finished.scores)

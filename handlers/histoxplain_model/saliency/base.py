@@ -54,10 +54,16 @@ ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class SaliencyResult:
     """heatmaps (B, K, H, W) float32 in [0, 1]: image b explained against reference k;
-    scores (B, K) float32: cosine similarity of image b's embedding to reference k."""
+    scores (B, K) float32: cosine similarity of image b's embedding to reference k.
+
+    native: the heatmaps are raw class activation maps (B, K, h, w) >= 0 at the target layer's
+    resolution, not yet upsampled or normalised (``explain(..., native=True)`` on a CAM method);
+    ``histoxplain_model.maps.finish_cams(heatmaps, (H, W))`` gives the finished maps.
+    """
 
     heatmaps: np.ndarray
     scores: np.ndarray
+    native: bool = False
 
 
 @contextmanager
@@ -108,13 +114,15 @@ class Explainer(ABC):
         self.options = options or MethodOptions()
 
     def explain(
-        self, pixels: torch.Tensor, references: torch.Tensor, polarity: str = "similar"
+        self, pixels: torch.Tensor, references: torch.Tensor, polarity: str = "similar", native: bool = False
     ) -> SaliencyResult:
         """Heatmaps of each image's evidence for (or against) its similarity to each reference.
 
         pixels: (B, 3, H, W) float, preprocessed as the model expects; not modified.
         references: (K, D) reference embeddings (normalised or not), K >= 1.
         polarity: "similar" explains the cosine similarity, "dissimilar" its negation.
+        native: CAM methods return their maps before the upsample and min-max (see
+            :class:`SaliencyResult`; what the TorchServe handler sends); other methods ignore it.
         Returns heatmaps (B, K, H, W) float32 in [0, 1] at the input resolution and the
         cosine scores (B, K).
         """
@@ -130,12 +138,22 @@ class Explainer(ABC):
             pixels = _detached_input(pixels)
             references = _detached_input(references)
             target = similarity_target(references, polarity)
-            heatmaps, embeddings = self._heatmaps(pixels, target)
+            heatmaps, embeddings, is_native = (
+                self._native_maps(pixels, target) if native else (*self._heatmaps(pixels, target), False)
+            )
             scores = cosine_scores(embeddings.detach(), references.to(embeddings))
         return SaliencyResult(
             heatmaps=heatmaps.detach().float().cpu().numpy(),
             scores=scores.float().cpu().numpy(),
+            native=is_native,
         )
+
+    def _native_maps(
+        self, pixels: torch.Tensor, target: SimilarityTarget
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(maps, embeddings, whether the maps are raw CAMs); finished maps unless overridden."""
+        heatmaps, embeddings = self._heatmaps(pixels, target)
+        return heatmaps, embeddings, False
 
     @abstractmethod
     def _heatmaps(
@@ -210,6 +228,17 @@ class BaseCAM(Explainer):
     def _heatmaps(
         self, pixels: torch.Tensor, target: SimilarityTarget
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        cam, embeddings = self._cams(pixels, target)
+        return normalise_maps(upsample_maps(cam, tuple(pixels.shape[-2:]))), embeddings
+
+    def _native_maps(
+        self, pixels: torch.Tensor, target: SimilarityTarget
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        cam, embeddings = self._cams(pixels, target)
+        return cam, embeddings, True
+
+    def _cams(self, pixels: torch.Tensor, target: SimilarityTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw CAMs (B, K, h, w) >= 0 at the target layer's resolution, clean embeddings (B, D))."""
         leaf, embeddings = self._forward_from_target_layer(pixels)
         scores = target(embeddings)  # (B, K)
         n_refs = scores.shape[1]
@@ -231,5 +260,4 @@ class BaseCAM(Explainer):
         grad_stack = torch.stack(grads, dim=1)  # (B, K, C, h, w)
         weights = self.channel_weights(activations[:, None], grad_stack)  # (B, K, C)
         cam = torch.einsum("bkc,bchw->bkhw", weights, activations).clamp_(min=0)
-        heatmaps = normalise_maps(upsample_maps(cam, tuple(pixels.shape[-2:])))
-        return heatmaps, embeddings.detach()
+        return cam, embeddings.detach()

@@ -180,13 +180,15 @@ class TorchServeBackend:
         # for nothing else (a TorchServe gateway stays torch-free until the first explain).
         from histoxplain_model.explain import RetrievalExplanation
 
+        map_size = meta.get("map_size")
         return RetrievalExplanation(
             method=str(meta["method"]),
             polarity=str(meta["polarity"]),
             scores=arrays["scores"].astype(np.float32),
             query_heatmaps=_as_float32(arrays.get("query_heatmaps")),
             reference_heatmaps=_as_float32(arrays.get("reference_heatmaps")),
-        )
+            map_size=None if map_size is None else (int(map_size[0]), int(map_size[1])),
+        ).finished()  # raw CAMs are upsampled and normalised here, with numpy
 
     def ready(self) -> bool:
         """True once the model has answered (``info``) and TorchServe's Ping says Healthy.
