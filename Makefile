@@ -8,7 +8,7 @@ BUF := $(VENV)/buf/node_modules/.bin/buf
 export OMP_NUM_THREADS ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-unit test-integration proto proto-lint bench serve clean
+.PHONY: venv demo test test-unit test-integration test-gpu proto proto-lint bench serve clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test-unit: venv
 
 test-integration: venv
 	$(PY) -m pytest -q tests/integration
+
+# CUDA vs CPU checks; needs a GPU (make test does not collect tests/gpu)
+test-gpu: venv
+	$(PY) -m pytest -q -rA tests/gpu
 
 bench: venv
 	$(PY) benchmarks/explain_bench.py
