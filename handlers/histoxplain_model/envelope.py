@@ -49,6 +49,7 @@ _STATUS_CODES: tuple[tuple[type[errors.HistoxplainError], str], ...] = (
     (errors.DependencyUnavailable, "UNAVAILABLE"),
     (errors.DeadlineExceeded, "DEADLINE_EXCEEDED"),
 )
+_ERRORS_BY_CODE: dict[str, type[errors.HistoxplainError]] = {code: cls for cls, code in _STATUS_CODES}
 
 
 def encode_envelope(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -164,7 +165,7 @@ def _error_from(error: Mapping[str, Any]) -> Exception:
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, errors.HistoxplainError):
         return cls(message)
-    code_cls = dict((code, cls) for cls, code in _STATUS_CODES).get(str(error.get("code", "")))
+    code_cls = _ERRORS_BY_CODE.get(str(error.get("code", "")))
     if code_cls is not None:
         return code_cls(message)
     return RuntimeError(f"TorchServe model error: {message}")

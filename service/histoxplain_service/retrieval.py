@@ -163,12 +163,12 @@ class Retrieval:
     def explain_hits(
         self, name: str, image: np.ndarray, hits: Sequence[SearchHit], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
-        options: MethodOptions | None = None,
+        options: MethodOptions | None = None, query_embedding: np.ndarray | None = None,
     ) -> ExplainedSearch:
-        """Explain the query against indexed tiles (their stored pixels).
+        """Explain the query against indexed tiles (their stored pixels and vectors).
 
         ``options``: the method's options (e.g. SmoothGrad's samples and noise); ``None``: the
-        library defaults.
+        library defaults. ``query_embedding``: the query's vector when the caller has it.
         """
         self._check_explain_options(method, polarity, side)
         if not hits:
@@ -177,7 +177,7 @@ class Retrieval:
         references = [index.load_tile(hit) for hit in hits]
         return self._explain(
             image, references, list(hits), method, polarity, side, timeout, options,
-            reference_embeddings=self._stored_vectors(index, hits),
+            query_embedding=query_embedding, reference_embeddings=self._stored_vectors(index, hits),
         )
 
     def _stored_vectors(self, index: VectorIndex, hits: Sequence[SearchHit]) -> np.ndarray | None:
@@ -229,16 +229,13 @@ class Retrieval:
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
         options: MethodOptions | None = None,
     ) -> ExplainedSearch:
-        """:meth:`indexed_hits` then their explanation, embedding the query once and passing
-        the hits' stored vectors, so the backend embeds nothing again."""
+        """:meth:`indexed_hits` then :meth:`explain_hits`, embedding the query once, so the
+        backend embeds nothing again."""
         self._check_explain_options(method, polarity, side)
         query_vector = self.embed_query(image, timeout)
         hits = self.indexed_hits(name, image, image_ids, point_ids, timeout, query_embedding=query_vector)
-        index = self.index(name)
-        references = [index.load_tile(hit) for hit in hits]
-        return self._explain(
-            image, references, list(hits), method, polarity, side, timeout, options,
-            query_embedding=query_vector, reference_embeddings=self._stored_vectors(index, hits),
+        return self.explain_hits(
+            name, image, hits, method, polarity, side, timeout, options, query_embedding=query_vector
         )
 
     def search_and_explain(
