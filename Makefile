@@ -46,7 +46,7 @@ bench: venv
 
 # TorchServe + the gRPC gateway on 127.0.0.1:50051 (HISTOXPLAIN_PORT), embedded Qdrant; Ctrl-C stops all
 serve: venv
-	$(PY) -m histoxplain_service.serve
+	$(PY) -m histoxplain_service.app.serve
 
 proto: venv
 	$(PY) proto/generate.py

@@ -29,7 +29,7 @@ import onnxruntime
 import torch
 
 from histoxplain_model.encoders import DEFAULT_PRESET, load_encoder
-from histoxplain_model.onnx_backend import OnnxEmbedder, export_onnx
+from histoxplain_model.onnx_embedder import OnnxEmbedder, export_onnx
 from results_md import write_section
 
 

@@ -61,11 +61,11 @@ torch.set_num_threads(1)
 
 import histoxplain_client as hc  # noqa: E402
 from histoxplain_model.imageio import decode_image  # noqa: E402
-from histoxplain_service.gateway_settings import GatewaySettings  # noqa: E402
-from histoxplain_service.index import open_qdrant  # noqa: E402
-from histoxplain_service.retrieval import Retrieval  # noqa: E402
-from histoxplain_service.server import Gateway  # noqa: E402
-from histoxplain_service.settings import Settings  # noqa: E402
+from histoxplain_service.config import GatewaySettings  # noqa: E402
+from histoxplain_service.index.qdrant import open_qdrant  # noqa: E402
+from histoxplain_service.domain.retrieval import Retrieval  # noqa: E402
+from histoxplain_service.gateway.server import Gateway  # noqa: E402
+from histoxplain_service.config import Settings  # noqa: E402
 from results_md import RESULTS, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def sample_tiles(count: int) -> list[bytes]:
 
     sources = [data.immunohistochemistry()]
     try:
-        from histoxplain_service.samples import he_slide_path
+        from histoxplain_service.app.samples import he_slide_path
         from tiffslide import TiffSlide
 
         with TiffSlide(str(he_slide_path())) as slide:
@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model_backends: list[tuple[str, str, str, Any]] = [("gateway+embedded", "-", "embedded", backend)]
         if not args.no_torchserve:
-            from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig
-            from histoxplain_service.torchserve_process import TorchServeProcess
+            from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
+            from histoxplain_service.backends.torchserve.process import TorchServeProcess
 
             store = work / "model-store"
             load_build_mar().build_mar(store, model_name="histoxplain", check=False)

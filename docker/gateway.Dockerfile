@@ -32,4 +32,4 @@ USER 10001:10001
 WORKDIR /data
 EXPOSE 50051
 # Exec form: python is PID 1 and gets SIGTERM directly (the server installs its own handlers).
-ENTRYPOINT ["python", "-m", "histoxplain_service.server"]
+ENTRYPOINT ["python", "-m", "histoxplain_service.gateway.server"]

@@ -27,7 +27,7 @@ RUN apt-get update \
  && mkdir -p /ts-run && chown torchserve:torchserve /ts-run
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/model-store /opt/model-store
-COPY model_store/config.properties /opt/torchserve/config.properties
+COPY service/histoxplain_service/backends/torchserve/config.properties /opt/torchserve/config.properties
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -27,7 +27,7 @@ An image is an encoded file (PNG, JPEG, TIFF) or a pixel envelope ((H, W, 3) uin
 gateway sends: no PNG encode/decode on either side).
 
 Response (one per request, also inside a batch): an ``HXP1`` envelope
-(``histoxplain_model.envelope`` holds the format, its encoder and its decoder). Arrays:
+(``histoxplain_model.wire.envelope`` holds the format, its encoder and its decoder). Arrays:
 ``embeddings`` (N, D) float32 L2-normalised; ``scores`` (K,) float32; ``query_heatmaps`` /
 ``reference_heatmaps``: for GradCAM and GradCAM++ the raw class activation maps (K, h, w)
 float32 >= 0 at the target layer's resolution, with ``meta["map_size"]`` = [H, W] (the receiver
@@ -61,7 +61,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from histoxplain_model import errors
 from histoxplain_model.encoders import load_encoder
 from histoxplain_model.explain import explain_retrieval
-from histoxplain_model.envelope import decode_request_image, encode_envelope, encode_error
+from histoxplain_model.wire.envelope import decode_request_image, encode_envelope, encode_error
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
 from histoxplain_model.options import options_from_inputs
 

@@ -54,7 +54,7 @@ class RetrievalExplanation:
         """The same explanation with finished maps (upsampled to ``map_size``, min-max; numpy)."""
         if self.map_size is None:
             return self
-        from histoxplain_model.maps import finish_cams
+        from histoxplain_model.wire.cams import finish_cams
 
         def finish(maps: np.ndarray | None) -> np.ndarray | None:
             return None if maps is None else finish_cams(maps, self.map_size)

@@ -36,9 +36,9 @@ import timm
 import torch.nn.functional as F
 
 from histoxplain_model.encoders import Encoder, efficientnet_lite0_package_weights, load_encoder
-from histoxplain_model.envelope import decode_envelope, encode_request_image
+from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
 from histoxplain_model.explain import RetrievalExplanation, explain_retrieval
-from histoxplain_model.maps import finish_cams
+from histoxplain_model.wire.cams import finish_cams
 from histoxplain_model.options import MethodOptions
 
 pytestmark = pytest.mark.gpu
@@ -220,7 +220,7 @@ def test_explaining_twice_does_not_grow_gpu_memory(encoders, tiles, record_prope
 
 def test_embedded_backend_on_cuda_matches_the_cpu_backend(tmp_path, tiles, record_property) -> None:
     from histoxplain_service.backends.embedded import create_embedded_backend
-    from histoxplain_service.settings import Settings
+    from histoxplain_service.config import Settings
 
     on_gpu = create_embedded_backend(Settings.from_env({"HISTOXPLAIN_DEVICE": "cuda", "HISTOXPLAIN_DATA": str(tmp_path / "gpu")}))
     on_cpu = create_embedded_backend(Settings.from_env({"HISTOXPLAIN_DEVICE": "cpu", "HISTOXPLAIN_DATA": str(tmp_path / "cpu")}))

@@ -4,7 +4,7 @@ Fixtures for other test modules:
 
 ``torchserve_model_store`` (session) -> Path
     A temporary model store holding ``histoxplain.mar`` freshly built from the default preset
-    ``efficientnet-lite0-imagenet`` (its real packaged weights) with ``model_store/build_mar.py``.
+    ``efficientnet-lite0-imagenet`` (its real packaged weights) with ``histoxplain_service.backends.torchserve.mar``.
     Use it to start a TorchServe of your own (e.g. to stop it in a health test):
     ``TorchServeProcess(torchserve_model_store, tmp_path / "ts")``.
 
@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from histoxplain_service.backends.torchserve.mar import build_mar
+
 if TYPE_CHECKING:  # imported lazily below: collecting tests must stay cheap
-    from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig
-    from histoxplain_service.torchserve_process import TorchServeProcess
+    from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
+    from histoxplain_service.backends.torchserve.process import TorchServeProcess
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -70,22 +72,16 @@ def require_java() -> None:
 
 @pytest.fixture(scope="session")
 def torchserve_model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import importlib.util
-
-    repo = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("histoxplain_build_mar", repo / "model_store" / "build_mar.py")
-    build_mar = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_mar)
     store = tmp_path_factory.mktemp("model-store")
-    build_mar.build_mar(store, model_name=TORCHSERVE_MODEL_NAME, check=False)
+    build_mar(store, model_name=TORCHSERVE_MODEL_NAME, check=False)
     return store
 
 
 @pytest.fixture(scope="session")
 def torchserve(torchserve_model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTorchServe]:
     require_java()
-    from histoxplain_service.backends.torchserve import TorchServeConfig
-    from histoxplain_service.torchserve_process import TorchServeProcess
+    from histoxplain_service.backends.torchserve.backend import TorchServeConfig
+    from histoxplain_service.backends.torchserve.process import TorchServeProcess
 
     process = TorchServeProcess(torchserve_model_store, tmp_path_factory.mktemp("torchserve"))
     process.start()
@@ -111,7 +107,7 @@ def torchserve(torchserve_model_store: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 def torchserve_backend(torchserve: RunningTorchServe) -> Iterator[TorchServeBackend]:
-    from histoxplain_service.backends.torchserve import TorchServeBackend
+    from histoxplain_service.backends.torchserve.backend import TorchServeBackend
 
     backend = TorchServeBackend(torchserve.backend_config)
     try:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histoxplain_service.cli import main
-from histoxplain_service.samples import write_sample_dataset
+from histoxplain_service.app.cli import main
+from histoxplain_service.app.samples import write_sample_dataset
 
 pytestmark = pytest.mark.integration
 

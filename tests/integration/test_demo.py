@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from histoxplain_service.cli import main
-from histoxplain_service.demo import DEMO_K, DEMO_RUNS
+from histoxplain_service.app.cli import main
+from histoxplain_service.app.demo.local import DEMO_K, DEMO_RUNS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

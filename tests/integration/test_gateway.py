@@ -30,10 +30,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 import histoxplain_client as hc  # noqa: E402
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb  # noqa: E402
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc  # noqa: E402
-from histoxplain_service.gateway_settings import GatewaySettings  # noqa: E402
-from histoxplain_service.index import open_qdrant  # noqa: E402
-from histoxplain_service.server import Gateway  # noqa: E402
-from histoxplain_service.settings import Settings  # noqa: E402
+from histoxplain_service.config import GatewaySettings  # noqa: E402
+from histoxplain_service.index.qdrant import open_qdrant  # noqa: E402
+from histoxplain_service.gateway.server import Gateway  # noqa: E402
+from histoxplain_service.config import Settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -297,7 +297,7 @@ def test_smoothgrad_samples_and_noise_are_honoured(
 
 @pytest.mark.slow
 def test_every_rpc_round_trips_with_the_torchserve_backend(torchserve: Any, tiles: dict[str, bytes], tmp_path: Path) -> None:
-    from histoxplain_service.backends.torchserve import TorchServeBackend
+    from histoxplain_service.backends.torchserve.backend import TorchServeBackend
 
     backend = TorchServeBackend(torchserve.backend_config)
     gateway, qdrant = _start(tmp_path, backend, backend="torchserve")
@@ -315,8 +315,8 @@ def test_every_rpc_round_trips_with_the_torchserve_backend(torchserve: Any, tile
 def test_health_follows_torchserve_starting_and_stopping(
     torchserve_model_store: Path, tiles: dict[str, bytes], tmp_path: Path
 ) -> None:
-    from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig
-    from histoxplain_service.torchserve_process import TorchServeProcess
+    from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
+    from histoxplain_service.backends.torchserve.process import TorchServeProcess
 
     process = TorchServeProcess(torchserve_model_store, tmp_path / "ts")
     backend = TorchServeBackend(TorchServeConfig(target=process.grpc_target, model_name="histoxplain", key_file=process.key_file))

@@ -1,4 +1,4 @@
-"""``make serve`` (python -m histoxplain_service.serve) as a real process: it comes up, answers
+"""``make serve`` (python -m histoxplain_service.app.serve) as a real process: it comes up, answers
 the SDK, and on SIGTERM stops everything it started (the gateway and TorchServe)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _run_serve(tmp_path: Path, backend: str, startup_s: float) -> None:
                HISTOXPLAIN_BACKEND=backend, HISTOXPLAIN_HEALTH_INTERVAL_S="0.5", OMP_NUM_THREADS="1")
     log = tmp_path / "serve.out"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "histoxplain_service.serve", "--batch-size", "1"],
+        process = subprocess.Popen([sys.executable, "-m", "histoxplain_service.app.serve", "--batch-size", "1"],
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + startup_s

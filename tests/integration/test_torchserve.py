@@ -11,7 +11,7 @@ Congruence: TorchServe and the in-process EmbeddedBackend give
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import socket
 import threading
 from collections.abc import Callable
@@ -25,14 +25,14 @@ import pytest
 import torch
 
 from histoxplain_model import errors
-from histoxplain_model.envelope import decode_envelope, encode_request_image
-from histoxplain_model.maps import finish_cams
+from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
+from histoxplain_model.wire.cams import finish_cams
 from histoxplain_model.options import MethodOptions
-from histoxplain_service.backends.torchserve import TorchServeBackend, TorchServeConfig, encode_float32
+from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig, encode_float32
+from histoxplain_service.backends.torchserve.mar import stage_weights
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[2]
 PRESET = "efficientnet-lite0-imagenet"
 SCORE_ATOL = 1e-4
 HEATMAP_ATOL = 5e-4  # SmoothGrad travels as float16: measured 2.44e-4, the float16 rounding alone
@@ -40,10 +40,7 @@ CAM_ATOL = 1e-5  # GradCAM(++) travel as raw float32 CAMs, finished with numpy: 
 
 
 def _load_handler_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("retrieval_handler", REPO / "handlers" / "retrieval_handler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("retrieval_handler")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +77,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_torchserve_config_is_loopback_only_with_token_auth(tmp_path) -> None:
-    from histoxplain_service.torchserve_process import DEFAULT_TS_CONFIG, TorchServePorts, _config_text
+    from histoxplain_service.backends.torchserve.process import DEFAULT_TS_CONFIG, TorchServePorts, _config_text
 
     ports = TorchServePorts.free()
     lines = dict(
@@ -104,11 +101,8 @@ def test_torchserve_config_is_loopback_only_with_token_auth(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def handler(handler_module, tmp_path_factory, encoder):
     """The real handler class, initialised from a model dir laid out like the .mar's."""
-    spec = importlib.util.spec_from_file_location("histoxplain_build_mar", REPO / "model_store" / "build_mar.py")
-    build_mar = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_mar)
     model_dir = tmp_path_factory.mktemp("model-dir")
-    weights_name = build_mar.stage_weights(PRESET, None, model_dir)
+    weights_name = stage_weights(PRESET, None, model_dir)
     (model_dir / "setup_config.json").write_text(f'{{"preset": "{PRESET}", "weights": "{weights_name}"}}')
     instance = handler_module.RetrievalHandler()
     context = SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}}, metrics=None)
@@ -361,7 +355,7 @@ def test_a_missed_deadline_raises_deadline_exceeded(torchserve_backend, tiles) -
 
 @pytest.mark.integration
 def test_requests_without_the_inference_key_are_rejected(torchserve, tmp_path) -> None:
-    from histoxplain_service.backends._torchserve_proto import inference_pb2, inference_pb2_grpc
+    from histoxplain_service.backends.torchserve._proto import inference_pb2, inference_pb2_grpc
 
     request = inference_pb2.PredictionsRequest(model_name=torchserve.model_name, input={"mode": b"info"})
     with grpc.insecure_channel(torchserve.process.grpc_target) as channel:

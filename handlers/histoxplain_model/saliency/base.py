@@ -58,7 +58,7 @@ class SaliencyResult:
 
     native: the heatmaps are raw class activation maps (B, K, h, w) >= 0 at the target layer's
     resolution, not yet upsampled or normalised (``explain(..., native=True)`` on a CAM method);
-    ``histoxplain_model.maps.finish_cams(heatmaps, (H, W))`` gives the finished maps.
+    ``histoxplain_model.wire.cams.finish_cams(heatmaps, (H, W))`` gives the finished maps.
     """
 
     heatmaps: np.ndarray

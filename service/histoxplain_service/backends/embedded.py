@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
     from histoxplain_model.explain import RetrievalExplanation
     from histoxplain_model.options import MethodOptions
-    from histoxplain_service.settings import Settings
+    from histoxplain_service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def create_embedded_backend(settings: Settings) -> EmbeddedBackend:
         InvalidRequest / FailedPrecondition: ``settings.device`` names a GPU this machine lacks.
     """
     from histoxplain_model.encoders import load_encoder
-    from histoxplain_model.onnx_backend import cached_onnx_embedder, onnxruntime_available, onnxruntime_has_cuda
+    from histoxplain_model.onnx_embedder import cached_onnx_embedder, onnxruntime_available, onnxruntime_has_cuda
 
     encoder = load_encoder(settings.model, settings.weights, device=settings.device)
     on_gpu = encoder.device.type == "cuda"

@@ -53,7 +53,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """EvaluationConfig from parsed arguments (validates what argparse cannot)."""
     from histoxplain_service.evaluation.retrieval import EvaluationConfig
-    from histoxplain_service.settings import Settings
+    from histoxplain_service.config import Settings
 
     if not args.k or min(args.k) < 1:
         raise InvalidRequest(f"--k must be positive integers, got {args.k}")

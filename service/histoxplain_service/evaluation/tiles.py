@@ -10,7 +10,7 @@ from PIL import Image
 
 from histoxplain_model.imageio import read_image
 from histoxplain_service.evaluation.datasets import DatasetImage, TilingPolicy
-from histoxplain_service.tiling import pad_tile, tile_grid, tissue_fractions, tissue_mask
+from histoxplain_service.domain.tiling import pad_tile, tile_grid, tissue_fractions, tissue_mask
 
 __all__ = ["Tile", "tile_image", "resize_to_policy"]
 
@@ -47,7 +47,7 @@ def _thumbnail(pixels: np.ndarray, longest: int = 1024) -> tuple[np.ndarray, flo
 def tile_image(image: DatasetImage, policy: TilingPolicy, max_pixels: int) -> list[Tile]:
     """Tiles of one dataset image under ``policy``; deterministic for a given image id.
 
-    Uses the service's grid and tissue mask (:mod:`histoxplain_service.tiling`): tiles every
+    Uses the service's grid and tissue mask (:mod:`histoxplain_service.domain.tiling`): tiles every
     ``tile_size`` px (the last one aligned to the edge, short axes padded white). Keeps tiles
     with tissue >= ``policy.min_tissue`` (the best tile when none passes), then at most
     ``policy.max_tiles`` of them, drawn with a seed derived from the image id.

@@ -1,0 +1,61 @@
+"""The demo's fixed plan: the index, the held-out query tiles and the (method, polarity) runs.
+
+Shared by the in-process run (:mod:`.local`) and the run through a gateway (:mod:`.remote`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tiffslide
+
+from histoxplain_model.imageio import read_image
+from histoxplain_service.app.samples import he_slide_path, ihc_image_path
+from histoxplain_service.domain.tiling import tile_grid, tissue_fractions, tissue_mask
+
+log = logging.getLogger(__name__)
+
+DEMO_INDEX = "demo"
+DEMO_K = 5
+TILE = 224
+IHC_STRIDE = 96
+#: (query name, method, polarity) explained in the report, in order.
+DEMO_RUNS = (
+    ("he", "gradcam", "similar"),
+    ("he", "gradcampp", "similar"),
+    ("he", "smoothgrad", "similar"),
+    ("he", "gradcam", "dissimilar"),
+    ("ihc", "gradcam", "similar"),
+)
+
+
+@dataclass(frozen=True)
+class DemoQuery:
+    name: str
+    description: str
+    image: np.ndarray
+
+
+def _held_out_he_tile() -> DemoQuery:
+    """A tissue-rich 224 px crop of the slide, offset by half a tile from the indexed grid."""
+    with tiffslide.TiffSlide(he_slide_path()) as slide:
+        width, height = slide.dimensions
+        thumbnail = np.asarray(slide.get_thumbnail((512, 512)).convert("RGB"), dtype=np.uint8)
+        boxes = [(x + TILE // 2, y + TILE // 2, w, h) for x, y, w, h in tile_grid(width - TILE, height - TILE, TILE, TILE)
+                 if w == h == TILE]
+        fractions = tissue_fractions(tissue_mask(thumbnail), boxes, thumbnail.shape[1] / width)
+        x, y, _, _ = boxes[int(np.argmax(fractions))]
+        tile = np.asarray(slide.read_region((x, y), 0, (TILE, TILE)).convert("RGB"), dtype=np.uint8)
+    return DemoQuery("he", f"H&E skin, held-out crop at ({x}, {y}) of {he_slide_path().name}", tile)
+
+
+def _held_out_ihc_tile() -> DemoQuery:
+    image = read_image(ihc_image_path())
+    x = y = 150  # between the indexed tiles (stride 96): no indexed tile is this crop
+    return DemoQuery("ihc", f"IHC colon, crop at ({x}, {y}) of {ihc_image_path().name}", image[y : y + TILE, x : x + TILE].copy())
+
+
+def demo_queries() -> dict[str, DemoQuery]:
+    return {query.name: query for query in (_held_out_he_tile(), _held_out_ihc_tile())}

@@ -1,0 +1,273 @@
+"""The ``torchserve`` model backend: TorchServe's gRPC inference API with token authorization.
+
+Requests and responses follow the handler's wire format (``handlers/retrieval_handler.py``,
+documented in ``model_store/README.md``): the mode and the images go in the
+``PredictionsRequest.input`` map, the answer is an ``HXP1`` envelope
+(``histoxplain_model.wire.envelope``). Images travel as pixel envelopes (raw RGB; PNG only where
+the raw pixels would take over half of the message limit), so TorchServe sees exactly the pixels the embedded backend would, and neither side
+spends time on PNG. Every call carries ``authorization: Bearer <inference key>``
+from TorchServe's ``key_file.json``; the file is re-read when it changes and once more after a
+PERMISSION_DENIED (TorchServe rewrites it when keys are regenerated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import empty_pb2
+
+from histoxplain_model import errors
+from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
+from histoxplain_model.options import MethodOptions, options_to_inputs
+from histoxplain_service.backends.torchserve._proto import inference_pb2, inference_pb2_grpc
+from histoxplain_service.backends.base import ModelInfo, check_embeddings
+
+if TYPE_CHECKING:
+    from histoxplain_model.explain import RetrievalExplanation
+
+__all__ = ["TorchServeBackend", "TorchServeConfig", "encode_float32"]
+
+logger = logging.getLogger(__name__)
+
+_Response = TypeVar("_Response")
+
+
+@dataclass(frozen=True)
+class TorchServeConfig:
+    """Where TorchServe's gRPC inference API is and how to authenticate.
+
+    Attributes:
+        target: ``host:port`` of the gRPC inference API (``grpc_inference_port``).
+        model_name: the name the model is registered under.
+        key_file: TorchServe's ``key_file.json`` (in its working directory); ``None`` when
+            token authorization is off.
+        max_message_bytes: largest request/response message (TorchServe's
+            ``max_request_size`` / ``max_response_size`` must be at least as large).
+    """
+
+    target: str = "127.0.0.1:7070"
+    model_name: str = "histoxplain"
+    key_file: Path | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+def encode_float32(array: np.ndarray) -> bytes:
+    """An array's values as raw little-endian float32, row-major (4 bytes a value, no header)."""
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
+
+
+class _KeyFile:
+    """The inference key from ``key_file.json``, re-read when the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._key: str | None = None
+
+    def key(self, force: bool = False) -> str | None:
+        if self._path is None:
+            return None
+        with self._lock:
+            try:
+                stat = self._path.stat()
+            except FileNotFoundError:
+                raise errors.DependencyUnavailable(
+                    f"TorchServe key file {self._path} does not exist; is TorchServe running there?"
+                ) from None
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if force or stamp != self._stamp or self._key is None:
+                try:
+                    self._key = json.loads(self._path.read_text())["inference"]["key"]
+                except (KeyError, TypeError, json.JSONDecodeError) as error:
+                    raise errors.DependencyUnavailable(
+                        f"TorchServe key file {self._path} has no inference key: {error}"
+                    ) from None
+                self._stamp = stamp
+            return self._key
+
+
+class TorchServeBackend:
+    """A :class:`~histoxplain_service.backends.base.ModelBackend` over TorchServe's gRPC API.
+
+    Thread-safe: one channel, no per-call state on the instance (the gateway calls it from
+    worker threads). ``timeout`` becomes the gRPC deadline of the call.
+    """
+
+    def __init__(self, config: TorchServeConfig) -> None:
+        self.config = config
+        self._keys = _KeyFile(config.key_file)
+        options = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+        ]
+        self._channel = grpc.insecure_channel(config.target, options=options)  # loopback only
+        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+        self._info: ModelInfo | None = None
+        self._info_lock = threading.Lock()
+
+    # -- ModelBackend --------------------------------------------------------------------------
+
+    def info(self, timeout: float | None = 30.0) -> ModelInfo:
+        with self._info_lock:
+            if self._info is None:
+                meta, _ = self.predict({"mode": b"info"}, timeout=timeout)
+                self._info = ModelInfo(
+                    preset=str(meta["preset"]),
+                    architecture=str(meta["architecture"]),
+                    embedding_dim=int(meta["embedding_dim"]),
+                    input_size=tuple(int(size) for size in meta["input_size"]),
+                    methods=tuple(str(method) for method in meta["methods"]),
+                    backend="torchserve",
+                )
+            return self._info
+
+    def embed(self, images: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
+        """One request per call: TorchServe batches concurrent calls (``batch_size``)."""
+        if len(images) == 0:
+            raise errors.InvalidRequest("no images to embed; send at least one image")
+        inputs = {"mode": b"embed"}
+        inputs.update({f"image.{index}": data for index, data in enumerate(self._encode_images(images))})
+        _, arrays = self.predict(inputs, timeout)
+        embeddings = arrays["embeddings"].astype(np.float32, copy=False)
+        if embeddings.shape[0] != len(images):
+            raise RuntimeError(f"TorchServe returned {embeddings.shape[0]} embeddings for {len(images)} images")
+        return embeddings
+
+    def explain(
+        self,
+        query: np.ndarray,
+        references: Sequence[np.ndarray],
+        method: str,
+        polarity: str = "similar",
+        side: str = "both",
+        timeout: float | None = None,
+        options: MethodOptions | None = None,
+        query_embedding: np.ndarray | None = None,
+        reference_embeddings: np.ndarray | None = None,
+    ) -> RetrievalExplanation:
+        """``options`` that differ from the defaults travel in the input map
+        (``histoxplain_model.options.INPUT_KEYS``); the handler rebuilds them exactly. Given
+        embeddings travel as raw little-endian float32 (``query_embedding``,
+        ``reference_embeddings``), so the handler skips those forward passes."""
+        if len(references) == 0:
+            raise errors.InvalidRequest("no reference images to explain against; give at least one")
+        query_vector, reference_vectors = check_embeddings(query_embedding, reference_embeddings, len(references))
+        inputs = {
+            "mode": b"explain",
+            "method": method.encode("utf-8"),
+            "polarity": polarity.encode("utf-8"),
+            "side": side.encode("utf-8"),
+            **options_to_inputs(options),
+        }
+        query_data, *reference_data = self._encode_images([query, *references])
+        inputs["query"] = query_data
+        inputs.update({f"reference.{index}": data for index, data in enumerate(reference_data)})
+        if query_vector is not None:
+            inputs["query_embedding"] = encode_float32(query_vector)
+        if reference_vectors is not None:
+            inputs["reference_embeddings"] = encode_float32(reference_vectors)
+        meta, arrays = self.predict(inputs, timeout)
+        # Imported here: histoxplain_model.explain imports torch, which this backend needs
+        # for nothing else (a TorchServe gateway stays torch-free until the first explain).
+        from histoxplain_model.explain import RetrievalExplanation
+
+        map_size = meta.get("map_size")
+        return RetrievalExplanation(
+            method=str(meta["method"]),
+            polarity=str(meta["polarity"]),
+            scores=arrays["scores"].astype(np.float32),
+            query_heatmaps=_as_float32(arrays.get("query_heatmaps")),
+            reference_heatmaps=_as_float32(arrays.get("reference_heatmaps")),
+            map_size=None if map_size is None else (int(map_size[0]), int(map_size[1])),
+        ).finished()  # raw CAMs are upsampled and normalised here, with numpy
+
+    def ready(self) -> bool:
+        """True once the model has answered (``info``) and TorchServe's Ping says Healthy.
+
+        Ping is answered by the frontend, not the worker queue, so a worker busy with a long
+        explanation does not make the backend look down; a lost worker makes Ping unhealthy.
+        """
+        try:
+            self.info(timeout=5.0)
+            health = self._authorised(
+                lambda metadata: self._stub.Ping(empty_pb2.Empty(), timeout=5.0, metadata=metadata)
+            ).health
+        except (errors.HistoxplainError, RuntimeError) as error:
+            logger.debug("TorchServe not ready: %s", error)
+            return False
+        try:
+            return json.loads(health).get("status") == "Healthy"
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _encode_images(self, images: Sequence[np.ndarray]) -> list[bytes]:
+        """Raw pixels while they take at most half of the message limit, else PNG (smaller)."""
+        raw = sum(image.nbytes for image in images) <= self.config.max_message_bytes // 2
+        return [encode_request_image(image, raw) for image in images]
+
+    def predict(
+        self, inputs: Mapping[str, bytes], timeout: float | None = None
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One raw Predictions call: the handler's input map -> its decoded envelope ``(meta, arrays)``.
+
+        The wire-level entry point under ``embed``/``explain``/``info`` (benchmarks and tests
+        read ``meta["batch"]``, the number of requests TorchServe batched with this one).
+        """
+        request = inference_pb2.PredictionsRequest(model_name=self.config.model_name, input=inputs)
+        response = self._authorised(
+            lambda metadata: self._stub.Predictions(request, timeout=timeout, metadata=metadata)
+        )
+        return decode_envelope(response.prediction)
+
+    def _authorised(self, call: Callable[[tuple[tuple[str, str], ...] | None], _Response]) -> _Response:
+        """``call(metadata)`` with the inference key; once more with a re-read key if refused."""
+        try:
+            return call(self._metadata(force_key=False))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.PERMISSION_DENIED or self.config.key_file is None:
+                raise self._map_rpc_error(error) from None
+        try:  # the keys may have been regenerated since we read the file
+            return call(self._metadata(force_key=True))
+        except grpc.RpcError as retry_error:
+            raise self._map_rpc_error(retry_error) from None
+
+    def _metadata(self, force_key: bool) -> tuple[tuple[str, str], ...] | None:
+        key = self._keys.key(force=force_key)
+        return (("authorization", f"Bearer {key}"),) if key is not None else None
+
+    def _map_rpc_error(self, error: grpc.RpcError) -> Exception:
+        code, details = error.code(), error.details() or ""
+        where = f"TorchServe at {self.config.target} (model {self.config.model_name!r})"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return errors.DeadlineExceeded(f"{where} did not answer before the deadline; retry with a longer one")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return errors.DependencyUnavailable(f"{where} is unavailable: {details}")
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return errors.DependencyUnavailable(
+                f"{where} refused the inference key from {self.config.key_file}: {details}"
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            return errors.DependencyUnavailable(f"{where} does not serve this model: {details}")
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            return RuntimeError(f"{where} failed: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return errors.InvalidRequest(f"the request is too large for {where}: {details}")
+        return errors.DependencyUnavailable(f"{where} failed ({code.name}): {details}")
+
+
+def _as_float32(heatmaps: np.ndarray | None) -> np.ndarray | None:
+    return None if heatmaps is None else heatmaps.astype(np.float32)

@@ -1,0 +1,308 @@
+"""Settings of histoxplain, read from the environment once at start-up: one mechanism for all.
+
+:class:`Settings` holds what every entry point needs (CLI, gateway, evaluation);
+:class:`GatewaySettings` holds it plus what only the gateway reads (``docs/SERVING.md`` lists
+those variables). Both are frozen and built from the same kind of table: one ``_Var`` per
+variable, parsed by :func:`_read` and range-checked by :func:`_check`.
+
+Core variables:
+
+One frozen :class:`Settings` object is built by :meth:`Settings.from_env` and passed down; no
+module reads ``os.environ`` on its own. Every field has one environment variable:
+
+===========================  ==================  ===============================  ==================================
+variable                     field               default                          allowed
+===========================  ==================  ===============================  ==================================
+``HISTOXPLAIN_DATA``         ``data_dir``        ``./histoxplain-data``           a folder path (created on use)
+``QDRANT_URL``               ``qdrant_url``      unset: embedded local mode       an ``http://`` or ``https://`` URL
+``QDRANT_API_KEY``           ``qdrant_api_key``  unset                            any string (server mode only)
+``HISTOXPLAIN_MAX_PIXELS``   ``max_pixels``      20000 * 20000                    integer >= 1 (width * height)
+``HISTOXPLAIN_MODEL``        ``model``           ``efficientnet-lite0-imagenet``  an encoder preset name
+``HISTOXPLAIN_WEIGHTS``      ``weights``         unset: the preset's own          path to a local state-dict file
+``HISTOXPLAIN_TILE_SIZE``    ``tile_size``       224                              integer 16..8192 (pixels)
+``HISTOXPLAIN_STRIDE``       ``stride``          unset: the tile size             integer 1..8192 (pixels)
+``HISTOXPLAIN_MIN_TISSUE``   ``min_tissue``      0.25                             number 0..1 (0 keeps every tile)
+``HISTOXPLAIN_SLIDE_LEVEL``  ``slide_level``     0                                integer >= 0 (pyramid level)
+``HISTOXPLAIN_BATCH_SIZE``   ``batch_size``      64                               integer 1..4096 (tiles per upsert)
+``HISTOXPLAIN_DEVICE``       ``device``          ``auto``: GPU 0, else the CPU    ``cpu``, ``cuda``, ``cuda:N``, ``auto``
+===========================  ==================  ===============================  ==================================
+
+``device`` is where the in-process (embedded) encoder runs; its spelling is checked here,
+whether that GPU exists when the encoder is loaded. An empty value counts as unset. A bad value raises
+:class:`~histoxplain_model.errors.InvalidRequest` naming the variable and what it allows.
+To add a setting: add a field (with its default) and one ``_Var`` line to ``_VARIABLES``;
+``from_env`` and the checks pick it up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from histoxplain_model.devices import check_device_name
+from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
+
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "BackendKind", "GatewaySettings", "Settings"]
+
+DEFAULT_MODEL = "efficientnet-lite0-imagenet"
+
+
+@dataclass(frozen=True)
+class _Var:
+    """How one environment variable becomes one field: parse the text, then check the value."""
+
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text else None
+
+
+def _int(text: str) -> int:
+    return int(text.replace("_", ""), 10)
+
+
+def _url(text: str) -> str | None:
+    if not text:
+        return None
+    if not text.startswith(("http://", "https://")):
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
+def _device_name(value: object) -> bool:
+    try:
+        check_device_name(str(value))
+    except InvalidRequest:
+        return False
+    return True
+
+
+_VARIABLES: tuple[_Var, ...] = (
+    _Var("data_dir", "HISTOXPLAIN_DATA", lambda t: Path(t).expanduser(), lambda v: str(v) != "", "a folder path"),
+    _Var("qdrant_url", "QDRANT_URL", _url, None, "an http:// or https:// URL of a Qdrant server, or unset"),
+    _Var("qdrant_api_key", "QDRANT_API_KEY", _optional_str),
+    _Var("max_pixels", "HISTOXPLAIN_MAX_PIXELS", _int, lambda v: v >= 1, "an integer >= 1 (width * height)"),
+    _Var("model", "HISTOXPLAIN_MODEL", str.strip, lambda v: v != "", "an encoder preset name"),
+    _Var("weights", "HISTOXPLAIN_WEIGHTS", _optional_path, None, "a path to a weights file, or unset"),
+    _Var("tile_size", "HISTOXPLAIN_TILE_SIZE", _int, lambda v: 16 <= v <= 8192, "an integer from 16 to 8192"),
+    _Var("stride", "HISTOXPLAIN_STRIDE", lambda t: _int(t) if t else None,
+         lambda v: v is None or 1 <= v <= 8192, "an integer from 1 to 8192, or unset (= tile size)"),
+    _Var("min_tissue", "HISTOXPLAIN_MIN_TISSUE", float, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1"),
+    _Var("slide_level", "HISTOXPLAIN_SLIDE_LEVEL", _int, lambda v: v >= 0, "an integer >= 0"),
+    _Var("batch_size", "HISTOXPLAIN_BATCH_SIZE", _int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    _Var("device", "HISTOXPLAIN_DEVICE", str.lower, _device_name,
+         "cpu, cuda, cuda:N (N = GPU index) or auto (cuda:0 when there is a GPU, else cpu)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated core settings (see the module docstring for the variables and defaults).
+
+    Attributes:
+        data_dir: where local-mode Qdrant (``<data_dir>/qdrant``) and tile PNGs
+            (``<data_dir>/tiles/<index>/``) live.
+        qdrant_url: a Qdrant server; ``None`` uses embedded local mode under ``data_dir``.
+        qdrant_api_key: API key sent to the Qdrant server.
+        max_pixels: largest plain image (width * height) decoded, a decompression-bomb guard.
+        model: encoder preset name.
+        weights: local weights file for presets that need one.
+        tile_size: tile edge in pixels at the read level.
+        stride: step between tiles in pixels; ``None`` means ``tile_size`` (no overlap).
+        min_tissue: fraction of a tile that must be tissue for it to be indexed.
+        slide_level: pyramid level read from whole-slide files.
+        batch_size: tiles embedded and upserted per batch.
+        device: torch device of the in-process encoder: ``cpu``, ``cuda``, ``cuda:N`` or
+            ``auto`` (``histoxplain_model.devices.resolve_device``).
+    """
+
+    data_dir: Path = Path("./histoxplain-data")
+    qdrant_url: str | None = None
+    qdrant_api_key: str | None = field(default=None, repr=False)  # a secret: kept out of logs
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    model: str = DEFAULT_MODEL
+    weights: Path | None = None
+    tile_size: int = 224
+    stride: int | None = None
+    min_tissue: float = 0.25
+    slide_level: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Accept str paths from callers (tests, flags); the fields are always Path afterwards.
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", Path(self.weights))
+        _check(self, _VARIABLES)
+
+    @property
+    def tile_stride(self) -> int:
+        """The effective stride: ``stride`` or, when unset, ``tile_size``."""
+        return self.stride if self.stride is not None else self.tile_size
+
+    @property
+    def qdrant_path(self) -> Path:
+        """Folder of the embedded (local-mode) Qdrant storage."""
+        return self.data_dir / "qdrant"
+
+    def tiles_dir(self, index_name: str) -> Path:
+        """Folder of the tile PNGs of one index."""
+        return self.data_dir / "tiles" / index_name
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (e.g. from command-line flags), validated again."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read every variable in the table above; unset or empty ones keep their defaults.
+
+        Raises:
+            InvalidRequest: a value that does not parse or is out of range; the message names
+                the variable and what it allows.
+        """
+        return cls(**_read(environ, _VARIABLES))
+
+
+def _read(environ: Mapping[str, str], variables: tuple[_Var, ...]) -> dict[str, Any]:
+    """The set, non-empty variables of ``variables``, parsed (range checks come after)."""
+    values: dict[str, Any] = {}
+    for var in variables:
+        text = (environ.get(var.env) or "").strip()
+        if text == "":
+            continue
+        try:
+            values[var.field] = var.parse(text)
+        except ValueError:
+            raise InvalidRequest(
+                f"{var.env}={text!r} is not allowed; use {var.allowed or 'a valid value'}"
+            ) from None
+    return values
+
+
+def _check(instance: object, variables: tuple[_Var, ...]) -> None:
+    for var in variables:
+        value = getattr(instance, var.field)
+        if var.check is not None and not var.check(value):
+            raise InvalidRequest(f"{var.env} ({var.field}) = {value!r} is not allowed; use {var.allowed}")
+
+
+
+BackendKind = Literal["torchserve", "embedded"]
+BACKENDS: tuple[BackendKind, ...] = ("torchserve", "embedded")
+_MIB = 1024 * 1024
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+_GATEWAY_VARIABLES: tuple[_Var, ...] = (
+    _Var("host", "HISTOXPLAIN_HOST", str, lambda v: v != "", "a host name or address"),
+    _Var("port", "HISTOXPLAIN_PORT", _int, lambda v: 0 <= v <= 65535, "a port number (0-65535)"),
+    _Var("backend", "HISTOXPLAIN_BACKEND", str.lower, lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+    _Var("torchserve_address", "HISTOXPLAIN_TORCHSERVE_ADDRESS", str, lambda v: v != "", "host:port"),
+    _Var("torchserve_key_file", "HISTOXPLAIN_TORCHSERVE_KEY_FILE", _optional_path, None, "a path"),
+    _Var("torchserve_model", "HISTOXPLAIN_TORCHSERVE_MODEL", str, lambda v: v != "", "a model name"),
+    _Var("max_message_bytes", "HISTOXPLAIN_MAX_MESSAGE_MB", lambda t: int(float(t) * _MIB), _positive,
+         "a number of MiB > 0"),
+    _Var("default_deadline_s", "HISTOXPLAIN_DEFAULT_DEADLINE_S", float, _positive, "seconds > 0"),
+    _Var("max_deadline_s", "HISTOXPLAIN_MAX_DEADLINE_S", float, _positive, "seconds > 0"),
+    _Var("max_k", "HISTOXPLAIN_MAX_K", _int, _positive, "an integer > 0"),
+    _Var("max_explain_k", "HISTOXPLAIN_MAX_EXPLAIN_K", _int, _positive, "an integer > 0"),
+    _Var("worker_threads", "HISTOXPLAIN_WORKER_THREADS", _int, _positive, "an integer > 0"),
+    _Var("grace_period_s", "HISTOXPLAIN_GRACE_PERIOD_S", float, lambda v: v >= 0, "seconds >= 0"),
+    _Var("health_interval_s", "HISTOXPLAIN_HEALTH_INTERVAL_S", float, _positive, "seconds > 0"),
+)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway reads from the environment, validated.
+
+    Attributes:
+        core: the settings shared with the CLI (data dir, Qdrant URL, max pixels, preset...).
+        host: address the gateway binds (``HISTOXPLAIN_HOST``); loopback unless told otherwise.
+        port: port the gateway binds (``HISTOXPLAIN_PORT``); 0 picks a free one (tests).
+        backend: ``torchserve`` (TorchServe's gRPC inference API) or ``embedded`` (in-process).
+        torchserve_address: ``host:port`` of TorchServe's gRPC inference API.
+        torchserve_key_file: TorchServe's ``key_file.json`` (token authorization), if any.
+        torchserve_model: the model name registered in TorchServe.
+        max_message_bytes: largest request or response message, both directions.
+        default_deadline_s: deadline of a call that arrives without one.
+        max_deadline_s: upper bound on any call's deadline, whatever the client asks for.
+        max_k: largest ``k`` a Search may ask for (the API allows up to 1000; the domain layer
+            currently stops at ``retrieval.MAX_K`` = 100).
+        max_explain_k: largest number of references one Explain / SearchAndExplain explains
+            (the API allows up to 100 for SearchAndExplain; each costs a backward pass).
+        worker_threads: threads that run model and index calls off the event loop.
+        grace_period_s: how long SIGTERM lets in-flight calls finish before cancelling them.
+        health_interval_s: how often health re-checks the model backend and Qdrant.
+    """
+
+    core: Settings
+    host: str = "127.0.0.1"
+    port: int = 50051
+    backend: BackendKind = "torchserve"
+    torchserve_address: str = "127.0.0.1:7070"
+    torchserve_key_file: Path | None = None
+    torchserve_model: str = "histoxplain"
+    max_message_bytes: int = 64 * _MIB
+    default_deadline_s: float = 60.0
+    max_deadline_s: float = 300.0
+    max_k: int = 100
+    max_explain_k: int = 100
+    worker_threads: int = 4
+    grace_period_s: float = 10.0
+    health_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check(self, _GATEWAY_VARIABLES)
+        if self.default_deadline_s > self.max_deadline_s:
+            raise InvalidRequest(
+                f"HISTOXPLAIN_DEFAULT_DEADLINE_S={self.default_deadline_s} is above "
+                f"HISTOXPLAIN_MAX_DEADLINE_S={self.max_deadline_s}; lower it or raise the maximum"
+            )
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server binds (IPv6 literals bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    def deadline_for(self, time_remaining: float | None) -> float:
+        """The deadline (seconds) one call gets: the client's remaining time, capped.
+
+        Args:
+            time_remaining: ``context.time_remaining()``; ``None`` when the client set none.
+        """
+        if time_remaining is None:
+            return self.default_deadline_s
+        return max(0.0, min(time_remaining, self.max_deadline_s))
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, core: Settings | None = None
+    ) -> GatewaySettings:
+        """Read ``HISTOXPLAIN_*`` gateway variables (and the core settings) once.
+
+        Args:
+            environ: the environment to read; ``os.environ`` when omitted.
+            core: core settings already read; ``Settings.from_env()`` when omitted.
+        """
+        env = os.environ if environ is None else environ
+        return cls(core=core if core is not None else Settings.from_env(), **_read(env, _GATEWAY_VARIABLES))

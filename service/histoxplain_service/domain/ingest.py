@@ -1,0 +1,544 @@
+"""Turn image files, folders and whole-slide files into indexed tiles.
+
+Inputs
+    :func:`discover_inputs` expands PATHs: a file is taken as given; a folder is walked
+    recursively for PNG/JPEG/TIFF images and slides, each labelled with the name of the folder
+    that holds it (``root/Benign/a.png`` -> ``Benign``; files directly in ``root`` have no
+    label). Hidden files and other extensions in folders are ignored. Whole-slide files
+    (``.svs``, ``.ndpi``, ``.scn``, ``.bif``, and ``.tif``/``.tiff`` files that are pyramids) are
+    read tile by tile with tiffslide at a chosen pyramid level; plain images are decoded whole
+    by :func:`histoxplain_model.imageio.decode_image` under the pixel limit.
+
+Image ids
+    Derived from the file's bytes (SHA-256; for files over 64 MiB, of the size plus the first
+    and last MiB), so the same file indexed again, from any path, gets the same id and the same
+    point ids: it is updated, never duplicated. Two identical files in one run are indexed once.
+
+Bad input
+    A file that cannot be read (corrupt, truncated, empty, unsupported, over the pixel limit, a
+    slide without the requested level) is skipped and its reason recorded in the summary; the
+    run goes on. This holds for files named explicitly too, so one bad file does not lose a
+    batch; the caller decides from :attr:`IndexSummary.skipped` how to exit. A PATH that does
+    not exist or has an unsupported extension is a usage error raised before anything is
+    written. Failures of the embedder or of Qdrant stop the run; re-running it finishes the job.
+
+Resuming
+    Before tiling an image, its planned point ids are checked against the index
+    (:meth:`VectorIndex.image_state`): complete images are skipped, so an interrupted run
+    re-run only embeds what is missing, and upserts by deterministic id never double anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
+from histoxplain_model.imageio import decode_image
+
+from histoxplain_service.index.qdrant import Box, TileRecord, VectorIndex
+from histoxplain_service.config import Settings
+from histoxplain_service.domain.tiling import pad_tile, tile_grid, tissue_fractions, tissue_mask
+
+__all__ = [
+    "EmbedFn",
+    "IMAGE_SUFFIXES",
+    "SLIDE_SUFFIXES",
+    "ArraySource",
+    "ImageSource",
+    "IndexSummary",
+    "IndexedImage",
+    "InputFile",
+    "SkippedInput",
+    "SlideSource",
+    "bytes_id",
+    "content_id",
+    "discover_inputs",
+    "index_images",
+    "index_paths",
+    "iter_tiles",
+    "open_source",
+    "plan_tiles",
+]
+
+log = logging.getLogger(__name__)
+
+EmbedFn = Callable[[Sequence[np.ndarray]], np.ndarray]
+"""(H, W, 3) uint8 tiles -> (B, D) float32 L2-normalised embeddings."""
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif"})
+_HASH_WHOLE_LIMIT = 64 * 1024 * 1024
+_HASH_EDGE = 1024 * 1024
+# 40 hex digits (160 bits, like a git object id). Not 32: a 32-digit hex string parses as a UUID,
+# and qdrant-client local mode's facet() hands such keyword values back in UUID form.
+_ID_HEX = 40
+THUMBNAIL_SIDE = 2048
+"""Longest side of the thumbnail the tissue mask is computed on."""
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    label: str | None
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES | SLIDE_SUFFIXES
+
+
+def discover_inputs(paths: Iterable[str | os.PathLike[str]], label: str | None = None) -> list[InputFile]:
+    """Files to index from PATHs (files or folders), in a stable order.
+
+    Args:
+        paths: files and folders.
+        label: label of explicitly named files (folders label by sub-folder name).
+
+    Raises:
+        InvalidRequest: a PATH that does not exist, or a file with an unsupported extension.
+    """
+    found: list[InputFile] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                relative = file.relative_to(path)
+                if any(part.startswith(".") for part in relative.parts) or not file.is_file() or not _supported(file):
+                    continue
+                found.append(InputFile(file, file.parent.name if file.parent != path else None))
+        elif path.is_file():
+            if not _supported(path):
+                raise InvalidRequest(
+                    f"unsupported file type {path.suffix or '(none)'!r} for {str(path)!r}; histoxplain indexes "
+                    f"images ({', '.join(sorted(IMAGE_SUFFIXES))}) and slides ({', '.join(sorted(SLIDE_SUFFIXES))})"
+                )
+            found.append(InputFile(path, label))
+        else:
+            raise InvalidRequest(f"{str(path)!r} does not exist; give image files or folders of images")
+    return found
+
+
+def content_id(path: Path) -> str:
+    """Deterministic image id from the file content (see the module docstring)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if size <= _HASH_WHOLE_LIMIT:
+            for chunk in iter(lambda: handle.read(_HASH_EDGE), b""):
+                digest.update(chunk)
+        else:
+            digest.update(f"size={size};".encode())
+            digest.update(handle.read(_HASH_EDGE))
+            handle.seek(size - _HASH_EDGE)
+            digest.update(handle.read(_HASH_EDGE))
+    return digest.hexdigest()[:_ID_HEX]
+
+
+def bytes_id(data: bytes) -> str:
+    """Image id of encoded bytes (images sent over the network); the same rule as :func:`content_id`."""
+    if len(data) <= _HASH_WHOLE_LIMIT:
+        return hashlib.sha256(data).hexdigest()[:_ID_HEX]
+    digest = hashlib.sha256(f"size={len(data)};".encode())
+    digest.update(data[:_HASH_EDGE])
+    digest.update(data[-_HASH_EDGE:])
+    return digest.hexdigest()[:_ID_HEX]
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+
+class ImageSource(Protocol):
+    """One image to tile: a decoded array or one level of a slide."""
+
+    image_id: str
+    source: str
+    label: str | None
+    level: int
+    mpp: float | None
+    downsample: float
+    width: int
+    height: int
+
+    def thumbnail(self, max_side: int) -> np.ndarray: ...
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class ArraySource:
+    """A decoded plain image (H, W, 3) uint8 RGB; level 0."""
+
+    image: np.ndarray
+    image_id: str
+    source: str
+    label: str | None = None
+    mpp: float | None = None
+    level: int = 0
+    downsample: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        step = max(1, -(-max(self.width, self.height) // max_side))
+        return self.image[::step, ::step]
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self.image[y : y + h, x : x + w]
+
+    def close(self) -> None:
+        return None
+
+
+class SlideSource:
+    """One pyramid level of a whole-slide file, read through tiffslide."""
+
+    def __init__(self, path: Path, level: int, image_id: str, label: str | None = None) -> None:
+        import tiffslide  # imported here: only slides need it
+
+        try:
+            self._slide = tiffslide.TiffSlide(path)
+        except Exception as exc:  # tifffile/tiffslide raise many types for unreadable files
+            raise ImageDecodeError(f"{str(path)!r} is not a readable slide ({exc}); check the file") from exc
+        levels = self._slide.level_count
+        if level >= levels:
+            self._slide.close()
+            raise InvalidRequest(
+                f"slide {str(path)!r} has {levels} level(s) (0..{levels - 1}); choose a level in that range"
+            )
+        self.image_id = image_id
+        self.source = str(path)
+        self.label = label
+        self.level = level
+        self.width, self.height = (int(v) for v in self._slide.level_dimensions[level])
+        self.downsample = float(self._slide.level_downsamples[level])
+        mpp = self._slide.properties.get("tiffslide.mpp-x")
+        self.mpp = float(mpp) * self.downsample if mpp else None
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert("RGB"), dtype=np.uint8)
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        location = (round(x * self.downsample), round(y * self.downsample))
+        try:
+            region = self._slide.read_region(location, self.level, (w, h))
+        except Exception as exc:  # codecs raise many types for corrupt tiles
+            raise ImageDecodeError(
+                f"slide {self.source!r} has an unreadable region at {location} (level {self.level}): {exc}"
+            ) from exc
+        return np.asarray(region.convert("RGB"), dtype=np.uint8)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _is_pyramid_tiff(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return bool(tiff.series) and (len(tiff.series[0].levels) > 1 or tiff.is_svs or tiff.is_ndpi or tiff.is_scn)
+    except Exception:  # not a TIFF tifffile can parse: let the image decoder report it
+        return False
+
+
+def open_source(item: InputFile, settings: Settings) -> ImageSource:
+    """Open one file as an image source (a slide level or a decoded image).
+
+    Raises:
+        InvalidRequest (ImageDecodeError, ImageTooLargeError): the file cannot be used.
+    """
+    path = item.path
+    try:
+        image_id = content_id(path)
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_SUFFIXES or (suffix in (".tif", ".tiff") and _is_pyramid_tiff(path)):
+        return SlideSource(path, settings.slide_level, image_id, item.label)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    image = decode_image(data, settings.max_pixels, source=repr(str(path)))
+    return ArraySource(image, image_id, str(path), item.label)
+
+
+# -- tiling --------------------------------------------------------------------------------------
+
+
+def plan_tiles(source: ImageSource, tile_size: int, stride: int, min_tissue: float) -> list[TileRecord]:
+    """Records of the tiles to index from one source, background tiles left out.
+
+    An image that is a single tile is kept whatever its tissue fraction (it is the unit the
+    user gave, e.g. a 224 px patch of a labelled dataset, background class included).
+    Boxes are in level-0 pixels.
+    """
+    boxes = tile_grid(source.width, source.height, tile_size, stride)
+    if len(boxes) > 1 and min_tissue > 0:
+        thumbnail = source.thumbnail(THUMBNAIL_SIDE)
+        scale = thumbnail.shape[1] / source.width
+        fractions = tissue_fractions(tissue_mask(thumbnail), boxes, scale)
+        boxes = [box for box, fraction in zip(boxes, fractions) if fraction >= min_tissue]
+    ds = source.downsample
+    level0 = [Box(round(x * ds), round(y * ds), round(w * ds), round(h * ds)) for x, y, w, h in boxes]
+    return [
+        TileRecord(source.image_id, source.source, source.label, box, source.level, source.mpp, i, len(level0))
+        for i, box in enumerate(level0)
+    ]
+
+
+def iter_tiles(source: ImageSource, records: Sequence[TileRecord], tile_size: int) -> Iterator[np.ndarray]:
+    """Pixels (tile_size, tile_size, 3) uint8 of each planned record, padded with white at edges."""
+    ds = source.downsample
+    for record in records:
+        box = record.box
+        x, y = round(box.x / ds), round(box.y / ds)
+        w, h = min(tile_size, source.width - x), min(tile_size, source.height - y)
+        yield pad_tile(source.read(x, y, w, h), tile_size)
+
+
+# -- indexing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexedImage:
+    """One image the run handled: ``indexed`` (embedded now), ``unchanged`` (already complete),
+    or ``relabelled`` (already complete; label/source updated without re-embedding)."""
+
+    image_id: str
+    source: str
+    label: str | None
+    tiles: int
+    status: Literal["indexed", "unchanged", "relabelled"]
+
+
+#: Why an input was skipped: unreadable (corrupt, truncated, empty, unsupported), too_large
+#: (over the pixel limit), no_tissue (every tile is background), duplicate (same content as
+#: an earlier input of the run).
+SkipKind = Literal["unreadable", "too_large", "no_tissue", "duplicate"]
+
+
+@dataclass(frozen=True)
+class SkippedInput:
+    """An input that was not indexed; ``position`` is its place among the run's inputs."""
+
+    source: str
+    reason: str
+    kind: SkipKind = "unreadable"
+    position: int = -1
+
+
+def _skipped(name: str, error: InvalidRequest, position: int) -> SkippedInput:
+    log.warning("skipping %s: %s", name, error)
+    kind: SkipKind = "too_large" if isinstance(error, ImageTooLargeError) else "unreadable"
+    return SkippedInput(name, str(error), kind, position)
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    index: str
+    images: tuple[IndexedImage, ...]
+    skipped: tuple[SkippedInput, ...]
+
+    @property
+    def images_indexed(self) -> int:
+        return sum(image.status == "indexed" for image in self.images)
+
+    @property
+    def images_unchanged(self) -> int:
+        return sum(image.status != "indexed" for image in self.images)
+
+    @property
+    def tiles_indexed(self) -> int:
+        return sum(image.tiles for image in self.images if image.status == "indexed")
+
+
+@dataclass
+class _Pending:
+    records: list[TileRecord]
+    remaining: int
+
+
+@dataclass
+class _Indexer:
+    """Streams tiles of many images through fixed-size embedding batches."""
+
+    index: VectorIndex
+    embed_fn: EmbedFn
+    settings: Settings
+    dim: int
+    progress: tqdm
+    batch: list[tuple[TileRecord, np.ndarray]] = field(default_factory=list)
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    done: list[IndexedImage] = field(default_factory=list)
+
+    def add(self, source: ImageSource) -> IndexedImage | SkippedInput:
+        settings = self.settings
+        records = plan_tiles(source, settings.tile_size, settings.tile_stride, settings.min_tissue)
+        if not records:
+            return SkippedInput(
+                source.source,
+                f"no tissue found (no tile has {settings.min_tissue:.0%} tissue; lower --min-tissue)",
+                "no_tissue",
+            )
+        state = self.index.image_state(records)
+        if state != "incomplete":
+            if state == "metadata":
+                self.index.set_image_metadata(source.image_id, source.label, source.source)
+            status = "unchanged" if state == "complete" else "relabelled"
+            return IndexedImage(source.image_id, source.source, source.label, len(records), status)
+        self.pending[source.image_id] = _Pending(records, len(records))
+        try:
+            for record, tile in zip(records, iter_tiles(source, records, settings.tile_size)):
+                self.batch.append((record, tile))
+                if len(self.batch) >= settings.batch_size:
+                    self.flush()
+        except InvalidRequest:
+            # A tile that cannot be read (a corrupt slide region): leave no partial image behind.
+            self.batch = [(record, tile) for record, tile in self.batch if record.image_id != source.image_id]
+            del self.pending[source.image_id]
+            self.index.delete([source.image_id])
+            raise
+        return IndexedImage(source.image_id, source.source, source.label, len(records), "indexed")
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        records = [record for record, _ in self.batch]
+        tiles = [tile for _, tile in self.batch]
+        vectors = np.asarray(self.embed_fn(tiles), dtype=np.float32)
+        if vectors.shape != (len(tiles), self.dim):
+            raise ValueError(f"the embedder returned {vectors.shape} for {len(tiles)} tiles; expected ({len(tiles)}, {self.dim})")
+        self.index.upsert(records, vectors, tiles)
+        self.batch.clear()
+        self.progress.update(len(records))
+        for record in records:
+            pending = self.pending[record.image_id]
+            pending.remaining -= 1
+            if pending.remaining == 0:
+                self.index.finish_image(record.image_id, [r.point_id for r in pending.records])
+                del self.pending[record.image_id]
+
+
+def _run(
+    items: Iterable[tuple[str, Callable[[], ImageSource]]],
+    index: VectorIndex,
+    embed_fn: EmbedFn,
+    settings: Settings,
+    preset: str,
+    dim: int,
+    show_progress: bool,
+    total: int | None,
+) -> IndexSummary:
+    index.ensure(preset, dim)
+    images: list[IndexedImage] = []
+    skipped: list[SkippedInput] = []
+    first_source: dict[str, str] = {}
+    with tqdm(total=None, unit="tile", desc=f"indexing {index.name}", disable=not show_progress) as bar:
+        indexer = _Indexer(index, embed_fn, settings, dim, bar)
+        inputs = tqdm(items, total=total, unit="image", disable=not show_progress, leave=False)
+        for position, (name, opener) in enumerate(inputs):
+            try:
+                source = opener()
+            except InvalidRequest as exc:
+                skipped.append(_skipped(name, exc, position))
+                continue
+            try:
+                if source.image_id in first_source:
+                    reason = f"same image as {first_source[source.image_id]} (same content or image id)"
+                    skipped.append(SkippedInput(name, reason, "duplicate", position))
+                    continue
+                first_source[source.image_id] = source.source
+                result = indexer.add(source)
+            except InvalidRequest as exc:
+                result = _skipped(name, exc, position)
+            finally:
+                source.close()
+            if isinstance(result, IndexedImage):
+                images.append(result)
+            else:
+                skipped.append(replace(result, position=position))
+        indexer.flush()
+    summary = IndexSummary(index.name, tuple(images), tuple(skipped))
+    log.info(
+        "index %s: %d images indexed (%d tiles), %d already indexed, %d skipped",
+        index.name, summary.images_indexed, summary.tiles_indexed, summary.images_unchanged, len(skipped),
+    )
+    return summary
+
+
+def index_paths(
+    paths: Iterable[str | os.PathLike[str]],
+    index: VectorIndex,
+    embed_fn: EmbedFn,
+    settings: Settings,
+    *,
+    preset: str,
+    dim: int,
+    label: str | None = None,
+    show_progress: bool = True,
+) -> IndexSummary:
+    """Index every image and slide under ``paths`` (see the module docstring).
+
+    Args:
+        paths: files and folders.
+        index: the target index; created for (``preset``, ``dim``) if missing.
+        embed_fn: tiles -> (B, D) float32 L2-normalised embeddings.
+        settings: tile size, stride, min tissue, slide level, batch size, pixel limit.
+        preset, dim: the encoder behind ``embed_fn`` (an index built with another is refused).
+        label: label of explicitly named files.
+        show_progress: tqdm progress bars on stderr.
+
+    Raises:
+        InvalidRequest: a PATH that does not exist or has an unsupported extension (nothing written).
+        FailedPrecondition: the index was built with another encoder.
+    """
+    inputs = discover_inputs(paths, label)
+    items = [(str(item.path), lambda item=item: open_source(item, settings)) for item in inputs]
+    return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
+
+
+def index_images(
+    images: Iterable[tuple[bytes, str, str | None, str | None]],
+    index: VectorIndex,
+    embed_fn: EmbedFn,
+    settings: Settings,
+    *,
+    preset: str,
+    dim: int,
+    show_progress: bool = False,
+) -> IndexSummary:
+    """Index encoded images received in memory (e.g. over gRPC): ``(data, source, label, image_id)``.
+
+    ``image_id`` ``None`` uses :func:`bytes_id` of the data (re-sending the same bytes updates
+    the image); a caller-given id makes re-sending under that id replace the image. Bad images
+    are skipped with their reason and position.
+    """
+
+    def opener(data: bytes, name: str, label: str | None, image_id: str | None) -> Callable[[], ImageSource]:
+        def open_() -> ImageSource:
+            image = decode_image(data, settings.max_pixels, source=repr(name))
+            return ArraySource(image, image_id or bytes_id(data), name, label)
+
+        return open_
+
+    items = [(name, opener(data, name, label, image_id)) for data, name, label, image_id in images]
+    return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
+

@@ -1,0 +1,299 @@
+"""The domain: index, search and explain, shared by the CLI and the gRPC gateway.
+
+Everything here takes and returns numpy arrays and frozen dataclasses; no protobuf. The model
+side is any :class:`~histoxplain_service.backends.ModelBackend` (in-process or TorchServe).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from qdrant_client import QdrantClient
+
+from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.options import MethodOptions
+from histoxplain_service.backends import ModelBackend, ModelInfo
+from histoxplain_service.index.qdrant import ImageHit, IndexInfo, SearchHit, TileRecord, VectorIndex, list_indexes, open_index
+from histoxplain_service.domain.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
+from histoxplain_service.config import Settings
+
+POLARITIES = ("similar", "dissimilar")
+SIDES = ("query", "retrieved", "both")
+#: The largest k a request may ask for; explanations cost time per hit.
+MAX_K = 100
+
+Ranking = Literal["tile", "image"]
+
+
+@dataclass(frozen=True)
+class ExplainedHit:
+    """One reference explained against the query.
+
+    Attributes:
+        hit: the indexed tile (``None`` when the reference was an image given in the request).
+        similarity: cosine similarity of the query and this reference as the model computes it.
+        image: the reference's pixels (H, W, 3) uint8.
+        query_heatmap: (h, w) float32 in [0, 1]: where the query drives this (dis)similarity.
+        hit_heatmap: (h, w) float32 in [0, 1]: where the reference drives it.
+    """
+
+    hit: SearchHit | None
+    similarity: float
+    image: np.ndarray
+    query_heatmap: np.ndarray | None
+    hit_heatmap: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ExplainedSearch:
+    """A query explained against each of its references, for one method and polarity."""
+
+    method: str
+    polarity: str
+    side: str
+    query_image: np.ndarray
+    hits: tuple[ExplainedHit, ...]
+
+
+def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limit:
+        raise InvalidRequest(f"{what} must be an integer from 1 to {limit}, got {k!r}")
+    return k
+
+
+def check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise InvalidRequest(f"unknown {kind} {value!r}; use one of: {', '.join(allowed)}")
+    return value
+
+
+class Retrieval:
+    """Search and explanation over named indexes, with one model backend and one Qdrant."""
+
+    def __init__(self, settings: Settings, backend: ModelBackend, qdrant: QdrantClient) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.qdrant = qdrant
+        self._info: ModelInfo | None = None
+
+    @property
+    def model(self) -> ModelInfo:
+        if self._info is None:
+            self._info = self.backend.info()
+        return self._info
+
+    # -- indexes -----------------------------------------------------------------------------------
+
+    def index(self, name: str) -> VectorIndex:
+        return open_index(self.settings, name, self.qdrant)
+
+    def searchable(self, name: str) -> VectorIndex:
+        """An existing index built with this backend's encoder (NotFound / FailedPrecondition)."""
+        index = self.index(name)
+        index.check_encoder(self.model.preset, self.model.embedding_dim)
+        return index
+
+    def list_indexes(self) -> list[IndexInfo]:
+        return list_indexes(self.qdrant)
+
+    def describe(self, name: str) -> IndexInfo:
+        return self.index(name).describe()
+
+    def delete(self, name: str, image_ids: Sequence[str]) -> int:
+        if not image_ids:
+            raise InvalidRequest("no image ids to delete; give at least one")
+        return self.searchable(name).delete(list(image_ids))
+
+    def index_paths(
+        self, name: str, paths: Iterable[str | os.PathLike[str]], label: str | None = None, show_progress: bool = True
+    ) -> IndexSummary:
+        return index_paths(
+            paths, self.index(name), self.backend.embed, self.settings,
+            preset=self.model.preset, dim=self.model.embedding_dim, label=label, show_progress=show_progress,
+        )
+
+    def index_encoded(self, name: str, images: Iterable[tuple[bytes, str, str | None, str | None]]) -> IndexSummary:
+        """Index encoded images received in memory: ``(data, source, label, image_id or None)``."""
+        return index_images(
+            images, self.index(name), self.backend.embed, self.settings,
+            preset=self.model.preset, dim=self.model.embedding_dim,
+        )
+
+    # -- search ------------------------------------------------------------------------------------
+
+    def embed_query(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """The whole query image as one tile -> (D,) float32."""
+        return self.backend.embed([image], timeout=timeout)[0]
+
+    def query_tiles(self, image: np.ndarray) -> list[np.ndarray]:
+        """The query cut into index-sized tissue tiles (one tile when it is that small)."""
+        source = ArraySource(image, "query", "query")
+        size = self.settings.tile_size
+        records = plan_tiles(source, size, self.settings.tile_stride, self.settings.min_tissue)
+        return list(iter_tiles(source, records, size)) or [image]
+
+    def search(
+        self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> list[SearchHit]:
+        """The ``k`` indexed tiles most similar to the query (treated as one tile), best first."""
+        check_k(k)
+        index = self.searchable(name)
+        return index.search(self.embed_query(image, timeout), k, label=label, timeout=timeout)
+
+    def search_images(
+        self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> list[ImageHit]:
+        """The ``k`` indexed images whose tiles best match the query's tiles (see VectorIndex)."""
+        check_k(k)
+        index = self.searchable(name)
+        vectors = self.backend.embed(self.query_tiles(image), timeout=timeout)
+        return index.search_images(vectors, k, label=label, timeout=timeout)
+
+    # -- explain -----------------------------------------------------------------------------------
+
+    def _check_explain_options(self, method: str, polarity: str, side: str) -> None:
+        check_choice("method", method, self.model.methods)
+        check_choice("polarity", polarity, POLARITIES)
+        check_choice("side", side, SIDES)
+
+    def explain_hits(
+        self, name: str, image: np.ndarray, hits: Sequence[SearchHit], method: str,
+        polarity: str = "similar", side: str = "both", timeout: float | None = None,
+        options: MethodOptions | None = None, query_embedding: np.ndarray | None = None,
+    ) -> ExplainedSearch:
+        """Explain the query against indexed tiles (their stored pixels and vectors).
+
+        ``options``: the method's options (e.g. SmoothGrad's samples and noise); ``None``: the
+        library defaults. ``query_embedding``: the query's vector when the caller has it.
+        """
+        self._check_explain_options(method, polarity, side)
+        if not hits:
+            raise InvalidRequest("nothing to explain against: the search returned no hits")
+        index = self.index(name)
+        references = [index.load_tile(hit) for hit in hits]
+        return self._explain(
+            image, references, list(hits), method, polarity, side, timeout, options,
+            query_embedding=query_embedding, reference_embeddings=self._stored_vectors(index, hits),
+        )
+
+    def _stored_vectors(self, index: VectorIndex, hits: Sequence[SearchHit]) -> np.ndarray | None:
+        """The hits' vectors (K, D) as the index stores them, or None when they are not this
+        model's (an index built with another encoder: the backend embeds the tiles instead)."""
+        if index.encoder() != (self.model.preset, self.model.embedding_dim):
+            return None
+        _, vectors = index.points([hit.point_id for hit in hits])
+        return vectors
+
+    def explain_images(
+        self, image: np.ndarray, references: Sequence[np.ndarray], method: str,
+        polarity: str = "similar", side: str = "both", timeout: float | None = None,
+        options: MethodOptions | None = None,
+    ) -> ExplainedSearch:
+        """Explain the query against reference images given directly (no index)."""
+        self._check_explain_options(method, polarity, side)
+        if not references:
+            raise InvalidRequest("no reference images to explain against; give at least one")
+        return self._explain(
+            image, list(references), [None] * len(references), method, polarity, side, timeout, options
+        )
+
+    def indexed_hits(
+        self, name: str, image: np.ndarray, image_ids: Sequence[str] = (), point_ids: Sequence[str] = (),
+        timeout: float | None = None, query_embedding: np.ndarray | None = None,
+    ) -> list[SearchHit]:
+        """Indexed references as hits scored against the query: each image id becomes its tile
+        most similar to the query, each point id its own tile (image ids first, in the given order).
+
+        ``query_embedding``: the query's vector when the caller has it (else it is embedded)."""
+        if not image_ids and not point_ids:
+            raise InvalidRequest("no image ids or point ids given; name at least one indexed image or tile")
+        index = self.searchable(name)
+        query = self.embed_query(image, timeout) if query_embedding is None else query_embedding
+        hits = []
+        for image_id in image_ids:
+            records, vectors = index.image_tiles(image_id)
+            scores = vectors @ query
+            best = int(np.argmax(scores))
+            hits.append(_hit(records[best], float(scores[best])))
+        if point_ids:
+            records, vectors = index.points(point_ids)
+            hits.extend(_hit(record, float(score)) for record, score in zip(records, vectors @ query))
+        return hits
+
+    def explain_indexed(
+        self, name: str, image: np.ndarray, image_ids: Sequence[str], point_ids: Sequence[str], method: str,
+        polarity: str = "similar", side: str = "both", timeout: float | None = None,
+        options: MethodOptions | None = None,
+    ) -> ExplainedSearch:
+        """:meth:`indexed_hits` then :meth:`explain_hits`, embedding the query once, so the
+        backend embeds nothing again."""
+        self._check_explain_options(method, polarity, side)
+        query_vector = self.embed_query(image, timeout)
+        hits = self.indexed_hits(name, image, image_ids, point_ids, timeout, query_embedding=query_vector)
+        return self.explain_hits(
+            name, image, hits, method, polarity, side, timeout, options, query_embedding=query_vector
+        )
+
+    def search_and_explain(
+        self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
+        side: str = "both", label: str | None = None, timeout: float | None = None,
+        options: MethodOptions | None = None,
+    ) -> ExplainedSearch:
+        """:meth:`search` then :meth:`explain_hits`, reusing the query's embedding and the hits'
+        stored vectors so the backend embeds nothing again."""
+        self._check_explain_options(method, polarity, side)
+        check_k(k)
+        index = self.searchable(name)
+        query_vector = self.embed_query(image, timeout)
+        hits, vectors = index.search_with_vectors(query_vector, k, label=label, timeout=timeout)
+        if not hits:
+            raise InvalidRequest("nothing to explain against: the search returned no hits")
+        references = [index.load_tile(hit) for hit in hits]
+        return self._explain(
+            image, references, hits, method, polarity, side, timeout, options,
+            query_embedding=query_vector, reference_embeddings=vectors,
+        )
+
+    def _explain(
+        self, image: np.ndarray, references: list[np.ndarray], hits: list[SearchHit | None],
+        method: str, polarity: str, side: str, timeout: float | None, options: MethodOptions | None,
+        query_embedding: np.ndarray | None = None, reference_embeddings: np.ndarray | None = None,
+    ) -> ExplainedSearch:
+        result = self.backend.explain(
+            image, references, method, polarity, side, timeout=timeout, options=options,
+            query_embedding=query_embedding, reference_embeddings=reference_embeddings,
+        )
+        explained = tuple(
+            ExplainedHit(
+                hit=hit,
+                similarity=float(result.scores[i]),
+                image=references[i],
+                query_heatmap=None if result.query_heatmaps is None else result.query_heatmaps[i],
+                hit_heatmap=None if result.reference_heatmaps is None else result.reference_heatmaps[i],
+            )
+            for i, hit in enumerate(hits)
+        )
+        return ExplainedSearch(method, polarity, side, image, explained)
+
+
+def _hit(record: TileRecord, score: float) -> SearchHit:
+    return SearchHit(
+        score, record.point_id, record.image_id, record.label, record.source,
+        record.box, record.level, record.mpp, record.tile_index,
+    )
+
+
+__all__ = [
+    "MAX_K",
+    "POLARITIES",
+    "SIDES",
+    "ExplainedHit",
+    "ExplainedSearch",
+    "Retrieval",
+    "check_choice",
+    "check_k",
+]

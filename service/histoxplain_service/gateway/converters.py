@@ -1,0 +1,314 @@
+"""Protobuf <-> domain conversions for the gateway (the only module besides the servicer and
+the server that knows ``histoxplain.v1`` messages).
+
+Requests become plain values (names, numbers, numpy arrays); domain results (frozen
+dataclasses from :mod:`histoxplain_service.domain.retrieval` and :mod:`histoxplain_service.index.qdrant`)
+become response messages. Heatmaps travel twice: as a compact ``RawArray`` (float16 unless the
+caller asks for float32) and as an overlay PNG drawn over the image at the image's own size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from histoxplain_client._proto.histoxplain.v1 import types_pb2
+from histoxplain_client.arrays import encode_array
+from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.options import MAX_N_SAMPLES, MethodOptions
+from histoxplain_service.index.qdrant import ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.retrieval import ExplainedSearch, Retrieval
+from histoxplain_service.config import Settings
+
+_OVERLAY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
+
+__all__ = [
+    "ExplainChoice",
+    "explain_choice_from_proto",
+    "explain_choice_to_proto",
+    "heatmap_to_proto",
+    "index_info_to_proto",
+    "model_info_to_proto",
+    "search_hit_to_proto",
+    "METHOD_NAMES",
+]
+
+# Wire enum <-> library name (histoxplain_model.saliency.METHODS keys).
+METHOD_NAMES: dict[int, str] = {
+    types_pb2.EXPLANATION_METHOD_GRADCAM: "gradcam",
+    types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: "gradcampp",
+    types_pb2.EXPLANATION_METHOD_SMOOTHGRAD: "smoothgrad",
+}
+METHOD_ENUMS: dict[str, int] = {name: value for value, name in METHOD_NAMES.items()}
+POLARITY_NAMES: dict[int, str] = {
+    types_pb2.POLARITY_SIMILAR: "similar",
+    types_pb2.POLARITY_DISSIMILAR: "dissimilar",
+}
+SIDE_NAMES: dict[int, str] = {
+    types_pb2.EXPLANATION_SIDE_QUERY: "query",
+    types_pb2.EXPLANATION_SIDE_RETRIEVED: "retrieved",
+    types_pb2.EXPLANATION_SIDE_BOTH: "both",
+}
+HEATMAP_DTYPES = (types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32)
+
+
+@dataclass(frozen=True)
+class ExplainChoice:
+    """``ExplainOptions`` with defaults filled in and values checked.
+
+    Attributes:
+        method: library method name (``gradcam``, ``gradcampp``, ``smoothgrad``).
+        polarity: ``similar`` or ``dissimilar``.
+        side: ``query``, ``retrieved`` or ``both``.
+        heatmap_dtype: ``ARRAY_DTYPE_FLOAT16`` or ``ARRAY_DTYPE_FLOAT32``.
+        smoothgrad_samples: noisy samples for SmoothGrad; ``None`` = the library default.
+        smoothgrad_noise: noise std as a fraction of the input range; ``None`` = the default.
+    """
+
+    method: str = "gradcam"
+    polarity: str = "similar"
+    side: str = "both"
+    heatmap_dtype: int = types_pb2.ARRAY_DTYPE_FLOAT16
+    smoothgrad_samples: int | None = None
+    smoothgrad_noise: float | None = None
+
+    @property
+    def method_options(self) -> MethodOptions | None:
+        """The library's options for this request; ``None`` when every option is the default.
+
+        The SmoothGrad fields are passed whatever the method (the other methods do not read
+        them), so a request is checked the same way for every method.
+        """
+        if self.smoothgrad_samples is None and self.smoothgrad_noise is None:
+            return None
+        defaults = MethodOptions()
+        return MethodOptions(
+            n_samples=defaults.n_samples if self.smoothgrad_samples is None else self.smoothgrad_samples,
+            sigma=defaults.sigma if self.smoothgrad_noise is None else self.smoothgrad_noise,
+        )
+
+
+def _enum_name(enum_type: Any, value: int) -> str:
+    try:
+        return enum_type.Name(value)
+    except ValueError:
+        return str(value)
+
+
+def explain_choice_from_proto(options: types_pb2.ExplainOptions) -> ExplainChoice:
+    """Checked options; an unknown enum value (a newer client) raises ``UnknownNameError``."""
+    method = _lookup(
+        "explanation method", options.method, METHOD_NAMES, types_pb2.ExplanationMethod, "gradcam"
+    )
+    polarity = _lookup("polarity", options.polarity, POLARITY_NAMES, types_pb2.Polarity, "similar")
+    side = _lookup("explanation side", options.side, SIDE_NAMES, types_pb2.ExplanationSide, "both")
+    dtype = options.heatmap_dtype or types_pb2.ARRAY_DTYPE_FLOAT16
+    if dtype not in HEATMAP_DTYPES:
+        raise UnknownNameError.for_name(
+            "heatmap dtype",
+            _enum_name(types_pb2.ArrayDtype, dtype),
+            [types_pb2.ArrayDtype.Name(value) for value in HEATMAP_DTYPES],
+        )
+    samples = options.smoothgrad_samples or None
+    if samples is not None and not 1 <= samples <= MAX_N_SAMPLES:
+        raise InvalidRequest(
+            f"smoothgrad_samples={samples} is out of range; use 1 to {MAX_N_SAMPLES} "
+            "(0 for the server's default)"
+        )
+    noise = options.smoothgrad_noise if options.HasField("smoothgrad_noise") else None
+    # The same bounds as MethodOptions (n_samples, sigma), named as the caller sent them.
+    if noise is not None and not (np.isfinite(noise) and 0.0 < noise <= 1.0):
+        raise InvalidRequest(f"smoothgrad_noise={noise} is out of range; use a number in (0, 1]")
+    return ExplainChoice(method, polarity, side, dtype, samples, noise)
+
+
+def _lookup(kind: str, value: int, names: dict[int, str], enum_type: Any, default: str) -> str:
+    if value == 0:
+        return default
+    if value not in names:
+        raise UnknownNameError.for_name(
+            kind, _enum_name(enum_type, value), [enum_type.Name(known) for known in names]
+        )
+    return names[value]
+
+
+def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
+    """The options actually used, echoed in responses with defaults filled in.
+
+    SmoothGrad's samples and noise are echoed for SmoothGrad only (the values it ran with,
+    the defaults included); other methods do not use them, so they stay 0 / unset.
+    """
+    message = types_pb2.ExplainOptions(
+        method=METHOD_ENUMS[choice.method],
+        polarity={name: value for value, name in POLARITY_NAMES.items()}[choice.polarity],
+        side={name: value for value, name in SIDE_NAMES.items()}[choice.side],
+        heatmap_dtype=choice.heatmap_dtype,
+    )
+    if choice.method == "smoothgrad":
+        used = choice.method_options or MethodOptions()
+        message.smoothgrad_samples = used.n_samples
+        message.smoothgrad_noise = used.sigma
+    return message
+
+
+def heatmap_to_proto(values: np.ndarray, image: np.ndarray, dtype: int) -> types_pb2.Heatmap:
+    """One heatmap: ``values`` (H, W) float32 in [0, 1] at the model input resolution, drawn
+    over ``image`` (h, w, 3) uint8 at the image's own size."""
+    from histoxplain_model.overlay import overlay_png
+
+    return types_pb2.Heatmap(
+        values=encode_array(np.clip(values, 0.0, 1.0), dtype), overlay_png=overlay_png(image, values)
+    )
+
+
+def search_hit_to_proto(hit: SearchHit | ImageHit) -> types_pb2.SearchHit:
+    """A tile hit as a message; an image hit as its combined score plus its best tile."""
+    if isinstance(hit, ImageHit):
+        best = max(hit.tiles, key=lambda tile: tile.score)
+        message = search_hit_to_proto(best)
+        message.score = float(hit.score)
+        message.matched_tiles = len({tile.point_id for tile in hit.tiles})
+        return message
+    message = types_pb2.SearchHit(
+        score=float(hit.score),
+        image_id=hit.image_id,
+        point_id=str(hit.point_id),
+        label=hit.label or "",
+        source=hit.source or "",
+        box=types_pb2.Box(x=hit.box.x, y=hit.box.y, width=hit.box.w, height=hit.box.h),
+        level=int(hit.level),
+    )
+    if hit.mpp is not None:
+        message.mpp = float(hit.mpp)
+    return message
+
+
+def model_info_to_proto(info: Any) -> types_pb2.ModelInfo:
+    """A :class:`histoxplain_service.backends.ModelInfo` as a message."""
+    height, width = info.input_size
+    return types_pb2.ModelInfo(
+        preset=info.preset,
+        architecture=info.architecture,
+        embedding_dim=int(info.embedding_dim),
+        input_height=int(height),
+        input_width=int(width),
+        methods=[METHOD_ENUMS[name] for name in info.methods if name in METHOD_ENUMS],
+        backend=info.backend,
+    )
+
+
+def index_info_to_proto(info: IndexInfo) -> types_pb2.IndexInfo:
+    """An index description (``VectorIndex.describe()``) as a message."""
+    return types_pb2.IndexInfo(
+        name=info.name,
+        encoder_preset=info.preset,
+        embedding_dim=int(info.dim),
+        tile_count=int(info.n_points),
+        image_count=int(info.n_images),
+    )
+
+
+def explained_references(
+    explained: ExplainedSearch,
+    choice: ExplainChoice,
+    order: Iterable[int],
+    shown_hits: Sequence[SearchHit | ImageHit | None],
+) -> list[types_pb2.ExplainedReference]:
+    """``explained.hits[i]`` for i in ``order`` as messages, each with ``shown_hits`` (same
+    order) as its hit; ``reference_index`` is i (rank in the search / position in the request)."""
+    indices = list(order)
+    hits = list(shown_hits)
+    if len(indices) != len(hits):
+        raise ValueError(f"{len(indices)} references but {len(hits)} hits to show")
+    # Drawing and PNG-encoding the overlays is most of the response's cost; numpy and zlib
+    # release the GIL, so two threads render them side by side.
+    jobs = [
+        (explained.query_image if side == "query" else explained.hits[i].image, heatmap)
+        for i in indices
+        for side, heatmap in (("query", explained.hits[i].query_heatmap), ("hit", explained.hits[i].hit_heatmap))
+        if heatmap is not None
+    ]
+    rendered = iter(list(_OVERLAY_THREADS.map(lambda job: heatmap_to_proto(job[1], job[0], choice.heatmap_dtype), jobs)))
+    references = []
+    for i, hit in zip(indices, hits):
+        item = explained.hits[i]
+        message = types_pb2.ExplainedReference(reference_index=i, similarity=float(item.similarity))
+        if hit is not None:
+            message.hit.CopyFrom(search_hit_to_proto(hit))
+        if item.query_heatmap is not None:
+            message.query_heatmap.CopyFrom(next(rendered))
+        if item.hit_heatmap is not None:
+            message.reference_heatmap.CopyFrom(next(rendered))
+        references.append(message)
+    return references
+
+
+def tiling_settings(core: Settings, tiling: types_pb2.TilingOptions) -> Settings:
+    """The core settings with a request's tiling options applied (0 / unset: the server's)."""
+    changes: dict[str, Any] = {}
+    if tiling.tile_size:
+        changes["tile_size"] = tiling.tile_size
+    if tiling.stride:
+        changes["stride"] = tiling.stride
+    if tiling.HasField("min_tissue_fraction"):
+        changes["min_tissue"] = float(tiling.min_tissue_fraction)
+    return core.with_changes(**changes) if changes else core
+
+
+_SKIP_REASONS = {
+    "unreadable": types_pb2.SKIP_REASON_UNREADABLE_IMAGE,
+    "too_large": types_pb2.SKIP_REASON_IMAGE_TOO_LARGE,
+    "no_tissue": types_pb2.SKIP_REASON_NO_TISSUE,
+    "duplicate": types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
+}
+
+
+def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.ImageRecord]) -> Any:
+    """Index the streamed images with the domain and summarise as an ``IndexImagesResponse``.
+
+    A caller's ``image_id`` names the image in the index (empty: the SHA-256 of its bytes);
+    skipped images are reported by their position in the stream.
+    """
+    from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as service_pb2
+
+    skipped: list[Any] = []
+    items: list[tuple[bytes, str, str | None, str | None]] = []
+    item_positions: list[int] = []
+    seen_ids: set[str] = set()
+    for position, record in enumerate(records):
+        if len(record.image_id) > 256:
+            skipped.append(service_pb2.SkippedImage(
+                position=position, image_id=record.image_id[:256], reason=types_pb2.SKIP_REASON_INVALID_METADATA,
+                message="image_id is longer than 256 characters",
+            ))
+            continue
+        if record.image_id and record.image_id in seen_ids:
+            skipped.append(service_pb2.SkippedImage(
+                position=position, image_id=record.image_id, reason=types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
+                message="this image_id came earlier in the stream; the first one was kept",
+            ))
+            continue
+        seen_ids.add(record.image_id)
+        source = record.source or record.image_id or f"image {position}"
+        items.append((bytes(record.content), source, record.label or None, record.image_id or None))
+        item_positions.append(position)
+    summary = retrieval.index_encoded(name, items) if items else None
+    if summary is not None:
+        for item in summary.skipped:
+            position = item_positions[item.position]
+            skipped.append(service_pb2.SkippedImage(
+                position=position, image_id=records[position].image_id, reason=_SKIP_REASONS[item.kind],
+                message=item.reason,
+            ))
+    skipped.sort(key=lambda entry: entry.position)
+    return service_pb2.IndexImagesResponse(
+        index=name,
+        images_received=len(records),
+        images_indexed=len(summary.images) if summary is not None else 0,
+        tiles_indexed=summary.tiles_indexed if summary is not None else 0,
+        skipped=skipped,
+    )

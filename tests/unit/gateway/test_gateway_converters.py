@@ -1,0 +1,118 @@
+"""Protobuf <-> domain conversions of the gateway."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histoxplain_client._proto.histoxplain.v1 import types_pb2
+from histoxplain_client.arrays import decode_array
+from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.options import MethodOptions
+from histoxplain_service.gateway import converters
+from histoxplain_service.index.qdrant import Box, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.config import Settings
+
+
+def _hit(score: float, point_id: str, image_id: str = "img") -> SearchHit:
+    return SearchHit(score, point_id, image_id, "tumour", "slide.svs", Box(10, 20, 224, 224), 1, 0.5, 3)
+
+
+def test_unspecified_options_take_the_documented_defaults() -> None:
+    choice = converters.explain_choice_from_proto(types_pb2.ExplainOptions())
+    assert (choice.method, choice.polarity, choice.side) == ("gradcam", "similar", "both")
+    assert choice.heatmap_dtype == types_pb2.ARRAY_DTYPE_FLOAT16
+    echoed = converters.explain_choice_to_proto(choice)
+    assert echoed.method == types_pb2.EXPLANATION_METHOD_GRADCAM and echoed.side == types_pb2.EXPLANATION_SIDE_BOTH
+
+
+@pytest.mark.parametrize(
+    ("enum", "name"),
+    [
+        (types_pb2.EXPLANATION_METHOD_GRADCAM, "gradcam"),
+        (types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS, "gradcampp"),
+        (types_pb2.EXPLANATION_METHOD_SMOOTHGRAD, "smoothgrad"),
+    ],
+)
+def test_methods_map_to_library_names_and_back(enum: int, name: str) -> None:
+    choice = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=enum, polarity=2, side=1))
+    assert (choice.method, choice.polarity, choice.side) == (name, "dissimilar", "query")
+    assert converters.explain_choice_to_proto(choice).method == enum
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    [
+        ({"method": 42}, UnknownNameError, "EXPLANATION_METHOD_GRADCAM"),
+        ({"polarity": 9}, UnknownNameError, "POLARITY_SIMILAR"),
+        ({"side": 7}, UnknownNameError, "EXPLANATION_SIDE_BOTH"),
+        ({"heatmap_dtype": types_pb2.ARRAY_DTYPE_UINT8}, UnknownNameError, "ARRAY_DTYPE_FLOAT32"),
+        ({"smoothgrad_samples": 500}, InvalidRequest, "smoothgrad_samples=500 is out of range; use 1 to 256"),
+        ({"smoothgrad_noise": 1.5}, InvalidRequest, "(0, 1]"),
+        ({"smoothgrad_noise": 0.0}, InvalidRequest, "(0, 1]"),
+    ],
+)
+def test_bad_options_are_invalid_with_the_allowed_values(options: dict, error: type, text: str) -> None:
+    with pytest.raises(error, match=text.replace("(", r"\(").replace("]", r"\]")):
+        converters.explain_choice_from_proto(types_pb2.ExplainOptions(**options))
+
+
+def test_smoothgrad_options_become_method_options_and_are_echoed_as_used() -> None:
+    default = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_SMOOTHGRAD))
+    assert default.method_options is None
+    echoed = converters.explain_choice_to_proto(default)
+    assert (echoed.smoothgrad_samples, echoed.smoothgrad_noise) == (25, pytest.approx(0.15))
+    chosen = converters.explain_choice_from_proto(
+        types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_SMOOTHGRAD, smoothgrad_samples=3)
+    )
+    assert chosen.method_options == MethodOptions(n_samples=3)
+    noisy = converters.explain_choice_from_proto(types_pb2.ExplainOptions(smoothgrad_noise=0.25))
+    assert noisy.method_options == MethodOptions(sigma=0.25)
+    # GradCAM ignores SmoothGrad's options: the echo does not claim they were used.
+    assert not converters.explain_choice_to_proto(noisy).HasField("smoothgrad_noise")
+    largest = types_pb2.ExplainOptions(smoothgrad_samples=256, smoothgrad_noise=1.0)
+    assert converters.explain_choice_from_proto(largest).method_options == MethodOptions(n_samples=256, sigma=1.0)
+
+
+@pytest.mark.parametrize("dtype", [types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32])
+def test_heatmap_travels_as_raw_array_and_overlay_at_image_size(dtype: int) -> None:
+    values = np.linspace(0, 1, 16 * 12, dtype=np.float32).reshape(16, 12)
+    image = np.full((40, 30, 3), 200, np.uint8)
+    message = converters.heatmap_to_proto(values, image, dtype)
+    decoded = decode_array(message.values)
+    assert decoded.shape == (16, 12)
+    np.testing.assert_allclose(decoded, values, atol=1e-3 if dtype == types_pb2.ARRAY_DTYPE_FLOAT16 else 0)
+    with Image.open(io.BytesIO(message.overlay_png)) as overlay:
+        assert overlay.size == (30, 40)
+
+
+def test_tile_hit_fields() -> None:
+    message = converters.search_hit_to_proto(_hit(0.9, "p1"))
+    assert (message.image_id, message.point_id, message.label, message.source) == ("img", "p1", "tumour", "slide.svs")
+    assert (message.box.x, message.box.y, message.box.width, message.box.height, message.level) == (10, 20, 224, 224, 1)
+    assert message.mpp == pytest.approx(0.5) and message.score == pytest.approx(0.9)
+
+
+def test_image_hit_carries_its_score_and_its_best_tile() -> None:
+    image_hit = ImageHit(0.7, "img", "tumour", "slide.svs", (_hit(0.6, "p1"), _hit(0.8, "p2"), _hit(0.8, "p2")))
+    message = converters.search_hit_to_proto(image_hit)
+    assert message.point_id == "p2" and message.score == pytest.approx(0.7) and message.matched_tiles == 2
+
+
+def test_index_info() -> None:
+    message = converters.index_info_to_proto(IndexInfo("demo", "efficientnet-lite0-imagenet", 1280, 10, 3))
+    assert (message.name, message.encoder_preset, message.embedding_dim, message.tile_count, message.image_count) == (
+        "demo", "efficientnet-lite0-imagenet", 1280, 10, 3
+    )
+
+
+def test_tiling_options_override_only_what_is_set() -> None:
+    core = Settings(tile_size=224, min_tissue=0.25)
+    assert converters.tiling_settings(core, types_pb2.TilingOptions()) is core
+    changed = converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=256, min_tissue_fraction=0.0))
+    assert (changed.tile_size, changed.stride, changed.min_tissue) == (256, None, 0.0)
+    with pytest.raises(InvalidRequest, match="HISTOXPLAIN_TILE_SIZE"):
+        converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=8))
