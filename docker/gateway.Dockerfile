@@ -5,9 +5,11 @@ FROM python:3.11-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY requirements.txt pyproject.toml ./
+# No torch: the gateway calls TorchServe for every model computation (requirements-gateway.txt;
+# tests/integration/test_gateway_no_torch.py). Versions are the full freeze's (-c).
+COPY requirements.txt requirements-gateway.txt pyproject.toml ./
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -r requirements.txt
+ && /opt/venv/bin/pip install -c requirements.txt -r requirements-gateway.txt
 COPY handlers/ handlers/
 COPY service/ service/
 COPY client/ client/

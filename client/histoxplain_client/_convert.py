@@ -9,6 +9,7 @@ from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.arrays import decode_array
 from histoxplain_client.images import ImageInput, IndexImage, encode_image
+from histoxplain_client.enums import HEATMAP_DTYPES, METHODS, POLARITIES, RANKINGS, SIDES
 from histoxplain_client.results import (
     Box,
     DeleteResult,
@@ -21,21 +22,6 @@ from histoxplain_client.results import (
     ModelInfo,
     SkippedImage,
 )
-
-METHODS = {
-    "gradcam": types_pb2.EXPLANATION_METHOD_GRADCAM,
-    "gradcampp": types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS,
-    "smoothgrad": types_pb2.EXPLANATION_METHOD_SMOOTHGRAD,
-}
-POLARITIES = {"similar": types_pb2.POLARITY_SIMILAR, "dissimilar": types_pb2.POLARITY_DISSIMILAR}
-SIDES = {
-    "query": types_pb2.EXPLANATION_SIDE_QUERY,
-    "retrieved": types_pb2.EXPLANATION_SIDE_RETRIEVED,
-    "both": types_pb2.EXPLANATION_SIDE_BOTH,
-}
-RANKINGS = {"tile": types_pb2.RANKING_LEVEL_TILE, "image": types_pb2.RANKING_LEVEL_IMAGE}
-HEATMAP_DTYPES = {"float16": types_pb2.ARRAY_DTYPE_FLOAT16, "float32": types_pb2.ARRAY_DTYPE_FLOAT32}
-
 
 def _enum_value(kind: str, names: dict[str, int], name: str) -> int:
     if name not in names:

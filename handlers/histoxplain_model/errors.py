@@ -1,7 +1,20 @@
 """Exception hierarchy shared by the model library, the service and the handler.
 
-Every error carries a one-line message that tells the user what to do. The gateway maps the
-classes to gRPC status codes and the CLI to exit codes. This module must not import torch.
+Every error carries a one-line message that tells the user what to do, and its class carries
+the two codes it becomes: ``status_code`` (the gRPC status name; the gateway's interceptor and
+the TorchServe envelope use it) and ``exit_code`` (the ``histoxplain`` command's exit status).
+This class hierarchy is the one table of those codes. This module must not import torch (or grpc).
+
+=========================  ====================  =========
+class                      ``status_code``       exit code
+=========================  ====================  =========
+``InvalidRequest``         INVALID_ARGUMENT      2
+``NotFound``               NOT_FOUND             3
+``FailedPrecondition``     FAILED_PRECONDITION   4
+``DependencyUnavailable``  UNAVAILABLE           5
+``DeadlineExceeded``       DEADLINE_EXCEEDED     6
+anything else              INTERNAL              1
+=========================  ====================  =========
 """
 
 from __future__ import annotations
@@ -19,11 +32,18 @@ __all__ = [
     "FailedPrecondition",
     "DependencyUnavailable",
     "DeadlineExceeded",
+    "error_class_for_status",
 ]
 
 
 class HistoxplainError(Exception):
-    """Base class of every error histoxplain raises on purpose."""
+    """Base class of every error histoxplain raises on purpose.
+
+    ``status_code``: gRPC status name; ``exit_code``: CLI exit status (subclasses set both).
+    """
+
+    status_code: str = "INTERNAL"
+    exit_code: int = 1
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -32,6 +52,9 @@ class HistoxplainError(Exception):
 
 class InvalidRequest(HistoxplainError):
     """Bad input the caller can fix (gRPC INVALID_ARGUMENT, CLI exit 2)."""
+
+    status_code = "INVALID_ARGUMENT"
+    exit_code = 2
 
 
 class UnknownNameError(InvalidRequest):
@@ -78,14 +101,38 @@ class WeightsMismatchError(InvalidRequest):
 class NotFound(HistoxplainError):
     """Unknown index or image id (gRPC NOT_FOUND)."""
 
+    status_code = "NOT_FOUND"
+    exit_code = 3
+
 
 class FailedPrecondition(HistoxplainError):
     """The system is not in a state for this request, e.g. an index built with another encoder."""
+
+    status_code = "FAILED_PRECONDITION"
+    exit_code = 4
 
 
 class DependencyUnavailable(HistoxplainError):
     """A dependency (TorchServe, Qdrant) is down or unreachable (gRPC UNAVAILABLE)."""
 
+    status_code = "UNAVAILABLE"
+    exit_code = 5
+
 
 class DeadlineExceeded(HistoxplainError):
     """The request ran past its deadline (gRPC DEADLINE_EXCEEDED)."""
+
+    status_code = "DEADLINE_EXCEEDED"
+    exit_code = 6
+
+
+#: The error class each status name stands for (the classes that set a ``status_code``).
+_BY_STATUS: dict[str, type[HistoxplainError]] = {
+    cls.status_code: cls
+    for cls in (InvalidRequest, NotFound, FailedPrecondition, DependencyUnavailable, DeadlineExceeded)
+}
+
+
+def error_class_for_status(status_code: str) -> type[HistoxplainError] | None:
+    """The error class of a gRPC status name (e.g. from a TorchServe envelope); None if none."""
+    return _BY_STATUS.get(status_code)

@@ -45,10 +45,10 @@ from typing import Any, Literal
 from histoxplain_model.devices import check_device_name
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
+from histoxplain_model.limits import MAX_K, MAX_MESSAGE_BYTES
+from histoxplain_model.vocabulary import DEFAULT_PRESET
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "BackendKind", "GatewaySettings", "Settings"]
-
-DEFAULT_MODEL = "efficientnet-lite0-imagenet"
+__all__ = ["BACKENDS", "BackendKind", "GatewaySettings", "Settings"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Settings:
     qdrant_url: str | None = None
     qdrant_api_key: str | None = field(default=None, repr=False)  # a secret: kept out of logs
     max_pixels: int = DEFAULT_MAX_PIXELS
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_PRESET
     weights: Path | None = None
     tile_size: int = 224
     stride: int | None = None
@@ -222,8 +222,9 @@ _GATEWAY_VARIABLES: tuple[_Var, ...] = (
          "a number of MiB > 0"),
     _Var("default_deadline_s", "HISTOXPLAIN_DEFAULT_DEADLINE_S", float, _positive, "seconds > 0"),
     _Var("max_deadline_s", "HISTOXPLAIN_MAX_DEADLINE_S", float, _positive, "seconds > 0"),
-    _Var("max_k", "HISTOXPLAIN_MAX_K", _int, _positive, "an integer > 0"),
-    _Var("max_explain_k", "HISTOXPLAIN_MAX_EXPLAIN_K", _int, _positive, "an integer > 0"),
+    _Var("max_k", "HISTOXPLAIN_MAX_K", _int, lambda v: 1 <= v <= MAX_K, f"an integer from 1 to {MAX_K}"),
+    _Var("max_explain_k", "HISTOXPLAIN_MAX_EXPLAIN_K", _int, lambda v: 1 <= v <= MAX_K,
+         f"an integer from 1 to {MAX_K}"),
     _Var("worker_threads", "HISTOXPLAIN_WORKER_THREADS", _int, _positive, "an integer > 0"),
     _Var("grace_period_s", "HISTOXPLAIN_GRACE_PERIOD_S", float, lambda v: v >= 0, "seconds >= 0"),
     _Var("health_interval_s", "HISTOXPLAIN_HEALTH_INTERVAL_S", float, _positive, "seconds > 0"),
@@ -245,8 +246,8 @@ class GatewaySettings:
         max_message_bytes: largest request or response message, both directions.
         default_deadline_s: deadline of a call that arrives without one.
         max_deadline_s: upper bound on any call's deadline, whatever the client asks for.
-        max_k: largest ``k`` a Search may ask for (the API allows up to 1000; the domain layer
-            currently stops at ``retrieval.MAX_K`` = 100).
+        max_k: largest ``k`` a Search may ask for, at most ``histoxplain_model.limits.MAX_K``
+            (the limit every layer checks).
         max_explain_k: largest number of references one Explain / SearchAndExplain explains
             (the API allows up to 100 for SearchAndExplain; each costs a backward pass).
         worker_threads: threads that run model and index calls off the event loop.
@@ -261,7 +262,7 @@ class GatewaySettings:
     torchserve_address: str = "127.0.0.1:7070"
     torchserve_key_file: Path | None = None
     torchserve_model: str = "histoxplain"
-    max_message_bytes: int = 64 * _MIB
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     default_deadline_s: float = 60.0
     max_deadline_s: float = 300.0
     max_k: int = 100

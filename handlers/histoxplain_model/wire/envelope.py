@@ -41,16 +41,6 @@ __all__ = [
 
 ENVELOPE_MAGIC = b"HXP1"
 _HEADER_LENGTH = struct.Struct("<I")
-#: gRPC status code names per error class (most specific first); anything else is INTERNAL.
-_STATUS_CODES: tuple[tuple[type[errors.HistoxplainError], str], ...] = (
-    (errors.InvalidRequest, "INVALID_ARGUMENT"),
-    (errors.NotFound, "NOT_FOUND"),
-    (errors.FailedPrecondition, "FAILED_PRECONDITION"),
-    (errors.DependencyUnavailable, "UNAVAILABLE"),
-    (errors.DeadlineExceeded, "DEADLINE_EXCEEDED"),
-)
-_ERRORS_BY_CODE: dict[str, type[errors.HistoxplainError]] = {code: cls for cls, code in _STATUS_CODES}
-
 
 def encode_envelope(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
     """An ``ok`` envelope: JSON ``meta`` plus raw little-endian ``arrays`` (C order)."""
@@ -73,12 +63,11 @@ def encode_envelope(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
 
 def encode_error(error: BaseException) -> bytes:
     """An ``error`` envelope; unexpected errors get a generic message (the log has the trace)."""
-    code = next((code for cls, code in _STATUS_CODES if isinstance(error, cls)), None)
-    if code is None:
+    if isinstance(error, errors.HistoxplainError) and error.status_code != "INTERNAL":
+        kind, code, message = type(error).__name__, error.status_code, str(error)
+    else:
         kind, code = "InternalError", "INTERNAL"
         message = "the model failed on this request; the TorchServe log has the details"
-    else:
-        kind, message = type(error).__name__, str(error)
     return _pack({"status": "error", "error": {"kind": kind, "code": code, "message": message}}, [])
 
 
@@ -165,7 +154,7 @@ def _error_from(error: Mapping[str, Any]) -> Exception:
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, errors.HistoxplainError):
         return cls(message)
-    code_cls = _ERRORS_BY_CODE.get(str(error.get("code", "")))
+    code_cls = errors.error_class_for_status(str(error.get("code", "")))
     if code_cls is not None:
         return code_cls(message)
     return RuntimeError(f"TorchServe model error: {message}")

@@ -19,34 +19,28 @@ from pathlib import Path
 
 import numpy as np
 
-from histoxplain_model.errors import (
-    DeadlineExceeded,
-    DependencyUnavailable,
-    FailedPrecondition,
-    HistoxplainError,
-    InvalidRequest,
-    NotFound,
-)
+from histoxplain_model.errors import HistoxplainError, InvalidRequest
 from histoxplain_model.imageio import read_image
 from histoxplain_model.options import MethodOptions
+from histoxplain_model.vocabulary import (
+    DEFAULT_POLARITY,
+    DEFAULT_PRESET,
+    DEFAULT_SIDE,
+    METHOD_NAMES,
+    POLARITIES,
+    SIDES,
+    check_name,
+)
 from histoxplain_service.app.demo import run_demo
 from histoxplain_service.app.report import write_report
 from histoxplain_service.bootstrap import open_retrieval
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.retrieval import check_choice, check_k
+from histoxplain_service.domain.retrieval import check_k
 from histoxplain_service.evaluation.command import add_evaluate_parser
 from histoxplain_service.index.qdrant import list_indexes, open_index, open_qdrant
 
 log = logging.getLogger("histoxplain")
 
-EXIT_CODES: tuple[tuple[type[HistoxplainError], int], ...] = (
-    (InvalidRequest, 2),
-    (NotFound, 3),
-    (FailedPrecondition, 4),
-    (DependencyUnavailable, 5),
-    (DeadlineExceeded, 6),
-)
-METHOD_CHOICES = ("gradcam", "gradcampp", "smoothgrad")
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +55,7 @@ def _positive_int(text: str) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where indexes live (default: $HISTOXPLAIN_DATA or ./histoxplain-data)")
-    parser.add_argument("--model", help="encoder preset (default: $HISTOXPLAIN_MODEL or efficientnet-lite0-imagenet)")
+    parser.add_argument("--model", help=f"encoder preset (default: $HISTOXPLAIN_MODEL or {DEFAULT_PRESET})")
     parser.add_argument("--weights", type=Path, help="local weights file for presets that need one")
 
 
@@ -70,9 +64,9 @@ def _index_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--polarity", choices=("similar", "dissimilar"), default="similar",
+    parser.add_argument("--polarity", choices=POLARITIES, default=DEFAULT_POLARITY,
                         help="explain what makes the images similar (default) or dissimilar")
-    parser.add_argument("--side", choices=("query", "retrieved", "both"), default="both",
+    parser.add_argument("--side", choices=SIDES, default=DEFAULT_SIDE,
                         help="explain the query, the retrieved images, or both (default)")
 
 
@@ -109,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("image", type=Path, metavar="IMAGE")
     _index_option(explain)
     explain.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
-    explain.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_CHOICES)}")
+    explain.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_NAMES)}")
     _explain_options(explain)
     explain.add_argument("--samples", type=int, metavar="N",
                          help="SmoothGrad only: noisy copies per image, 1 to 256 (default 25)")
@@ -215,7 +209,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     check_k(args.k)
-    check_choice("method", args.method, METHOD_CHOICES)
+    check_name("method", args.method, METHOD_NAMES)
     options = smoothgrad_options(args.method, args.samples, args.noise)
     settings = settings_from_args(args)
     image = _read_query(args.image, settings)
@@ -285,10 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except HistoxplainError as exc:
         print(f"histoxplain: error: {exc}", file=sys.stderr)
-        for error_class, code in EXIT_CODES:
-            if isinstance(exc, error_class):
-                return code
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("histoxplain: interrupted; re-run the same command to finish (indexing resumes)", file=sys.stderr)
         return 130

@@ -16,13 +16,9 @@ from pathlib import Path
 from PIL import Image
 
 from histoxplain_model.overlay import overlay_png
+from histoxplain_model.vocabulary import METHOD_TITLES
 from histoxplain_service.domain.retrieval import ExplainedSearch
 
-METHOD_TITLES = {
-    "gradcam": "Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "smoothgrad": "SmoothGrad",
-}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1300px; }

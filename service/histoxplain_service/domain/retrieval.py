@@ -9,24 +9,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from qdrant_client import QdrantClient
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.limits import MAX_K
+from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
 from histoxplain_model.options import MethodOptions
 from histoxplain_service.backends import ModelBackend, ModelInfo
 from histoxplain_service.index.qdrant import ImageHit, IndexInfo, SearchHit, TileRecord, VectorIndex, list_indexes, open_index
 from histoxplain_service.domain.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
 from histoxplain_service.config import Settings
 
-POLARITIES = ("similar", "dissimilar")
-SIDES = ("query", "retrieved", "both")
-#: The largest k a request may ask for; explanations cost time per hit.
-MAX_K = 100
-
-Ranking = Literal["tile", "image"]
 
 
 @dataclass(frozen=True)
@@ -63,12 +58,6 @@ def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limit:
         raise InvalidRequest(f"{what} must be an integer from 1 to {limit}, got {k!r}")
     return k
-
-
-def check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise InvalidRequest(f"unknown {kind} {value!r}; use one of: {', '.join(allowed)}")
-    return value
 
 
 class Retrieval:
@@ -156,9 +145,9 @@ class Retrieval:
     # -- explain -----------------------------------------------------------------------------------
 
     def _check_explain_options(self, method: str, polarity: str, side: str) -> None:
-        check_choice("method", method, self.model.methods)
-        check_choice("polarity", polarity, POLARITIES)
-        check_choice("side", side, SIDES)
+        check_name("method", method, self.model.methods)
+        check_name("polarity", polarity, POLARITIES)
+        check_name("side", side, SIDES)
 
     def explain_hits(
         self, name: str, image: np.ndarray, hits: Sequence[SearchHit], method: str,
@@ -288,12 +277,8 @@ def _hit(record: TileRecord, score: float) -> SearchHit:
 
 
 __all__ = [
-    "MAX_K",
-    "POLARITIES",
-    "SIDES",
     "ExplainedHit",
     "ExplainedSearch",
     "Retrieval",
-    "check_choice",
     "check_k",
 ]

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.vocabulary import DEFAULT_PRESET, METHOD_NAMES, POLARITIES
 from histoxplain_service.evaluation.datasets import DEFAULT_CRC_PATTERN, LAYOUTS, TilingPolicy
 from histoxplain_service.evaluation.faithfulness import BASELINES, REFERENCE_MAPS
 from histoxplain_service.evaluation.metrics import DEFAULT_KS
@@ -14,8 +15,6 @@ from histoxplain_service.evaluation.report import environment, write_json, write
 
 __all__ = ["add_evaluate_parser", "config_from_args"]
 
-DEFAULT_MODEL = "efficientnet-lite0-imagenet"
-ALL_METHODS = ("gradcam", "gradcampp", "smoothgrad")
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +33,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", required=True, choices=LAYOUTS, help="dataset layout")
     parser.add_argument("--out", required=True, type=Path, help="output folder (JSON, report.html, caches)")
     parser.add_argument("--data-dir", type=Path, default=None, help="histoxplain data folder (unused here; accepted for symmetry)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="PRESET", help=f"encoder preset (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_PRESET, metavar="PRESET", help=f"encoder preset (default {DEFAULT_PRESET})")
     parser.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights file for the preset")
     parser.add_argument("--sample-size", type=int, default=64, metavar="N", help="images drawn per run, balanced by class; 0 = all (default 64)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random choice (default 0)")
@@ -139,8 +138,8 @@ def add_evaluate_parser(subparsers) -> None:
     _common(explanations)
     explanations.add_argument("--pairs", type=int, default=8, help="query/hit pairs to explain (default 8)")
     explanations.add_argument("--steps", type=int, default=16, help="deletion/insertion steps per curve (default 16)")
-    explanations.add_argument("--methods", type=_csv(str), default=ALL_METHODS, help="comma-separated (default gradcam,gradcampp,smoothgrad)")
-    explanations.add_argument("--polarities", type=_csv(str), default=("similar", "dissimilar"), help="comma-separated (default similar,dissimilar)")
+    explanations.add_argument("--methods", type=_csv(str), default=METHOD_NAMES, help=f"comma-separated (default {','.join(METHOD_NAMES)})")
+    explanations.add_argument("--polarities", type=_csv(str), default=POLARITIES, help=f"comma-separated (default {','.join(POLARITIES)})")
     explanations.add_argument("--baselines", type=_csv(str), default=("blur",), help=f"comma-separated, of {', '.join(BASELINES)} (default blur)")
     explanations.add_argument("--randomised-blocks", type=int, default=2,
                               help="steps of the sanity check's cascade: step k re-initialises the top k blocks (default 2)")

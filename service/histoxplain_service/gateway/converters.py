@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
+from histoxplain_client import enums
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM
 from histoxplain_model.options import MAX_N_SAMPLES, MethodOptions
 from histoxplain_service.index.qdrant import ImageHit, IndexInfo, SearchHit
 from histoxplain_service.domain.retrieval import ExplainedSearch, Retrieval
@@ -37,22 +39,10 @@ __all__ = [
     "METHOD_NAMES",
 ]
 
-# Wire enum <-> library name (histoxplain_model.saliency.METHODS keys).
-METHOD_NAMES: dict[int, str] = {
-    types_pb2.EXPLANATION_METHOD_GRADCAM: "gradcam",
-    types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: "gradcampp",
-    types_pb2.EXPLANATION_METHOD_SMOOTHGRAD: "smoothgrad",
-}
-METHOD_ENUMS: dict[str, int] = {name: value for value, name in METHOD_NAMES.items()}
-POLARITY_NAMES: dict[int, str] = {
-    types_pb2.POLARITY_SIMILAR: "similar",
-    types_pb2.POLARITY_DISSIMILAR: "dissimilar",
-}
-SIDE_NAMES: dict[int, str] = {
-    types_pb2.EXPLANATION_SIDE_QUERY: "query",
-    types_pb2.EXPLANATION_SIDE_RETRIEVED: "retrieved",
-    types_pb2.EXPLANATION_SIDE_BOTH: "both",
-}
+# Wire enum value -> library name, from the SDK's tables (histoxplain_client.enums).
+METHOD_NAMES: dict[int, str] = {value: name for name, value in enums.METHODS.items()}
+POLARITY_NAMES: dict[int, str] = {value: name for name, value in enums.POLARITIES.items()}
+SIDE_NAMES: dict[int, str] = {value: name for name, value in enums.SIDES.items()}
 HEATMAP_DTYPES = (types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32)
 
 
@@ -69,9 +59,9 @@ class ExplainChoice:
         smoothgrad_noise: noise std as a fraction of the input range; ``None`` = the default.
     """
 
-    method: str = "gradcam"
-    polarity: str = "similar"
-    side: str = "both"
+    method: str = GRADCAM
+    polarity: str = DEFAULT_POLARITY
+    side: str = DEFAULT_SIDE
     heatmap_dtype: int = types_pb2.ARRAY_DTYPE_FLOAT16
     smoothgrad_samples: int | None = None
     smoothgrad_noise: float | None = None
@@ -101,11 +91,9 @@ def _enum_name(enum_type: Any, value: int) -> str:
 
 def explain_choice_from_proto(options: types_pb2.ExplainOptions) -> ExplainChoice:
     """Checked options; an unknown enum value (a newer client) raises ``UnknownNameError``."""
-    method = _lookup(
-        "explanation method", options.method, METHOD_NAMES, types_pb2.ExplanationMethod, "gradcam"
-    )
-    polarity = _lookup("polarity", options.polarity, POLARITY_NAMES, types_pb2.Polarity, "similar")
-    side = _lookup("explanation side", options.side, SIDE_NAMES, types_pb2.ExplanationSide, "both")
+    method = _lookup("explanation method", options.method, METHOD_NAMES, types_pb2.ExplanationMethod, GRADCAM)
+    polarity = _lookup("polarity", options.polarity, POLARITY_NAMES, types_pb2.Polarity, DEFAULT_POLARITY)
+    side = _lookup("explanation side", options.side, SIDE_NAMES, types_pb2.ExplanationSide, DEFAULT_SIDE)
     dtype = options.heatmap_dtype or types_pb2.ARRAY_DTYPE_FLOAT16
     if dtype not in HEATMAP_DTYPES:
         raise UnknownNameError.for_name(
@@ -143,9 +131,9 @@ def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
     the defaults included); other methods do not use them, so they stay 0 / unset.
     """
     message = types_pb2.ExplainOptions(
-        method=METHOD_ENUMS[choice.method],
-        polarity={name: value for value, name in POLARITY_NAMES.items()}[choice.polarity],
-        side={name: value for value, name in SIDE_NAMES.items()}[choice.side],
+        method=enums.METHODS[choice.method],
+        polarity=enums.POLARITIES[choice.polarity],
+        side=enums.SIDES[choice.side],
         heatmap_dtype=choice.heatmap_dtype,
     )
     if choice.method == "smoothgrad":
@@ -196,7 +184,7 @@ def model_info_to_proto(info: Any) -> types_pb2.ModelInfo:
         embedding_dim=int(info.embedding_dim),
         input_height=int(height),
         input_width=int(width),
-        methods=[METHOD_ENUMS[name] for name in info.methods if name in METHOD_ENUMS],
+        methods=[enums.METHODS[name] for name in info.methods if name in enums.METHODS],
         backend=info.backend,
     )
 

@@ -24,24 +24,13 @@ __all__ = ["ErrorMappingInterceptor", "status_for"]
 
 logger = logging.getLogger(__name__)
 
-# Most specific first: the first isinstance match wins.
-_STATUS_BY_ERROR: tuple[tuple[type[errors.HistoxplainError], grpc.StatusCode], ...] = (
-    (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
-
 INTERNAL_MESSAGE = "internal error in the histoxplain gateway (incident {incident}); see the gateway log"
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for an exception raised by a handler."""
-    if isinstance(error, errors.HistoxplainError):
-        for error_class, code in _STATUS_BY_ERROR:
-            if isinstance(error, error_class):
-                return code, str(error)
+    if isinstance(error, errors.HistoxplainError) and error.status_code != "INTERNAL":
+        return grpc.StatusCode[error.status_code], str(error)
     if isinstance(error, TimeoutError):  # asyncio.wait_for / futures time-outs on 3.11
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request ran past its deadline"
     incident = uuid.uuid4().hex[:12]

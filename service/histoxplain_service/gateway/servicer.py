@@ -23,6 +23,7 @@ from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc 
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
 from histoxplain_model.imageio import decode_image
+from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
 from histoxplain_service.gateway import converters
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.domain.retrieval import Retrieval, check_k
@@ -37,7 +38,6 @@ __all__ = ["RetrievalServicer", "add_servicer_to_server", "service_name"]
 T = TypeVar("T")
 
 SERVER_VERSION = "0.1.0"
-MAX_IMAGE_ID_CHARS = 256
 
 
 def service_name() -> str:

@@ -8,7 +8,8 @@ import pytest
 
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
-from histoxplain_service.config import DEFAULT_MODEL, Settings
+from histoxplain_model.vocabulary import DEFAULT_PRESET
+from histoxplain_service.config import Settings
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -16,7 +17,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.data_dir == Path("histoxplain-data")
     assert settings.qdrant_url is None and settings.qdrant_api_key is None
     assert settings.max_pixels == DEFAULT_MAX_PIXELS
-    assert settings.model == DEFAULT_MODEL == "efficientnet-lite0-imagenet"
+    assert settings.model == DEFAULT_PRESET == "efficientnet-lite0-imagenet"
     assert settings.weights is None
     assert settings.tile_size == 224 and settings.stride is None and settings.tile_stride == 224
     assert settings.qdrant_path == Path("histoxplain-data/qdrant")

@@ -25,6 +25,7 @@ import numpy as np
 from google.protobuf import empty_pb2
 
 from histoxplain_model import errors
+from histoxplain_model.limits import MAX_MESSAGE_BYTES
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
 from histoxplain_model.options import MethodOptions, options_to_inputs
 from histoxplain_service.backends.torchserve._proto import inference_pb2, inference_pb2_grpc
@@ -56,7 +57,7 @@ class TorchServeConfig:
     target: str = "127.0.0.1:7070"
     model_name: str = "histoxplain"
     key_file: Path | None = None
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 def encode_float32(array: np.ndarray) -> bytes:

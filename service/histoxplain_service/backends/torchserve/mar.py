@@ -35,7 +35,8 @@ import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
-DEFAULT_PRESET = "efficientnet-lite0-imagenet"
+from histoxplain_model.vocabulary import DEFAULT_PRESET
+
 DEFAULT_MODEL_NAME = "histoxplain"
 
 logger = logging.getLogger("build_mar")
