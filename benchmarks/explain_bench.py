@@ -52,7 +52,8 @@ torch.set_num_threads(1)
 
 import timm  # noqa: E402
 
-from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, MethodOptions, SmoothGrad  # noqa: E402
+from histoxplain_model.options import SmoothGradOptions  # noqa: E402
+from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, SmoothGrad  # noqa: E402
 from results_md import RESULTS, write_section  # noqa: E402
 
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224")
@@ -171,8 +172,8 @@ def smoothgrad_worker(arch: str, variant: str, n: int, k: int, size: int, repeat
     references = F.normalize(torch.randn(k, model.num_features, generator=generator), dim=1)
     sigma = 0.15
     if variant == "ours":
-        explainer = SmoothGrad(model, options=MethodOptions(n_samples=n, sigma=sigma))
-        warm = SmoothGrad(model, options=MethodOptions(n_samples=1, sigma=sigma))
+        explainer = SmoothGrad(model, options=SmoothGradOptions(n_samples=n, sigma=sigma))
+        warm = SmoothGrad(model, options=SmoothGradOptions(n_samples=1, sigma=sigma))
 
         def run() -> object:
             return explainer.explain(query, references)

@@ -22,6 +22,7 @@ import torch
 
 from histoxplain_model.encoders import load_encoder
 from histoxplain_model.explain import explain_retrieval
+from histoxplain_model.requests import ExplainRequest
 
 PRESET = "efficientnet-lite0-imagenet"
 
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             pixels = encoder.preprocess(tiles)
             figures[f"{device}_embed_batch32_ms"] = median_ms(lambda: encoder.embed(pixels), repeats, sync)
         for method in ("gradcam", "gradcampp", "smoothgrad") if device == "cuda" else ("gradcam",):
+            request = ExplainRequest(tiles[0], tiles[1:11], method)
             figures[f"{device}_{method}_k10_ms"] = median_ms(
-                lambda: explain_retrieval(encoder, tiles[0], tiles[1:11], method=method), 10 if device == "cuda" else 3, sync
+                lambda: explain_retrieval(encoder, request), 10 if device == "cuda" else 3, sync
             )
     text = json.dumps(figures, indent=1)
     print(text)

@@ -62,7 +62,7 @@ torch.set_num_threads(1)
 import histoxplain_client as hc  # noqa: E402
 from histoxplain_model.imageio import decode_image  # noqa: E402
 from histoxplain_service.config import GatewaySettings  # noqa: E402
-from histoxplain_service.index.qdrant import open_qdrant  # noqa: E402
+from histoxplain_service.bootstrap import open_index_engine  # noqa: E402
 from histoxplain_service.domain.retrieval import Retrieval  # noqa: E402
 from histoxplain_service.gateway.server import Gateway  # noqa: E402
 from histoxplain_service.config import Settings  # noqa: E402
@@ -171,13 +171,13 @@ def bench(ways: list[Way], counts: dict[str, int]) -> list[Row]:
 
 
 class GatewayThread:
-    def __init__(self, settings: GatewaySettings, backend: Any, qdrant: Any) -> None:
+    def __init__(self, settings: GatewaySettings, backend: Any, index_engine: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
         async def start() -> Gateway:
-            gateway = Gateway(settings, backend, qdrant)
+            gateway = Gateway(settings, backend, index_engine)
             await gateway.start()
             return gateway
 
@@ -190,11 +190,11 @@ class GatewayThread:
 
 
 def gateway_way(
-    settings: GatewaySettings, backend: Any, qdrant: Any, queries: list[bytes], name: str, batching: str,
+    settings: GatewaySettings, backend: Any, index_engine: Any, queries: list[bytes], name: str, batching: str,
     servers: list[GatewayThread], clients: list[hc.Client],
 ) -> Way:
     """A gateway (started here, stopped by the caller through ``servers``) and an SDK client."""
-    server = GatewayThread(settings, backend, qdrant)
+    server = GatewayThread(settings, backend, index_engine)
     servers.append(server)
     client = hc.Client(f"127.0.0.1:{server.gateway.port}", timeout=600, retry=hc.NO_RETRY)
     clients.append(client)
@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         core = Settings(data_dir=work / "data", tile_size=TILE, min_tissue=0.0)
         backend = EmbeddedBackend(load_encoder(core.model))
-        qdrant = open_qdrant(core)
+        index_engine = open_index_engine(core)
         stack.callback(backend.close)
-        stack.callback(qdrant.close)
+        stack.callback(index_engine.close)
 
         tiles = sample_tiles(index_size + 8)
-        retrieval = Retrieval(core, backend, qdrant)
+        retrieval = Retrieval(core, backend, index_engine)
         print(f"indexing {index_size} tiles ...", flush=True)
         retrieval.index_encoded(INDEX, [(data, f"tile-{i}", None, None) for i, data in enumerate(tiles[:index_size])])
         queries = tiles[index_size:]
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             }),
         ]
         for name, batching, backend_name, model_backend in model_backends:
-            ways.append(gateway_way(settings(backend_name), model_backend, qdrant, queries, name, batching, servers, clients))
+            ways.append(gateway_way(settings(backend_name), model_backend, index_engine, queries, name, batching, servers, clients))
         print("measuring (the ways take turns)", flush=True)
         rows = bench(ways, counts)
 

@@ -8,6 +8,9 @@ Phikon, Lunit DINO, RetCCL, HistoEncoder, solo-learn) take a local weights file;
 with ``pretrained=False`` and then loaded from disk: nothing is downloaded.
 
 Architecture facts (token geometry, feature layers, data config) are read from timm.
+
+Why about 390 lines: the preset table and the loader that reads it belong together; the
+checkpoint key conversions live in ``checkpoints.py`` and ``ctranspath.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from . import checkpoints
 from .ctranspath import convert_ctranspath_state_dict, create_ctranspath
 from .devices import resolve_device
 from .errors import InvalidRequest, UnknownNameError
+from .vocabulary import DEFAULT_PRESET
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -49,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRESET = "efficientnet-lite0-imagenet"
+
 GENERIC_PREFIX = "timm:"
 Layout = Literal["nchw", "tokens", "nhwc"]
 _IMAGENET = MappingProxyType({"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)})
@@ -76,7 +80,6 @@ class EncoderPreset:
     wrapper_keys: tuple[str, ...] = ("state_dict", "model", "teacher")
     target_layer: str | None = None
     layout: Layout | None = None
-    pooling: str = "avg"
     data_config: Mapping[str, Any] = field(default_factory=dict)
     key_converter: Literal["hf-vit", "ctranspath", None] = None
     description: str = ""
@@ -86,8 +89,8 @@ def _preset(name: str, architecture: str, dim: int, **kwargs: Any) -> EncoderPre
     return EncoderPreset(name=name, architecture=architecture, embedding_dim=dim, **kwargs)
 
 
-_VIT = {"target_layer": "blocks.-1.norm1", "layout": "tokens", "pooling": "cls"}
-_RESNET = {"target_layer": "layer4", "layout": "nchw", "pooling": "avg", "data_config": _IMAGENET}
+_VIT = {"target_layer": "blocks.-1.norm1", "layout": "tokens"}
+_RESNET = {"target_layer": "layer4", "layout": "nchw", "data_config": _IMAGENET}
 PRESETS: Mapping[str, EncoderPreset] = MappingProxyType({
     preset.name: preset
     for preset in (
@@ -120,7 +123,7 @@ PRESETS: Mapping[str, EncoderPreset] = MappingProxyType({
         _preset("retccl", "resnet50", 2048, description="RetCCL (Wang et al. 2023), ResNet-50, weights file", **_RESNET),
         _preset(
             "histoencoder-small", "xcit_small_12_p16_224", 384, target_layer="blocks.-1", layout="tokens",
-            pooling="cls", description="HistoEncoder (Pohjonen et al.), XCiT-S/16, weights file",
+            description="HistoEncoder (Pohjonen et al.), XCiT-S/16, weights file",
         ),
         _preset(
             "solo-learn-resnet18", "resnet18", 512, key_prefix="backbone.",

@@ -12,64 +12,17 @@ query embedding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 
-from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.options import MethodOptions
-from histoxplain_model.saliency import check_method, check_polarity, get_explainer
+from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
+from histoxplain_model.saliency import get_explainer
 
-__all__ = ["SIDES", "MethodOptions", "RetrievalExplanation", "Side", "explain_retrieval"]
-
-Side = Literal["query", "retrieved", "both"]
-SIDES: tuple[str, ...] = get_args(Side)
-
-
-@dataclass(frozen=True)
-class RetrievalExplanation:
-    """Heatmaps at the model input resolution (H, W), float32 in [0, 1].
-
-    scores (K,): cosine similarity of the query to each reference.
-    query_heatmaps (K, H, W): the query explained against reference k (None unless side is
-        "query" or "both").
-    reference_heatmaps (K, H, W): reference k explained against the query (None unless side is
-        "retrieved" or "both").
-    map_size: None for finished maps. (H, W) when the heatmaps are raw class activation maps
-        (K, h, w) at the target layer's resolution (``explain_retrieval(..., native_cams=True)``,
-        what the TorchServe handler sends); :meth:`finished` turns them into the maps above.
-    """
-
-    method: str
-    polarity: str
-    scores: np.ndarray
-    query_heatmaps: np.ndarray | None
-    reference_heatmaps: np.ndarray | None
-    map_size: tuple[int, int] | None = None
-
-    def finished(self) -> RetrievalExplanation:
-        """The same explanation with finished maps (upsampled to ``map_size``, min-max; numpy)."""
-        if self.map_size is None:
-            return self
-        from histoxplain_model.wire.cams import finish_cams
-
-        def finish(maps: np.ndarray | None) -> np.ndarray | None:
-            return None if maps is None else finish_cams(maps, self.map_size)
-
-        return replace(
-            self, query_heatmaps=finish(self.query_heatmaps), reference_heatmaps=finish(self.reference_heatmaps),
-            map_size=None,
-        )
-
-
-def check_side(side: str) -> Side:
-    """Return ``side`` if known, else raise :class:`UnknownNameError` listing the known ones."""
-    if side not in SIDES:
-        raise UnknownNameError.for_name("side", str(side), SIDES)
-    return side  # type: ignore[return-value]
+__all__ = ["explain_retrieval"]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -86,49 +39,31 @@ def _embeddings(
     return vectors.to(pixels.device)
 
 
-def explain_retrieval(
-    encoder: Any,
-    query_image: np.ndarray,
-    reference_images: Sequence[np.ndarray],
-    method: str,
-    polarity: str = "similar",
-    side: str = "both",
-    options: MethodOptions | None = None,
-    *,
-    query_embedding: np.ndarray | None = None,
-    reference_embeddings: np.ndarray | None = None,
-    native_cams: bool = False,
-) -> RetrievalExplanation:
-    """Explain why the query and each of the K reference images are similar (or dissimilar).
+def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: bool = False) -> RetrievalExplanation:
+    """Explain why the request's query and each of its K reference images are similar (or
+    dissimilar); the request was checked when it was built (:class:`ExplainRequest`).
 
-    query_image, reference_images: (H, W, 3) uint8 RGB; K >= 1.
-    method: a name in ``histoxplain_model.saliency.METHODS``; polarity "similar"/"dissimilar";
-    side "query", "retrieved" or "both".
-    query_embedding (D,) / reference_embeddings (K, D): the stored vectors if the caller has
-    them (e.g. from the index), to skip re-embedding; they must come from this encoder.
+    The request's stored embeddings, when given, must come from this encoder; they replace
+    embedding that side.
     native_cams: CAM methods return raw maps at the target layer's resolution with ``map_size``
     set (a few hundred bytes a map instead of H*W values; see :meth:`RetrievalExplanation.finished`).
     """
-    check_method(method)
-    polarity = check_polarity(polarity)
-    side = check_side(side)
-    if len(reference_images) == 0:
-        raise InvalidRequest("no reference images to explain against: give at least one")
     explainer = get_explainer(
-        method, encoder.model, encoder.target_layer, encoder.reshape_transform, options
+        request.method, encoder.model, encoder.target_layer, encoder.reshape_transform, request.options
     )
     device = _model_device(encoder.model)
-    query_pixels = encoder.preprocess([query_image]).to(device)
-    reference_pixels = encoder.preprocess(list(reference_images)).to(device)
+    query_pixels = encoder.preprocess([request.query]).to(device)
+    reference_pixels = encoder.preprocess(list(request.references)).to(device)
     count = reference_pixels.shape[0]
-    query_vector = _embeddings(encoder, query_pixels, query_embedding, 1)
-    reference_vectors = _embeddings(encoder, reference_pixels, reference_embeddings, count)
+    query_vector = _embeddings(encoder, query_pixels, request.query_embedding, 1)
+    reference_vectors = _embeddings(encoder, reference_pixels, request.reference_embeddings, count)
     if query_vector.shape[1] != reference_vectors.shape[1]:
         raise InvalidRequest(
             f"query embedding is {query_vector.shape[1]}-d but the references are "
             f"{reference_vectors.shape[1]}-d: use embeddings from the same encoder"
         )
 
+    polarity, side = request.polarity, request.side
     query_heatmaps = reference_heatmaps = None
     native = False
     if side in ("query", "both"):
@@ -140,7 +75,7 @@ def explain_retrieval(
         reference_heatmaps, native = result.heatmaps[:, 0], result.native
     scores = torch.nn.functional.cosine_similarity(query_vector, reference_vectors, dim=1)
     return RetrievalExplanation(
-        method=method,
+        method=request.method,
         polarity=polarity,
         scores=scores.detach().float().cpu().numpy(),
         query_heatmaps=query_heatmaps,

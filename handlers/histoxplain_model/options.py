@@ -1,58 +1,97 @@
-"""Options of the saliency methods, and how they travel in a TorchServe input map.
+"""The options of each saliency method: one frozen type per method, checked when it is built.
 
-This module must not import torch: the gateway and the TorchServe backend build and check
-options without loading a model.
+A method's settings belong to that method (as Captum's ``NoiseTunnel`` takes its own on its own
+``attribute``), so GradCAM++'s eps cannot be set on a SmoothGrad request and SmoothGrad's noise
+cannot reach GradCAM. ``OPTIONS_TYPES`` says which type belongs to which method; each explainer
+in ``histoxplain_model.saliency`` takes only its own.
 
-    options = MethodOptions(n_samples=50, sigma=0.1)    # InvalidRequest if out of range
-    inputs = options_to_inputs(options)                 # {"smoothgrad_samples": b"50", ...}
-    options_from_inputs(inputs) == options              # the handler's side
+This module must not import torch: the gateway, the CLI and the TorchServe backend build and
+check options without loading a model (``histoxplain_model.wire.inputs`` carries them to the
+TorchServe handler).
+
+    options = SmoothGradOptions(n_samples=50, sigma=0.1)     # InvalidRequest if out of range
+    check_options("smoothgrad", options) is options          # another method's type: InvalidRequest
+    check_options("gradcampp", None) == GradCAMPlusPlusOptions()
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Literal
+from types import MappingProxyType
+from typing import Literal, TypeVar
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.limits import MAX_N_SAMPLES
+from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD, check_name
 
 __all__ = [
-    "INPUT_KEYS",
-    "MAX_N_SAMPLES",
-    "MethodOptions",
-    "options_from_inputs",
-    "options_to_inputs",
+    "GRADCAMPP_GRADIENT_SCALES",
+    "OPTIONS_TYPES",
+    "OptionsT",
+    "GradCAMOptions",
+    "GradCAMPlusPlusOptions",
+    "SaliencyOptions",
+    "SmoothGradOptions",
+    "check_options",
+    "default_options",
+    "options_or_defaults",
 ]
 
-#: The most noisy copies one SmoothGrad request may ask for (cost grows linearly with n).
-MAX_N_SAMPLES = 256
 GRADCAMPP_GRADIENT_SCALES = ("unit", "raw")
 
 
 @dataclass(frozen=True)
-class MethodOptions:
-    """Options of the saliency methods (all have defaults; each method reads its own).
+class GradCAMOptions:
+    """GradCAM's options: none (eq. 1-2 of Selvaraju et al. leave nothing to choose).
+
+    The type exists so that every method is called the same way and another method's options
+    are refused rather than silently ignored.
+    """
+
+
+@dataclass(frozen=True)
+class GradCAMPlusPlusOptions:
+    """GradCAM++'s options (see ``histoxplain_model.saliency.gradcam.GradCAMPlusPlus``).
+
+    gradient_scale: "unit" (default) evaluates eq. 19 on gradients rescaled so that
+        max |dS/dA| = 1 per map, which makes the map independent of the target's scale; "raw"
+        uses the raw gradients exactly as pytorch-grad-cam does.
+    eps: eps in the denominator of eq. 19 (in the units chosen above), a finite number >= 0.
+    """
+
+    gradient_scale: Literal["unit", "raw"] = "unit"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.gradient_scale not in GRADCAMPP_GRADIENT_SCALES:
+            raise InvalidRequest(
+                f"gradient_scale (GradCAM++) must be 'unit' or 'raw', got {self.gradient_scale!r}"
+            )
+        if not (_is_real(self.eps) and self.eps >= 0):
+            raise InvalidRequest(
+                f"eps (GradCAM++ denominator) must be a finite number >= 0, got {self.eps!r}"
+            )
+
+
+@dataclass(frozen=True)
+class SmoothGradOptions:
+    """SmoothGrad's options (Smilkov et al. 2017; see ``histoxplain_model.saliency.smoothgrad``).
 
     n_samples: n noisy copies, 1 to ``MAX_N_SAMPLES`` (Smilkov et al. section 4.1 see
         diminishing returns beyond 50; 25 halves the cost).
     sigma: noise standard deviation as a fraction of the image's value range
         (max - min), in (0, 1] (Smilkov et al. section 4.1: 10-20% works best).
-    chunk_size: noisy copies per SmoothGrad forward pass (>= 1); bounds peak memory.
-    seed: seed of the SmoothGrad noise generator, >= 0 (same seed, same maps).
-    gradcampp_gradient_scale: "unit" (default) evaluates GradCAM++ eq. 19 on gradients rescaled
-        so that max |dS/dA| = 1 per map, which makes the map independent of the target's scale;
-        "raw" uses the raw gradients exactly as pytorch-grad-cam does (see GradCAMPlusPlus).
-    gradcampp_eps: eps in the denominator of eq. 19 (in the units chosen above), >= 0.
+    chunk_size: noisy copies per forward pass (>= 1); bounds peak memory.
+    seed: seed of the noise generator, >= 0 (same seed, same maps).
     """
 
     n_samples: int = 25
     sigma: float = 0.15
     chunk_size: int = 5
     seed: int = 0
-    gradcampp_gradient_scale: Literal["unit", "raw"] = "unit"
-    gradcampp_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if not (_is_integer(self.n_samples) and 1 <= self.n_samples <= MAX_N_SAMPLES):
@@ -72,15 +111,6 @@ class MethodOptions:
             )
         if not (_is_integer(self.seed) and 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
-        if self.gradcampp_gradient_scale not in GRADCAMPP_GRADIENT_SCALES:
-            raise InvalidRequest(
-                f"gradcampp_gradient_scale must be 'unit' or 'raw', got "
-                f"{self.gradcampp_gradient_scale!r}"
-            )
-        if not (_is_real(self.gradcampp_eps) and self.gradcampp_eps >= 0):
-            raise InvalidRequest(
-                f"gradcampp_eps must be a finite number >= 0, got {self.gradcampp_eps!r}"
-            )
 
 
 def _is_integer(value: object) -> bool:
@@ -91,65 +121,48 @@ def _is_real(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-#: Input-map key of each option in a TorchServe explain request (``handlers/retrieval_handler.py``).
-INPUT_KEYS: dict[str, str] = {
-    "n_samples": "smoothgrad_samples",
-    "sigma": "smoothgrad_sigma",
-    "chunk_size": "smoothgrad_chunk_size",
-    "seed": "smoothgrad_seed",
-    "gradcampp_gradient_scale": "gradcampp_gradient_scale",
-    "gradcampp_eps": "gradcampp_eps",
-}
-_DEFAULTS = {field.name: field.default for field in fields(MethodOptions)}
+#: The options of any one method.
+SaliencyOptions = GradCAMOptions | GradCAMPlusPlusOptions | SmoothGradOptions
+#: One method's options type, for code generic over the methods (``saliency.base.BaseCAM``).
+OptionsT = TypeVar("OptionsT", GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions)
+
+#: Method name -> its options type (the same names as ``histoxplain_model.saliency.METHODS``).
+OPTIONS_TYPES: Mapping[str, type[SaliencyOptions]] = MappingProxyType({
+    GRADCAM: GradCAMOptions,
+    GRADCAM_PLUS_PLUS: GradCAMPlusPlusOptions,
+    SMOOTHGRAD: SmoothGradOptions,
+})
 
 
-def options_to_inputs(options: MethodOptions | None) -> dict[str, bytes]:
-    """The options that differ from the defaults, as UTF-8 text values keyed by ``INPUT_KEYS``.
+def options_or_defaults(expected: type[OptionsT], options: object, owner: str) -> OptionsT:
+    """``options`` if it is an ``expected``, the defaults if it is ``None``.
 
-    Floats are written with ``repr`` (shortest exact round trip), so the handler rebuilds the
-    very same values.
+    ``owner`` names who takes them in the message (``"method 'gradcam'"``, ``"SmoothGrad"``).
+
+    Raises:
+        InvalidRequest: options of another type (another method's options).
     """
     if options is None:
-        return {}
-    inputs = {}
-    for name, key in INPUT_KEYS.items():
-        value = getattr(options, name)
-        if value != _DEFAULTS[name]:
-            text = value if isinstance(value, str) else repr(value)
-            inputs[key] = text.encode("utf-8")
-    return inputs
+        return expected()
+    if not isinstance(options, expected):
+        raise InvalidRequest(
+            f"{owner} takes {expected.__name__}, not {type(options).__name__}; pass "
+            f"{expected.__name__}(...) or None for its defaults"
+        )
+    return options
 
 
-def options_from_inputs(inputs: Mapping[str, object]) -> MethodOptions | None:
-    """Options from a request's input map (``bytes`` or ``str`` values); ``None`` if it has none.
+def default_options(method: str) -> SaliencyOptions:
+    """The default options of ``method``; an unknown method raises ``UnknownNameError``."""
+    return check_options(method, None)
 
-    Raises :class:`InvalidRequest` for a value that is not a number of the right kind or is out
-    of range.
+
+def check_options(method: str, options: SaliencyOptions | None) -> SaliencyOptions:
+    """``options`` if they are ``method``'s own type, its defaults if ``None``.
+
+    Raises:
+        UnknownNameError: an unknown method (the message lists the known ones).
+        InvalidRequest: options of another method.
     """
-    values: dict[str, object] = {}
-    for name, key in INPUT_KEYS.items():
-        raw = inputs.get(key)
-        if raw is None:
-            continue
-        text = _text(raw, key)
-        default = _DEFAULTS[name]
-        try:
-            if isinstance(default, int):
-                values[name] = int(text)
-            elif isinstance(default, float):
-                values[name] = float(text)
-            else:
-                values[name] = text
-        except ValueError:
-            kind = "an integer" if isinstance(default, int) else "a number"
-            raise InvalidRequest(f"input {key!r} must be {kind}, got {text!r}") from None
-    return MethodOptions(**values) if values else None  # type: ignore[arg-type]
-
-
-def _text(value: object, key: str) -> str:
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise InvalidRequest(f"input {key!r} is not UTF-8 text") from None
-    return str(value).strip()
+    expected = OPTIONS_TYPES[check_name("method", method, OPTIONS_TYPES)]
+    return options_or_defaults(expected, options, f"method {method!r}")

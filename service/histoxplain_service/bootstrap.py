@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 
-from qdrant_client import QdrantClient
-
 from histoxplain_service.backends.base import ModelBackend
 from histoxplain_service.config import GatewaySettings, Settings
 from histoxplain_service.domain.retrieval import Retrieval
-from histoxplain_service.index.qdrant import open_qdrant
+from histoxplain_service.index.base import IndexEngine
+from histoxplain_service.index.qdrant import QdrantEngine, open_qdrant
 
-__all__ = ["create_backend", "embedded_backend", "open_gateway_qdrant", "open_retrieval"]
+__all__ = ["create_backend", "embedded_backend", "open_gateway_index", "open_index_engine", "open_retrieval"]
 
 
 def embedded_backend(settings: Settings) -> ModelBackend:
@@ -45,13 +44,23 @@ def create_backend(settings: GatewaySettings) -> ModelBackend:
     )
 
 
-def open_gateway_qdrant(settings: GatewaySettings) -> QdrantClient:
-    """Qdrant for the gateway: a server (``QDRANT_URL``) gets an HTTP timeout equal to the
-    maximum request deadline, so no Qdrant call outlives the longest call that waits for it;
+def open_index_engine(settings: Settings, timeout_s: int | None = None) -> IndexEngine:
+    """The index engine: Qdrant, a server at ``QDRANT_URL`` or else local mode under the data
+    folder (FailedPrecondition: that folder is held by another process).
+
+    ``timeout_s``: the HTTP timeout of server calls (``None``: qdrant-client's default). The
+    caller owns the engine and closes it.
+    """
+    return QdrantEngine(settings, open_qdrant(settings, timeout_s))
+
+
+def open_gateway_index(settings: GatewaySettings) -> IndexEngine:
+    """The index engine for the gateway: a server (``QDRANT_URL``) gets an HTTP timeout equal to
+    the maximum request deadline, so no Qdrant call outlives the longest call that waits for it;
     local mode is in-process (bounded by the call's deadline in the servicer)."""
-    return open_qdrant(settings.core, timeout_s=max(1, math.ceil(settings.max_deadline_s)))
+    return open_index_engine(settings.core, timeout_s=max(1, math.ceil(settings.max_deadline_s)))
 
 
 def open_retrieval(settings: Settings, backend: ModelBackend | None = None) -> Retrieval:
-    """The domain over ``backend`` (default: the in-process model) and the configured Qdrant."""
-    return Retrieval(settings, backend or embedded_backend(settings), open_qdrant(settings))
+    """The domain over ``backend`` (default: the in-process model) and the configured index engine."""
+    return Retrieval(settings, backend or embedded_backend(settings), open_index_engine(settings))

@@ -37,9 +37,11 @@ import torch.nn.functional as F
 
 from histoxplain_model.encoders import Encoder, efficientnet_lite0_package_weights, load_encoder
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
-from histoxplain_model.explain import RetrievalExplanation, explain_retrieval
+from histoxplain_model.explain import explain_retrieval
 from histoxplain_model.wire.cams import finish_cams
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import SmoothGradOptions
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
 
 pytestmark = pytest.mark.gpu
 
@@ -138,8 +140,8 @@ def _check_maps(
 
 
 def _explain(encoder: Encoder, tiles: list[np.ndarray], method: str, references: int = 3) -> RetrievalExplanation:
-    options = MethodOptions(n_samples=4, chunk_size=2, seed=5) if method == "smoothgrad" else None
-    return explain_retrieval(encoder, tiles[0], tiles[1 : 1 + references], method, options=options)
+    options = SmoothGradOptions(n_samples=4, chunk_size=2, seed=5) if method == "smoothgrad" else None
+    return explain_retrieval(encoder, ExplainRequest(tiles[0], tiles[1 : 1 + references], method, options=options))
 
 
 @pytest.fixture(scope="module")
@@ -234,10 +236,11 @@ def test_embedded_backend_on_cuda_matches_the_cpu_backend(tmp_path, tiles, recor
     assert float(np.min(np.sum(gpu_vectors * cpu_vectors, axis=1))) >= MIN_COSINE
 
     for method in METHODS:
-        options = MethodOptions(n_samples=4, seed=2) if method == "smoothgrad" else None
-        cpu = on_cpu.explain(tiles[0], tiles[1:4], method, options=options)
+        options = SmoothGradOptions(n_samples=4, seed=2) if method == "smoothgrad" else None
+        request = ExplainRequest(tiles[0], tiles[1:4], method, options=options)
+        cpu = on_cpu.explain(request)
         with precision("fp32"):
-            gpu = on_gpu.explain(tiles[0], tiles[1:4], method, options=options)
+            gpu = on_gpu.explain(request)
         _check_numpy(gpu)
         _check_maps(cpu, gpu, method, "fp32", record_property, prefix=f"backend_{method}_")
         assert _max_diff(cpu.scores, gpu.scores) <= TOLERANCE["fp32"][1], method
@@ -286,7 +289,7 @@ def test_handler_worker_with_gpu_id_0_serves_from_cuda_0(handler, encoders, tile
     assert embed_arrays["embeddings"].dtype == np.float32
     assert float(np.min(np.sum(embed_arrays["embeddings"] * expected, axis=1))) >= MIN_COSINE
 
-    local = explain_retrieval(reference, tiles[0], tiles[1:4], "gradcam")
+    local = explain_retrieval(reference, ExplainRequest(tiles[0], tiles[1:4], "gradcam"))
     map_tolerance, score_tolerance = TOLERANCE["fp32"]
     size = tuple(explain_meta["map_size"])  # GradCAM travels as raw CAMs, finished by the receiver
     for name in ("query_heatmaps", "reference_heatmaps"):

@@ -79,22 +79,22 @@ def test_explain_writes_overlays_and_report(dataset: Path, indexed: Path, tmp_pa
 def test_explain_smoothgrad_samples_and_noise_reach_the_model(
     dataset: Path, indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from histoxplain_model.options import MethodOptions
+    from histoxplain_model.options import SmoothGradOptions
     from histoxplain_service.backends.embedded import EmbeddedBackend
 
     seen: list[object] = []
     real_explain = EmbeddedBackend.explain
 
-    def recording_explain(self, *args, options=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen.append(options)
-        return real_explain(self, *args, options=options, **kwargs)
+    def recording_explain(self, request, timeout=None):  # noqa: ANN001, ANN202
+        seen.append(request.options)
+        return real_explain(self, request, timeout)
 
     monkeypatch.setattr(EmbeddedBackend, "explain", recording_explain)
     out = tmp_path / "report"
     assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", "--method", "smoothgrad",
                  "--samples", "2", "--noise", "0.3", "--side", "query", "--out", str(out),
                  "--data-dir", str(indexed)]) == 0
-    assert seen == [MethodOptions(n_samples=2, sigma=0.3)]
+    assert seen == [SmoothGradOptions(n_samples=2, sigma=0.3)]
     assert len(sorted(out.glob("*.png"))) == 1 + 2  # query, and the hit's tile and query map
 
 

@@ -31,7 +31,7 @@ import histoxplain_client as hc  # noqa: E402
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb  # noqa: E402
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc  # noqa: E402
 from histoxplain_service.config import GatewaySettings  # noqa: E402
-from histoxplain_service.index.qdrant import open_qdrant  # noqa: E402
+from histoxplain_service.bootstrap import open_index_engine  # noqa: E402
 from histoxplain_service.gateway.server import Gateway  # noqa: E402
 from histoxplain_service.config import Settings  # noqa: E402
 
@@ -125,7 +125,7 @@ class Running:
 
 def _start(data_dir: Path, model_backend: Any, **changes: Any) -> tuple[GatewayThread, Any]:
     settings = _settings(data_dir, **changes)
-    qdrant = open_qdrant(settings.core)
+    qdrant = open_index_engine(settings.core)
     return GatewayThread(settings, model_backend, qdrant), qdrant
 
 
@@ -262,7 +262,8 @@ def test_smoothgrad_samples_and_noise_are_honoured(
     """smoothgrad_samples=3 gives the library's n=3 map (not the default n=25 one); the noise
     reaches the model too; out-of-range values are INVALID_ARGUMENT with the allowed range."""
     from histoxplain_model.explain import explain_retrieval
-    from histoxplain_model.options import MethodOptions
+    from histoxplain_model.options import SmoothGradOptions
+    from histoxplain_model.requests import ExplainRequest
 
     query_png, reference_png = tiles["ihc-0-1"], tiles["ihc-1-2"]
     query, reference = _pixels(query_png), _pixels(reference_png)
@@ -273,17 +274,17 @@ def test_smoothgrad_samples_and_noise_are_honoured(
         )
         return explained.query_heatmaps[0]
 
-    def in_process(options: MethodOptions | None) -> np.ndarray:
+    def in_process(options: SmoothGradOptions | None) -> np.ndarray:
         return explain_retrieval(
-            embedded_backend.encoder, query, [reference], "smoothgrad", side="query", options=options
+            embedded_backend.encoder, ExplainRequest(query, [reference], "smoothgrad", side="query", options=options)
         ).query_heatmaps[0]
 
     three = served(smoothgrad_samples=3)
-    np.testing.assert_allclose(three, in_process(MethodOptions(n_samples=3)), atol=1e-5)
+    np.testing.assert_allclose(three, in_process(SmoothGradOptions(n_samples=3)), atol=1e-5)
     assert np.abs(three - in_process(None)).max() > 0.05, "smoothgrad_samples=3 gave the default map"
     # float32 on the wire: 0.3 arrives as 0.30000001192092896, and the gateway uses exactly that.
     noisy = served(smoothgrad_samples=3, smoothgrad_noise=0.3)
-    np.testing.assert_allclose(noisy, in_process(MethodOptions(n_samples=3, sigma=float(np.float32(0.3)))), atol=1e-5)
+    np.testing.assert_allclose(noisy, in_process(SmoothGradOptions(n_samples=3, sigma=float(np.float32(0.3)))), atol=1e-5)
     assert np.abs(noisy - three).max() > 0.05, "smoothgrad_noise had no effect"
 
     with pytest.raises(hc.InvalidArgument, match="smoothgrad_samples=100000 is out of range; use 1 to 256"):

@@ -24,9 +24,9 @@ import asyncio, io, json, sys
 import numpy as np
 from PIL import Image
 from skimage import data
-from histoxplain_client import Client
+from histoxplain_client import Client, IndexImage
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
-from histoxplain_service.bootstrap import create_backend, open_gateway_qdrant
+from histoxplain_service.bootstrap import create_backend, open_gateway_index
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.gateway.server import Gateway
 
@@ -44,28 +44,29 @@ def every_rpc(port):
     with Client(f"127.0.0.1:{port}", timeout=120) as client:
         client.wait_until_ready(60); called.add("Health")
         client.info(); called.add("GetModelInfo")
-        summary = client.index_images("cases", tiles); called.add("IndexImages")
+        image_ids = [f"tile-{n}" for n in range(len(tiles))]
+        client.index_images("cases", [IndexImage(tile, image_id=i) for tile, i in zip(tiles, image_ids)])
+        called.add("IndexImages")
         client.list_indexes(); called.add("ListIndexes")
         client.describe_index("cases"); called.add("DescribeIndex")
         client.search("cases", query, k=2); client.search("cases", query, k=2, ranking="image"); called.add("Search")
         for method in ("gradcam", "gradcampp", "smoothgrad"):
             client.search_and_explain("cases", query, k=2, method=method, smoothgrad_samples=2)
         client.search_and_explain("cases", query, k=2, ranking="image"); called.add("SearchAndExplain")
-        image_ids = [image.image_id for image in summary.images]
         client.explain(query, index="cases", image_ids=image_ids[:2]); client.explain(query, references=tiles[:2])
         called.add("Explain")
         client.delete("cases", image_ids[:1]); called.add("DeleteImages")
 
 async def main():
     settings = GatewaySettings.from_env()
-    backend, qdrant = create_backend(settings), open_gateway_qdrant(settings)
-    gateway = Gateway(settings, backend, qdrant)
+    backend, index_engine = create_backend(settings), open_gateway_index(settings)
+    gateway = Gateway(settings, backend, index_engine)
     await gateway.start()
     try:
         await asyncio.to_thread(every_rpc, gateway.port)
     finally:
         await gateway.stop(0)
-        qdrant.close()
+        index_engine.close()
         backend.close()
 
 asyncio.run(main())

@@ -27,8 +27,10 @@ import torch
 from histoxplain_model import errors
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
 from histoxplain_model.wire.cams import finish_cams
-from histoxplain_model.options import MethodOptions
-from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig, encode_float32
+from histoxplain_model.options import SmoothGradOptions
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.wire.inputs import encode_float32
+from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
 from histoxplain_service.backends.torchserve.mar import stage_weights
 
 torch.set_num_threads(1)
@@ -149,7 +151,9 @@ def test_handler_reads_method_options_and_a_bad_one_fails_alone(handler, tiles, 
     with pytest.raises(errors.InvalidRequest, match="'smoothgrad_sigma' must be a number"):
         decode_envelope(responses[2])
     _, arrays = decode_envelope(responses[1])
-    local = embedded.explain(tiles[0], [tiles[1]], "smoothgrad", side="query", options=MethodOptions(n_samples=3, sigma=0.25))
+    local = embedded.explain(
+        ExplainRequest(tiles[0], [tiles[1]], "smoothgrad", side="query", options=SmoothGradOptions(n_samples=3, sigma=0.25))
+    )
     assert float(np.max(np.abs(arrays["query_heatmaps"].astype(np.float32) - local.query_heatmaps))) <= HEATMAP_ATOL
 
 
@@ -172,7 +176,7 @@ def test_handler_uses_given_embeddings_and_a_bad_one_fails_alone(handler, tiles,
     with pytest.raises(errors.InvalidRequest, match="is text"):
         decode_envelope(responses[3])
     meta, arrays = decode_envelope(responses[1])
-    local = embedded.explain(tiles[0], tiles[1:3], "gradcam")
+    local = embedded.explain(ExplainRequest(tiles[0], tiles[1:3], "gradcam"))
     np.testing.assert_allclose(arrays["scores"], local.scores, atol=SCORE_ATOL)
     # GradCAM travels as raw CAMs on the target layer's 7x7 grid, finished by the receiver.
     assert meta["map_size"] == [224, 224]
@@ -229,8 +233,9 @@ def test_embeddings_match_in_process(torchserve_backend, embedded, tiles) -> Non
 )
 def test_explanations_match_in_process(torchserve_backend, embedded, tiles, method, polarity, side, count) -> None:
     query, references = tiles[0], tiles[1 : 1 + count]
-    served = torchserve_backend.explain(query, references, method, polarity, side, timeout=120)
-    local = embedded.explain(query, references, method, polarity, side)
+    request = ExplainRequest(query, references, method, polarity, side)
+    served = torchserve_backend.explain(request, timeout=120)
+    local = embedded.explain(request)
     assert (served.method, served.polarity) == (local.method, local.polarity)
     np.testing.assert_allclose(served.scores, local.scores, atol=SCORE_ATOL)
     for name in ("query_heatmaps", "reference_heatmaps"):
@@ -250,10 +255,12 @@ def test_stored_embeddings_give_the_in_process_maps(torchserve_backend, embedded
     query, references = tiles[0], tiles[1:3]
     vectors = embedded.embed(tiles[:3])
     served = torchserve_backend.explain(
-        query, references, "gradcam", "similar", side, timeout=120,
-        query_embedding=vectors[0], reference_embeddings=vectors[1:],
+        ExplainRequest(
+            query, references, "gradcam", "similar", side, query_embedding=vectors[0], reference_embeddings=vectors[1:]
+        ),
+        timeout=120,
     )
-    local = embedded.explain(query, references, "gradcam", "similar", side)
+    local = embedded.explain(ExplainRequest(query, references, "gradcam", "similar", side))
     np.testing.assert_allclose(served.scores, local.scores, atol=SCORE_ATOL)
     for name in ("query_heatmaps", "reference_heatmaps"):
         local_maps = getattr(local, name)
@@ -262,7 +269,7 @@ def test_stored_embeddings_give_the_in_process_maps(torchserve_backend, embedded
             continue
         assert float(np.max(np.abs(getattr(served, name) - local_maps))) <= HEATMAP_ATOL, name
     with pytest.raises(errors.InvalidRequest, match="query_embedding"):
-        torchserve_backend.explain(query, references, "gradcam", timeout=60, query_embedding=vectors[0, :10])
+        torchserve_backend.explain(ExplainRequest(query, references, "gradcam", query_embedding=vectors[0, :10]), timeout=60)
     with pytest.raises(errors.InvalidRequest, match="'query_embedding' has 40 bytes"):
         torchserve_backend.predict(
             {"mode": b"explain", "method": b"gradcam", "query": encode_request_image(query),
@@ -275,10 +282,11 @@ def test_stored_embeddings_give_the_in_process_maps(torchserve_backend, embedded
 def test_smoothgrad_options_give_the_in_process_maps(torchserve_backend, embedded, tiles) -> None:
     query, references = tiles[0], tiles[1:3]
     # sigma as the gateway passes it on: a float32 value from the wire.
-    options = MethodOptions(n_samples=3, sigma=float(np.float32(0.3)))
-    served = torchserve_backend.explain(query, references, "smoothgrad", "similar", "query", timeout=120, options=options)
-    local = embedded.explain(query, references, "smoothgrad", "similar", "query", options=options)
-    default = embedded.explain(query, references, "smoothgrad", "similar", "query")
+    options = SmoothGradOptions(n_samples=3, sigma=float(np.float32(0.3)))
+    request = ExplainRequest(query, references, "smoothgrad", "similar", "query", options)
+    served = torchserve_backend.explain(request, timeout=120)
+    local = embedded.explain(request)
+    default = embedded.explain(ExplainRequest(query, references, "smoothgrad", "similar", "query"))
     assert served.query_heatmaps.shape == local.query_heatmaps.shape == (2, 224, 224)
     assert float(np.max(np.abs(served.query_heatmaps - local.query_heatmaps))) <= HEATMAP_ATOL
     assert float(np.max(np.abs(served.query_heatmaps - default.query_heatmaps))) > 0.05, "options were not applied"
@@ -337,10 +345,13 @@ def test_a_bad_request_fails_alone_in_a_batch(torchserve_backend, embedded, tile
 
 @pytest.mark.integration
 def test_errors_of_the_model_reach_the_caller_as_domain_errors(torchserve_backend, tiles) -> None:
+    # Sent as raw input maps: an ExplainRequest would refuse these names before they leave.
+    explain = {"mode": b"explain", "method": b"gradcam", "query": encode_request_image(tiles[0]),
+               "reference.0": encode_request_image(tiles[1])}
     with pytest.raises(errors.UnknownNameError, match="gradcam"):
-        torchserve_backend.explain(tiles[0], [tiles[1]], "gradcat", timeout=60)
+        torchserve_backend.predict({**explain, "method": b"gradcat"}, 60)
     with pytest.raises(errors.UnknownNameError, match="side"):
-        torchserve_backend.explain(tiles[0], [tiles[1]], "gradcam", side="left", timeout=60)
+        torchserve_backend.predict({**explain, "side": b"left"}, 60)
     with pytest.raises(errors.InvalidRequest, match="query"):
         torchserve_backend.predict({"mode": b"explain", "method": b"gradcam", "reference.0": encode_request_image(tiles[1])}, 60)
 
@@ -350,7 +361,7 @@ def test_a_missed_deadline_raises_deadline_exceeded(torchserve_backend, tiles) -
     # TorchServe finishes a request whose caller gave up (~1 s here): keep it cheap so the
     # worker is free again for the next test.
     with pytest.raises(errors.DeadlineExceeded, match="deadline"):
-        torchserve_backend.explain(tiles[0], tiles[1:4], "gradcam", timeout=0.02)
+        torchserve_backend.explain(ExplainRequest(tiles[0], tiles[1:4], "gradcam"), timeout=0.02)
 
 
 @pytest.mark.integration

@@ -11,12 +11,11 @@ Methods: "gradcam", "gradcampp" (both from one forward pass for all K references
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-
 from torch import nn
 
-from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.errors import UnknownNameError
+from histoxplain_model.options import SaliencyOptions, check_options
+from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD
 from histoxplain_model.saliency.base import (
     BaseCAM,
     Explainer,
@@ -45,7 +44,6 @@ __all__ = [
     "GradCAM",
     "GradCAMPlusPlus",
     "InputGradient",
-    "MethodOptions",
     "Polarity",
     "ReshapeTransform",
     "SaliencyResult",
@@ -62,9 +60,9 @@ __all__ = [
 ]
 
 METHODS: dict[str, type[Explainer]] = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMPlusPlus,
-    "smoothgrad": SmoothGrad,
+    GRADCAM: GradCAM,
+    GRADCAM_PLUS_PLUS: GradCAMPlusPlus,
+    SMOOTHGRAD: SmoothGrad,
 }
 
 
@@ -80,23 +78,15 @@ def get_explainer(
     encoder_model: nn.Module,
     target_layer: nn.Module | None = None,
     reshape_transform: ReshapeTransform | None = None,
-    options: MethodOptions | None = None,
-    **method_opts: object,
+    options: SaliencyOptions | None = None,
 ) -> Explainer:
     """Build the explainer registered as ``method``.
 
     ``encoder_model``: pixels (B,3,H,W) -> embeddings (B,D), in eval mode.
     ``target_layer``/``reshape_transform``: the layer GradCAM(++) hooks and, for a ViT, the
     tokens (B,N,C) -> (B,C,h,w) reshape; SmoothGrad ignores them.
-    ``options`` and/or ``method_opts`` (names of :class:`MethodOptions` fields, which override
-    ``options``) configure the method.
+    ``options``: the method's own options type (``histoxplain_model.options.OPTIONS_TYPES``);
+    ``None``: its defaults; another method's options raise :class:`InvalidRequest`.
     """
     explainer_class = METHODS[check_method(method)]
-    known = {field.name for field in fields(MethodOptions)}
-    unknown = sorted(set(method_opts) - known)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown method option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    resolved = replace(options or MethodOptions(), **method_opts)  # type: ignore[arg-type]
-    return explainer_class(encoder_model, target_layer, reshape_transform, resolved)
+    return explainer_class(encoder_model, target_layer, reshape_transform, check_options(method, options))

@@ -8,7 +8,10 @@ handlers inside one), the cosine target, and the final upsample + per-map min-ma
 :class:`BaseCAM` is the class-activation-map pipeline (pytorch-grad-cam's shape): one forward
 pass with a hook on the target layer, the gradients of the K targets with respect to the hooked
 activations, channel weights, weighted sum, ReLU, upsample, normalise. Subclasses override only
-:meth:`BaseCAM.channel_weights`.
+:meth:`BaseCAM.channel_weights` and name their options type (``BaseCAM.options_type``).
+
+Options belong to their method (``histoxplain_model.options``): an explainer takes only its
+own options type, so the base :class:`Explainer` has none.
 
 Thread safety: per-call state lives in local variables only; a forward hook ignores forward
 passes run by other threads (hooks are per module, not per thread), and is removed in
@@ -23,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar, Generic
 
 import numpy as np
 import torch
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import OptionsT, options_or_defaults
 from histoxplain_model.saliency.targets import (
     SimilarityTarget,
     check_polarity,
@@ -106,12 +110,10 @@ class Explainer(ABC):
         model: nn.Module,
         target_layer: nn.Module | None = None,
         reshape_transform: ReshapeTransform | None = None,
-        options: MethodOptions | None = None,
     ) -> None:
         self.model = model
         self.target_layer = target_layer
         self.reshape_transform = reshape_transform
-        self.options = options or MethodOptions()
 
     def explain(
         self, pixels: torch.Tensor, references: torch.Tensor, polarity: str = "similar", native: bool = False
@@ -162,8 +164,11 @@ class Explainer(ABC):
         """(heatmaps (B, K, H, W) in [0, 1], clean embeddings (B, D)); runs in gradient mode."""
 
 
-class BaseCAM(Explainer):
+class BaseCAM(Explainer, Generic[OptionsT]):
     """Class activation maps from one forward pass for all K references.
+
+    A subclass sets ``options_type`` to its own options type; the constructor takes only that
+    type (``None``: its defaults) and refuses another method's options.
 
     The hook starts the autograd graph at the target layer: the layers below it run without
     recording (their gradients are never needed), so the forward costs about one inference pass.
@@ -173,16 +178,19 @@ class BaseCAM(Explainer):
     (PLATFORM.md).
     """
 
+    options_type: ClassVar[type]
+
     def __init__(
         self,
         model: nn.Module,
         target_layer: nn.Module | None = None,
         reshape_transform: ReshapeTransform | None = None,
-        options: MethodOptions | None = None,
+        options: OptionsT | None = None,
     ) -> None:
         if target_layer is None:
             raise InvalidRequest(f"{type(self).__name__} needs a target layer to hook")
-        super().__init__(model, target_layer, reshape_transform, options)
+        super().__init__(model, target_layer, reshape_transform)
+        self.options: OptionsT = options_or_defaults(self.options_type, options, type(self).__name__)
 
     @abstractmethod
     def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import torch
 
+from histoxplain_model.options import GradCAMOptions, GradCAMPlusPlusOptions
 from histoxplain_model.saliency.base import BaseCAM
 
 __all__ = ["GradCAM", "GradCAMPlusPlus"]
 
 
-class GradCAM(BaseCAM):
+class GradCAM(BaseCAM[GradCAMOptions]):
     """GradCAM (Selvaraju et al., 2017).
 
     Eq. 1: alpha_k = mean_ij dS/dA^k_ij (global-average-pooled gradients);
     eq. 2: L = ReLU(sum_k alpha_k A^k).
     """
 
+    options_type = GradCAMOptions
+
     def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return grads.mean(dim=(-2, -1))
 
 
-class GradCAMPlusPlus(BaseCAM):
+class GradCAMPlusPlus(BaseCAM[GradCAMPlusPlusOptions]):
     """GradCAM++ (Chattopadhay et al., 2018), weights from eq. 19 (with eq. 7's ReLU):
 
         a^kc_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3 + eps),   w^c_k = sum_ij a^kc_ij ReLU(g),
@@ -42,14 +45,16 @@ class GradCAMPlusPlus(BaseCAM):
     in "unit" mode sum_ab A_ab is clamped at 0 (a = 1/2: the value eq. 19 takes when the
     higher-order terms vanish). CNN target layers after a ReLU are unaffected.
 
-    ``MethodOptions(gradcampp_gradient_scale="raw")`` uses the raw gradients and no clamp, and
+    ``GradCAMPlusPlusOptions(gradient_scale="raw")`` uses the raw gradients and no clamp, and
     reproduces pytorch-grad-cam exactly.
     """
 
+    options_type = GradCAMPlusPlusOptions
+
     def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         sum_activations = activations.sum(dim=(-2, -1), keepdim=True)
-        eps = self.options.gradcampp_eps
-        if self.options.gradcampp_gradient_scale == "unit":
+        eps = self.options.eps
+        if self.options.gradient_scale == "unit":
             # Eq. 19 on g' = g / m (m = max|g|) without dividing the big gradient tensor:
             # multiplying numerator and denominator by m^3 gives, for g > 0,
             #   a' g' = g^3 / (2 m g^2 + S g^3 + eps m^3)  (S = sum_ab A_ab, clamped at 0).

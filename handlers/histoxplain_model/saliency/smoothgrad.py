@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import SmoothGradOptions, options_or_defaults
 from histoxplain_model.saliency.base import Explainer, ReshapeTransform, normalise_maps
 from histoxplain_model.saliency.targets import SimilarityTarget
 
@@ -18,7 +18,7 @@ class InputGradient(Explainer):
     """|dS/dx| (Simonyan et al., 2014; Captum ``Saliency`` with its default ``abs=True``).
 
     The map of one image is the maximum over colour channels of |dS/dx| (Simonyan et al.
-    section 3.1), min-max normalised. Needs no target layer.
+    section 3.1), min-max normalised. Needs no target layer and has no options.
     """
 
     def attribute(self, pixels: torch.Tensor, target: SimilarityTarget) -> torch.Tensor:
@@ -47,6 +47,9 @@ class InputGradient(Explainer):
 class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al., 2017): the mean of |dS/dx| over n noisy copies of the image.
 
+    Its settings are its own (:class:`SmoothGradOptions`), as Captum's NoiseTunnel takes them on
+    its own ``attribute``; the wrapped :class:`InputGradient` has none.
+
     Noise: N(0, (sigma * (max(x) - min(x)))^2) per image, sigma = ``options.sigma``
     (Smilkov et al. section 4.1). One standard-normal draw of n samples from a
     ``torch.Generator`` seeded with ``options.seed`` is shared by all images of the batch and all
@@ -72,10 +75,11 @@ class SmoothGrad(Explainer):
         model: nn.Module,
         target_layer: nn.Module | None = None,
         reshape_transform: ReshapeTransform | None = None,
-        options: MethodOptions | None = None,
+        options: SmoothGradOptions | None = None,
     ) -> None:
-        super().__init__(model, target_layer, reshape_transform, options)
-        self.inner = InputGradient(model, options=self.options)
+        super().__init__(model, target_layer, reshape_transform)
+        self.options = options_or_defaults(SmoothGradOptions, options, type(self).__name__)
+        self.inner = InputGradient(model)
 
     def noise(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
         """The n standard-normal draws (n, C, H, W) on ``device``, reproducible from
@@ -99,7 +103,7 @@ class SmoothGrad(Explainer):
                 noisy = image[None] + stdev * unit_noise[start : start + self.options.chunk_size]
                 summed = self.inner.attribute(noisy, target).sum(0)  # (K, 3, H, W)
                 total = summed if total is None else total.add_(summed)
-            if total is None:  # unreachable: MethodOptions checks n_samples >= 1
+            if total is None:  # unreachable: SmoothGradOptions checks n_samples >= 1
                 raise InvalidRequest("n_samples must be >= 1")
             per_image.append(total / self.options.n_samples)
         return torch.stack(per_image)

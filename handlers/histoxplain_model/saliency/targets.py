@@ -9,17 +9,16 @@ code path with the sign flipped.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
+
 
 import torch
 import torch.nn.functional as F
 
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.vocabulary import POLARITIES, Polarity
 
 __all__ = ["Polarity", "POLARITIES", "SimilarityTarget", "check_polarity", "similarity_target"]
 
-Polarity = Literal["similar", "dissimilar"]
-POLARITIES: tuple[str, ...] = get_args(Polarity)
 
 SimilarityTarget = Callable[[torch.Tensor], torch.Tensor]
 

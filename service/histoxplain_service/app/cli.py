@@ -21,7 +21,7 @@ import numpy as np
 
 from histoxplain_model.errors import HistoxplainError, InvalidRequest
 from histoxplain_model.imageio import read_image
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import SmoothGradOptions
 from histoxplain_model.vocabulary import (
     DEFAULT_POLARITY,
     DEFAULT_PRESET,
@@ -33,11 +33,10 @@ from histoxplain_model.vocabulary import (
 )
 from histoxplain_service.app.demo import run_demo
 from histoxplain_service.app.report import write_report
-from histoxplain_service.bootstrap import open_retrieval
+from histoxplain_service.bootstrap import open_index_engine, open_retrieval
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.retrieval import check_k
 from histoxplain_service.evaluation.command import add_evaluate_parser
-from histoxplain_service.index.qdrant import list_indexes, open_index, open_qdrant
 
 log = logging.getLogger("histoxplain")
 
@@ -225,16 +224,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def smoothgrad_options(method: str, samples: int | None, noise: float | None) -> MethodOptions | None:
+def smoothgrad_options(method: str, samples: int | None, noise: float | None) -> SmoothGradOptions | None:
     """``--samples`` / ``--noise`` as method options; refused for any method but SmoothGrad
     (the flags would otherwise be silently ignored)."""
     if samples is None and noise is None:
         return None
     if method != "smoothgrad":
         raise InvalidRequest(f"--samples and --noise apply to --method smoothgrad only, not {method}; drop them")
-    defaults = MethodOptions()
+    defaults = SmoothGradOptions()
     try:
-        return MethodOptions(
+        return SmoothGradOptions(
             n_samples=defaults.n_samples if samples is None else samples,
             sigma=defaults.sigma if noise is None else noise,
         )
@@ -245,15 +244,15 @@ def smoothgrad_options(method: str, samples: int | None, noise: float | None) ->
 
 def cmd_info(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    client = open_qdrant(settings)
-    infos = [open_index(settings, args.index, client).describe()] if args.index else list_indexes(client)
+    engine = open_index_engine(settings)
+    infos = [engine.open_index(args.index).describe()] if args.index else engine.list_indexes()
     print(json.dumps([asdict(info) for info in infos], indent=2))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    removed = open_index(settings, args.index, open_qdrant(settings)).delete(args.image_ids)
+    removed = open_index_engine(settings).open_index(args.index).delete(args.image_ids)
     print(f"deleted {removed} tile(s) of {len(args.image_ids)} image(s) from {args.index}")
     return 0
 

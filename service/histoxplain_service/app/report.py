@@ -17,7 +17,7 @@ from PIL import Image
 
 from histoxplain_model.overlay import overlay_png
 from histoxplain_model.vocabulary import METHOD_TITLES
-from histoxplain_service.domain.retrieval import ExplainedSearch
+from histoxplain_service.domain.types import ExplainedSearch
 
 
 _CSS = """

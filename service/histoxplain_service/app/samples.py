@@ -24,7 +24,7 @@ from PIL import Image
 from histoxplain_model.errors import FailedPrecondition
 from histoxplain_model.imageio import read_image
 
-from histoxplain_service.domain.tiling import pad_tile, tile_grid, tissue_fractions, tissue_mask
+from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
 
 __all__ = [
     "HE_LABEL",
@@ -81,11 +81,9 @@ def _tissue_tiles(
     image: np.ndarray, tile_size: int, min_tissue: float, limit: int | None, overlap: bool
 ) -> list[tuple[int, int, np.ndarray]]:
     height, width = image.shape[:2]
-    boxes = tile_grid(width, height, tile_size, tile_size)
-    if not overlap:  # drop the edge-aligned tiles that overlap their neighbours
-        boxes = [(x, y, w, h) for x, y, w, h in boxes if x % tile_size == 0 and y % tile_size == 0 and w == h == tile_size]
-    fractions = tissue_fractions(tissue_mask(image), boxes, 1.0)
-    kept = [box for box, fraction in zip(boxes, fractions) if fraction >= min_tissue]
+    # Without overlap: no edge-aligned tiles, which would share pixels with their neighbours.
+    planned = plan_tile_boxes(width, height, tile_size, tile_size, lambda: (image, 1.0), min_tissue, edge_tiles=overlap)
+    kept = [tile.box for tile in planned]
     if limit is not None and len(kept) > limit:
         # evenly spread over the image rather than the first rows only
         kept = [kept[i] for i in np.linspace(0, len(kept) - 1, limit).round().astype(int)]

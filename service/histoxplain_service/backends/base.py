@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from histoxplain_model.explain import RetrievalExplanation
-    from histoxplain_model.options import MethodOptions
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
 
 
 @dataclass(frozen=True)
@@ -38,26 +37,13 @@ class ModelBackend(Protocol):
         """``images``: (H, W, 3) uint8 RGB each -> (B, D) float32, L2-normalised rows."""
         ...
 
-    def explain(
-        self,
-        query: np.ndarray,
-        references: Sequence[np.ndarray],
-        method: str,
-        polarity: str = "similar",
-        side: str = "both",
-        timeout: float | None = None,
-        options: MethodOptions | None = None,
-        query_embedding: np.ndarray | None = None,
-        reference_embeddings: np.ndarray | None = None,
-    ) -> RetrievalExplanation:
-        """Explain ``query`` against each of ``references`` (and/or each reference against it).
+    def explain(self, request: ExplainRequest, timeout: float | None = None) -> RetrievalExplanation:
+        """Explain the request's query against each of its references (and/or each reference
+        against it); the request was checked when it was built (:class:`ExplainRequest`).
 
-        ``options``: the method's options (e.g. SmoothGrad's samples and noise); ``None`` is
-        the library defaults.
-        ``query_embedding`` (D,) / ``reference_embeddings`` (K, D) float32: stored L2-normalised
-        vectors of these very images from THIS encoder (e.g. the index's vectors), so the backend
-        does not embed them again; each ``None``: the backend embeds that side itself. A shape
-        that does not fit raises :class:`histoxplain_model.errors.InvalidRequest`.
+        The request's stored embeddings, when given, are vectors of these very images from THIS
+        encoder (e.g. the index's), so the backend does not embed them again; embeddings that
+        are not the encoder's D raise :class:`histoxplain_model.errors.InvalidRequest`.
         """
         ...
 
@@ -67,37 +53,3 @@ class ModelBackend(Protocol):
 
     def close(self) -> None: ...
 
-
-def check_embeddings(
-    query_embedding: np.ndarray | None, reference_embeddings: np.ndarray | None, count: int, dim: int | None = None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Given embeddings as float32 ``(D,)`` and ``(count, D)`` (``dim``: the encoder's D, if known).
-
-    Raises:
-        InvalidRequest: a shape that does not fit, or a value that is not finite.
-    """
-    from histoxplain_model.errors import InvalidRequest
-
-    checked: list[np.ndarray | None] = []
-    for name, given, shape in (
-        ("query_embedding", query_embedding, (dim,)),
-        ("reference_embeddings", reference_embeddings, (count, dim)),
-    ):
-        if given is None:
-            checked.append(None)
-            continue
-        vectors = np.asarray(given, dtype=np.float32)
-        fits = vectors.ndim == len(shape) and all(want is None or got == want for got, want in zip(vectors.shape, shape))
-        if not fits or vectors.shape[-1] == 0:
-            wanted = "x".join("D" if want is None else str(want) for want in shape)
-            raise InvalidRequest(f"{name} has shape {vectors.shape}; expected ({wanted}) from the served encoder")
-        if not np.isfinite(vectors).all():
-            raise InvalidRequest(f"{name} has NaN or infinite values; send the stored embeddings unchanged")
-        checked.append(vectors)
-    query_vector, reference_vectors = checked
-    if query_vector is not None and reference_vectors is not None and query_vector.shape[0] != reference_vectors.shape[1]:
-        raise InvalidRequest(
-            f"query_embedding is {query_vector.shape[0]}-d but reference_embeddings are "
-            f"{reference_vectors.shape[1]}-d; use embeddings from the same encoder"
-        )
-    return query_vector, reference_vectors

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
-from histoxplain_service.backends.base import ModelInfo, check_embeddings
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
+from histoxplain_service.backends.base import ModelInfo
 
 if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
-    from histoxplain_model.explain import RetrievalExplanation
-    from histoxplain_model.options import MethodOptions
     from histoxplain_service.config import Settings
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,10 @@ class EmbeddedBackend:
     """Embeds and explains with an :class:`~histoxplain_model.encoders.Encoder` in this process.
 
     ``pixel_embedder`` replaces torch for embeddings only (the ONNX Runtime path); gradients
-    always come from torch. Explanations are serialised with a lock: saliency hooks live on the
-    shared target layer, so two concurrent explanations would see each other's activations.
+    always come from torch. Concurrent explanations need no lock: each builds its own explainer,
+    keeps its state in local variables, and its forward hook on the shared target layer ignores
+    the forward passes of other threads (``histoxplain_model.saliency.base``;
+    ``tests/unit/model/test_saliency.py::test_concurrent_calls_on_one_model_do_not_mix``).
     """
 
     def __init__(
@@ -42,7 +44,6 @@ class EmbeddedBackend:
         self._encoder = encoder
         self._pixel_embedder = pixel_embedder
         self._embed_batch_size = embed_batch_size
-        self._explain_lock = threading.Lock()
 
     @property
     def encoder(self) -> Encoder:
@@ -76,43 +77,30 @@ class EmbeddedBackend:
                 chunks.append(self._encoder.embed(pixels).cpu().numpy())
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
-    def explain(
-        self,
-        query: np.ndarray,
-        references: Sequence[np.ndarray],
-        method: str,
-        polarity: str = "similar",
-        side: str = "both",
-        timeout: float | None = None,
-        options: MethodOptions | None = None,
-        query_embedding: np.ndarray | None = None,
-        reference_embeddings: np.ndarray | None = None,
-    ) -> RetrievalExplanation:
+    def explain(self, request: ExplainRequest, timeout: float | None = None) -> RetrievalExplanation:
         """Stored embeddings, when given, replace embedding that side (see ModelBackend.explain)."""
         from histoxplain_model.explain import explain_retrieval
 
-        if len(references) == 0:
-            raise InvalidRequest("no reference images to explain against; give at least one")
-        query_vector, reference_vectors = check_embeddings(
-            query_embedding, reference_embeddings, len(references), int(self._encoder.embedding_dim)
-        )
+        request.check_embedding_dim(int(self._encoder.embedding_dim))
         deadline = _deadline(timeout)
         if self._pixel_embedder is not None:
-            # ONNX Runtime embeds several times faster than a torch forward pass; the explainer
-            # then runs torch only where gradients are needed.
-            if query_vector is None and reference_vectors is None:
-                vectors = self.embed([query, *references], timeout)
-                query_vector, reference_vectors = vectors[0], vectors[1:]
-            elif query_vector is None:
-                query_vector = self.embed([query], timeout)[0]
-            elif reference_vectors is None:
-                reference_vectors = self.embed(list(references), timeout)
-        with self._explain_lock:
-            _check_deadline(deadline)
-            return explain_retrieval(
-                self._encoder, query, list(references), method=method, polarity=polarity, side=side,
-                options=options, query_embedding=query_vector, reference_embeddings=reference_vectors,
-            )
+            request = self._with_embeddings(request, timeout)
+        _check_deadline(deadline)
+        return explain_retrieval(self._encoder, request)
+
+    def _with_embeddings(self, request: ExplainRequest, timeout: float | None) -> ExplainRequest:
+        """``request`` with both sides' embeddings, the missing ones from ONNX Runtime: it embeds
+        several times faster than a torch forward pass, so the explainer then runs torch only
+        where gradients are needed."""
+        query_vector, reference_vectors = request.query_embedding, request.reference_embeddings
+        if query_vector is None and reference_vectors is None:
+            vectors = self.embed([request.query, *request.references], timeout)
+            query_vector, reference_vectors = vectors[0], vectors[1:]
+        elif query_vector is None:
+            query_vector = self.embed([request.query], timeout)[0]
+        elif reference_vectors is None:
+            reference_vectors = self.embed(list(request.references), timeout)
+        return replace(request, query_embedding=query_vector, reference_embeddings=reference_vectors)
 
     def ready(self) -> bool:
         return True

@@ -24,8 +24,13 @@ Bad input
 
 Resuming
     Before tiling an image, its planned point ids are checked against the index
-    (:meth:`VectorIndex.image_state`): complete images are skipped, so an interrupted run
-    re-run only embeds what is missing, and upserts by deterministic id never double anything.
+    (:meth:`~histoxplain_service.index.base.VectorIndex.image_state`): complete images are
+    skipped, so an interrupted run re-run only embeds what is missing, and upserts by
+    deterministic id never double anything.
+
+Why one module of about 550 lines: every source (files, folders, slides, bytes received by
+the gateway) feeds the same resumable embed-and-upsert loop and its record and state checks;
+it splits by source when a second remote source (DICOMweb) lands.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ from tqdm.auto import tqdm
 from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
 from histoxplain_model.imageio import decode_image
 
-from histoxplain_service.index.qdrant import Box, TileRecord, VectorIndex
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.tiling import pad_tile, tile_grid, tissue_fractions, tissue_mask
+from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
+from histoxplain_service.domain.types import Box, TileRecord
+from histoxplain_service.index.base import VectorIndex
 
 __all__ = [
     "EmbedFn",
@@ -290,13 +296,14 @@ def plan_tiles(source: ImageSource, tile_size: int, stride: int, min_tissue: flo
     user gave, e.g. a 224 px patch of a labelled dataset, background class included).
     Boxes are in level-0 pixels.
     """
-    boxes = tile_grid(source.width, source.height, tile_size, stride)
-    if len(boxes) > 1 and min_tissue > 0:
-        thumbnail = source.thumbnail(THUMBNAIL_SIDE)
-        scale = thumbnail.shape[1] / source.width
-        fractions = tissue_fractions(tissue_mask(thumbnail), boxes, scale)
-        boxes = [box for box, fraction in zip(boxes, fractions) if fraction >= min_tissue]
+
+    def thumbnail() -> tuple[np.ndarray, float]:
+        image = source.thumbnail(THUMBNAIL_SIDE)
+        return image, image.shape[1] / source.width
+
+    planned = plan_tile_boxes(source.width, source.height, tile_size, stride, thumbnail, min_tissue, fallback="single")
     ds = source.downsample
+    boxes = [tile.box for tile in planned]
     level0 = [Box(round(x * ds), round(y * ds), round(w * ds), round(h * ds)) for x, y, w, h in boxes]
     return [
         TileRecord(source.image_id, source.source, source.label, box, source.level, source.mpp, i, len(level0))

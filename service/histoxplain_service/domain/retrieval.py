@@ -1,57 +1,30 @@
 """The domain: index, search and explain, shared by the CLI and the gRPC gateway.
 
 Everything here takes and returns numpy arrays and frozen dataclasses; no protobuf. The model
-side is any :class:`~histoxplain_service.backends.ModelBackend` (in-process or TorchServe).
+side is any :class:`~histoxplain_service.backends.ModelBackend` (in-process or TorchServe), the
+index side any :class:`~histoxplain_service.index.base.IndexEngine`; both are chosen by
+:mod:`histoxplain_service.bootstrap`, never here.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-from qdrant_client import QdrantClient
 
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.limits import MAX_K
 from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import SaliencyOptions
+from histoxplain_model.requests import ExplainRequest
 from histoxplain_service.backends import ModelBackend, ModelInfo
-from histoxplain_service.index.qdrant import ImageHit, IndexInfo, SearchHit, TileRecord, VectorIndex, list_indexes, open_index
 from histoxplain_service.domain.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
 from histoxplain_service.config import Settings
+from histoxplain_service.domain.ranking import rank_images
+from histoxplain_service.domain.types import ExplainedHit, ExplainedSearch, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.index.base import IndexEngine, VectorIndex
 
-
-
-@dataclass(frozen=True)
-class ExplainedHit:
-    """One reference explained against the query.
-
-    Attributes:
-        hit: the indexed tile (``None`` when the reference was an image given in the request).
-        similarity: cosine similarity of the query and this reference as the model computes it.
-        image: the reference's pixels (H, W, 3) uint8.
-        query_heatmap: (h, w) float32 in [0, 1]: where the query drives this (dis)similarity.
-        hit_heatmap: (h, w) float32 in [0, 1]: where the reference drives it.
-    """
-
-    hit: SearchHit | None
-    similarity: float
-    image: np.ndarray
-    query_heatmap: np.ndarray | None
-    hit_heatmap: np.ndarray | None
-
-
-@dataclass(frozen=True)
-class ExplainedSearch:
-    """A query explained against each of its references, for one method and polarity."""
-
-    method: str
-    polarity: str
-    side: str
-    query_image: np.ndarray
-    hits: tuple[ExplainedHit, ...]
 
 
 def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
@@ -61,12 +34,18 @@ def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
 
 
 class Retrieval:
-    """Search and explanation over named indexes, with one model backend and one Qdrant."""
+    """Search and explanation over named indexes, with one model backend and one index engine.
 
-    def __init__(self, settings: Settings, backend: ModelBackend, qdrant: QdrantClient) -> None:
+    Args:
+        settings: tiling and limits (indexing and query tiles).
+        backend: embeds and explains; not closed here.
+        index_engine: holds the indexes; not closed here (its opener owns it).
+    """
+
+    def __init__(self, settings: Settings, backend: ModelBackend, index_engine: IndexEngine) -> None:
         self.settings = settings
         self.backend = backend
-        self.qdrant = qdrant
+        self.index_engine = index_engine
         self._info: ModelInfo | None = None
 
     @property
@@ -78,7 +57,7 @@ class Retrieval:
     # -- indexes -----------------------------------------------------------------------------------
 
     def index(self, name: str) -> VectorIndex:
-        return open_index(self.settings, name, self.qdrant)
+        return self.index_engine.open_index(name)
 
     def searchable(self, name: str) -> VectorIndex:
         """An existing index built with this backend's encoder (NotFound / FailedPrecondition)."""
@@ -87,7 +66,7 @@ class Retrieval:
         return index
 
     def list_indexes(self) -> list[IndexInfo]:
-        return list_indexes(self.qdrant)
+        return self.index_engine.list_indexes()
 
     def describe(self, name: str) -> IndexInfo:
         return self.index(name).describe()
@@ -136,11 +115,11 @@ class Retrieval:
     def search_images(
         self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
     ) -> list[ImageHit]:
-        """The ``k`` indexed images whose tiles best match the query's tiles (see VectorIndex)."""
+        """The ``k`` indexed images whose tiles best match the query's tiles (see :mod:`.ranking`)."""
         check_k(k)
         index = self.searchable(name)
         vectors = self.backend.embed(self.query_tiles(image), timeout=timeout)
-        return index.search_images(vectors, k, label=label, timeout=timeout)
+        return rank_images(index, vectors, k, label=label, timeout=timeout)
 
     # -- explain -----------------------------------------------------------------------------------
 
@@ -152,12 +131,13 @@ class Retrieval:
     def explain_hits(
         self, name: str, image: np.ndarray, hits: Sequence[SearchHit], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
-        options: MethodOptions | None = None, query_embedding: np.ndarray | None = None,
+        options: SaliencyOptions | None = None, query_embedding: np.ndarray | None = None,
     ) -> ExplainedSearch:
         """Explain the query against indexed tiles (their stored pixels and vectors).
 
-        ``options``: the method's options (e.g. SmoothGrad's samples and noise); ``None``: the
-        library defaults. ``query_embedding``: the query's vector when the caller has it.
+        ``options``: the method's own options type (e.g. ``SmoothGradOptions`` for its samples and
+        noise; another method's raise InvalidRequest); ``None``: the method's defaults.
+        ``query_embedding``: the query's vector when the caller has it.
         """
         self._check_explain_options(method, polarity, side)
         if not hits:
@@ -180,7 +160,7 @@ class Retrieval:
     def explain_images(
         self, image: np.ndarray, references: Sequence[np.ndarray], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
-        options: MethodOptions | None = None,
+        options: SaliencyOptions | None = None,
     ) -> ExplainedSearch:
         """Explain the query against reference images given directly (no index)."""
         self._check_explain_options(method, polarity, side)
@@ -207,16 +187,16 @@ class Retrieval:
             records, vectors = index.image_tiles(image_id)
             scores = vectors @ query
             best = int(np.argmax(scores))
-            hits.append(_hit(records[best], float(scores[best])))
+            hits.append(SearchHit.from_record(records[best], float(scores[best])))
         if point_ids:
             records, vectors = index.points(point_ids)
-            hits.extend(_hit(record, float(score)) for record, score in zip(records, vectors @ query))
+            hits.extend(SearchHit.from_record(record, float(score)) for record, score in zip(records, vectors @ query))
         return hits
 
     def explain_indexed(
         self, name: str, image: np.ndarray, image_ids: Sequence[str], point_ids: Sequence[str], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
-        options: MethodOptions | None = None,
+        options: SaliencyOptions | None = None,
     ) -> ExplainedSearch:
         """:meth:`indexed_hits` then :meth:`explain_hits`, embedding the query once, so the
         backend embeds nothing again."""
@@ -230,7 +210,7 @@ class Retrieval:
     def search_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
         side: str = "both", label: str | None = None, timeout: float | None = None,
-        options: MethodOptions | None = None,
+        options: SaliencyOptions | None = None,
     ) -> ExplainedSearch:
         """:meth:`search` then :meth:`explain_hits`, reusing the query's embedding and the hits'
         stored vectors so the backend embeds nothing again."""
@@ -249,13 +229,14 @@ class Retrieval:
 
     def _explain(
         self, image: np.ndarray, references: list[np.ndarray], hits: list[SearchHit | None],
-        method: str, polarity: str, side: str, timeout: float | None, options: MethodOptions | None,
+        method: str, polarity: str, side: str, timeout: float | None, options: SaliencyOptions | None,
         query_embedding: np.ndarray | None = None, reference_embeddings: np.ndarray | None = None,
     ) -> ExplainedSearch:
-        result = self.backend.explain(
-            image, references, method, polarity, side, timeout=timeout, options=options,
+        request = ExplainRequest(
+            image, references, method, polarity, side, options,
             query_embedding=query_embedding, reference_embeddings=reference_embeddings,
         )
+        result = self.backend.explain(request, timeout=timeout)
         explained = tuple(
             ExplainedHit(
                 hit=hit,
@@ -269,16 +250,7 @@ class Retrieval:
         return ExplainedSearch(method, polarity, side, image, explained)
 
 
-def _hit(record: TileRecord, score: float) -> SearchHit:
-    return SearchHit(
-        score, record.point_id, record.image_id, record.label, record.source,
-        record.box, record.level, record.mpp, record.tile_index,
-    )
-
-
 __all__ = [
-    "ExplainedHit",
-    "ExplainedSearch",
     "Retrieval",
     "check_k",
 ]

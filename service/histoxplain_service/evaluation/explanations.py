@@ -14,6 +14,9 @@ the embeddings of the two unperturbed tiles, and the curves of each distinct map
 (every reference map, and SmoothGrad's, see ``POLARITY_INVARIANT``) is scored once and its
 curves negated. The perturbed images are scored through onnxruntime when it is installed
 (the encoder's checked ONNX export, about twice as fast as torch eager on CPU), else torch.
+
+Why about 420 lines: this is the run loop of the explanation evaluation (pairs, caches,
+journal) with its configuration; metrics, the sanity check and the report are modules of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import torch
 from tqdm import tqdm
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.options import SaliencyOptions, SmoothGradOptions
 from histoxplain_model.saliency import METHODS, POLARITIES, check_method, get_explainer
+from histoxplain_model.vocabulary import SMOOTHGRAD
 from histoxplain_service.evaluation.faithfulness import (
     BASELINES,
     REFERENCE_MAPS,
@@ -258,11 +263,13 @@ def _evaluate_pair(encoder, models: _Models, pixels_of, query: int, hit: int, co
 def _build_models(encoder, config: EvaluationConfig, explanation: ExplanationConfig, example_tile):
     """Explainers for the trained model and each cascade step, the curve scorer, the map grid."""
     layer_name = next(name for name, module in encoder.model.named_modules() if module is encoder.target_layer)
+    # Options belong to their method: only SmoothGrad has one to set here (the others: defaults).
+    options: dict[str, SaliencyOptions] = {SMOOTHGRAD: SmoothGradOptions(n_samples=explanation.smoothgrad_samples)}
 
     def explainers(model: torch.nn.Module) -> dict[str, object]:
         target_layer = model.get_submodule(layer_name) if layer_name else model
         return {
-            method: get_explainer(method, model, target_layer, encoder.reshape_transform, n_samples=explanation.smoothgrad_samples)
+            method: get_explainer(method, model, target_layer, encoder.reshape_transform, options.get(method))
             for method in explanation.methods
         }
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from histoxplain_model.imageio import read_image
 from histoxplain_service.evaluation.datasets import DatasetImage, TilingPolicy
-from histoxplain_service.domain.tiling import pad_tile, tile_grid, tissue_fractions, tissue_mask
+from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
 
 __all__ = ["Tile", "tile_image", "resize_to_policy"]
 
@@ -18,11 +18,12 @@ __all__ = ["Tile", "tile_image", "resize_to_policy"]
 @dataclass(frozen=True)
 class Tile:
     """pixels (tile_size, tile_size, 3) uint8 RGB (short images padded white);
-    box (x, y, w, h) in the resized image; tissue fraction in [0, 1]."""
+    box (x, y, w, h) in the resized image; tissue fraction in [0, 1], ``None`` where it was not
+    measured (``min_tissue`` 0, or an image that is one tile: the tile is kept either way)."""
 
     pixels: np.ndarray
     box: tuple[int, int, int, int]
-    tissue: float
+    tissue: float | None
 
 
 def resize_to_policy(pixels: np.ndarray, mpp: float | None, policy: TilingPolicy) -> np.ndarray:
@@ -47,7 +48,7 @@ def _thumbnail(pixels: np.ndarray, longest: int = 1024) -> tuple[np.ndarray, flo
 def tile_image(image: DatasetImage, policy: TilingPolicy, max_pixels: int) -> list[Tile]:
     """Tiles of one dataset image under ``policy``; deterministic for a given image id.
 
-    Uses the service's grid and tissue mask (:mod:`histoxplain_service.domain.tiling`): tiles every
+    Uses the service's tile planner (:func:`histoxplain_service.domain.tiling.plan_tile_boxes`): tiles every
     ``tile_size`` px (the last one aligned to the edge, short axes padded white). Keeps tiles
     with tissue >= ``policy.min_tissue`` (the best tile when none passes), then at most
     ``policy.max_tiles`` of them, drawn with a seed derived from the image id.
@@ -55,17 +56,14 @@ def tile_image(image: DatasetImage, policy: TilingPolicy, max_pixels: int) -> li
     pixels = resize_to_policy(read_image(image.path, max_pixels), image.mpp, policy)
     height, width = pixels.shape[:2]
     size = policy.tile_size
-    boxes = tile_grid(width, height, size, size)
-    thumbnail, scale = _thumbnail(pixels)
-    fractions = tissue_fractions(tissue_mask(thumbnail), boxes, scale)
-    candidates = [i for i, fraction in enumerate(fractions) if fraction >= policy.min_tissue] or [int(np.argmax(fractions))]
+    candidates = plan_tile_boxes(width, height, size, size, lambda: _thumbnail(pixels), policy.min_tissue, fallback="best")
     if len(candidates) > policy.max_tiles:
         seed = int(hashlib.sha1(image.image_id.encode()).hexdigest()[:8], 16)
         chosen = np.sort(np.random.default_rng(seed).choice(len(candidates), policy.max_tiles, replace=False))
         candidates = [candidates[i] for i in chosen]
     tiles = []
-    for i in candidates:
-        x, y, w, h = boxes[i]
+    for planned in candidates:
+        x, y, w, h = planned.box
         crop = pad_tile(pixels[y : y + h, x : x + w], size)
-        tiles.append(Tile(crop, boxes[i], float(fractions[i])))
+        tiles.append(Tile(crop, planned.box, planned.tissue))
     return tiles

@@ -20,10 +20,11 @@ from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client import enums
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM
-from histoxplain_model.options import MAX_N_SAMPLES, MethodOptions
-from histoxplain_service.index.qdrant import ImageHit, IndexInfo, SearchHit
-from histoxplain_service.domain.retrieval import ExplainedSearch, Retrieval
+from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM, SMOOTHGRAD
+from histoxplain_model.limits import MAX_N_SAMPLES
+from histoxplain_model.options import SmoothGradOptions
+from histoxplain_service.domain.types import ExplainedSearch, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.retrieval import Retrieval
 from histoxplain_service.config import Settings
 
 _OVERLAY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
@@ -67,16 +68,17 @@ class ExplainChoice:
     smoothgrad_noise: float | None = None
 
     @property
-    def method_options(self) -> MethodOptions | None:
-        """The library's options for this request; ``None`` when every option is the default.
+    def method_options(self) -> SmoothGradOptions | None:
+        """The library's options for this request's method; ``None``: the method's defaults.
 
-        The SmoothGrad fields are passed whatever the method (the other methods do not read
-        them), so a request is checked the same way for every method.
+        Only SmoothGrad has options in ``ExplainOptions``. Its fields are range-checked for
+        every method (:func:`explain_choice_from_proto`), but options belong to their method,
+        so another method gets none (the library refuses another method's options).
         """
-        if self.smoothgrad_samples is None and self.smoothgrad_noise is None:
+        if self.method != SMOOTHGRAD or (self.smoothgrad_samples is None and self.smoothgrad_noise is None):
             return None
-        defaults = MethodOptions()
-        return MethodOptions(
+        defaults = SmoothGradOptions()
+        return SmoothGradOptions(
             n_samples=defaults.n_samples if self.smoothgrad_samples is None else self.smoothgrad_samples,
             sigma=defaults.sigma if self.smoothgrad_noise is None else self.smoothgrad_noise,
         )
@@ -108,7 +110,7 @@ def explain_choice_from_proto(options: types_pb2.ExplainOptions) -> ExplainChoic
             "(0 for the server's default)"
         )
     noise = options.smoothgrad_noise if options.HasField("smoothgrad_noise") else None
-    # The same bounds as MethodOptions (n_samples, sigma), named as the caller sent them.
+    # The same bounds as SmoothGradOptions (n_samples, sigma), named as the caller sent them.
     if noise is not None and not (np.isfinite(noise) and 0.0 < noise <= 1.0):
         raise InvalidRequest(f"smoothgrad_noise={noise} is out of range; use a number in (0, 1]")
     return ExplainChoice(method, polarity, side, dtype, samples, noise)
@@ -136,8 +138,8 @@ def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
         side=enums.SIDES[choice.side],
         heatmap_dtype=choice.heatmap_dtype,
     )
-    if choice.method == "smoothgrad":
-        used = choice.method_options or MethodOptions()
+    if choice.method == SMOOTHGRAD:
+        used = choice.method_options or SmoothGradOptions()
         message.smoothgrad_samples = used.n_samples
         message.smoothgrad_noise = used.sigma
     return message

@@ -23,14 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from histoxplain_service.config import GatewaySettings
-from histoxplain_service.bootstrap import create_backend, open_gateway_qdrant
+from histoxplain_service.bootstrap import create_backend, open_gateway_index
 from histoxplain_service.gateway.interceptors import ErrorMappingInterceptor
 from histoxplain_service.gateway.servicer import RetrievalServicer, add_servicer_to_server, service_name
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
-
     from histoxplain_service.backends import ModelBackend
+    from histoxplain_service.index.base import IndexEngine
 
 __all__ = ["Gateway", "HealthMonitor", "Probe", "serve", "grpc_options"]
 
@@ -65,7 +64,7 @@ class HealthMonitor:
 
     Starts NOT_SERVING; every ``interval_s`` it runs each probe in a worker thread (bounded by
     ``probe_timeout_s``) and reports SERVING only while all of them answer, so the status
-    flips back when TorchServe or a Qdrant server goes away.
+    flips back when TorchServe or the index engine (a Qdrant server) goes away.
     """
 
     def __init__(
@@ -148,14 +147,9 @@ class HealthMonitor:
             await self._servicer.set(name, SERVING if healthy else NOT_SERVING)
 
 
-def qdrant_probe(client: QdrantClient) -> Probe:
-    """Qdrant answers when it can list its collections (local mode: the folder is open)."""
-
-    def check() -> bool:
-        client.get_collections()
-        return True
-
-    return Probe("qdrant", check)
+def index_probe(index_engine: IndexEngine) -> Probe:
+    """The index engine answers (a Qdrant server is reachable, a local folder is open)."""
+    return Probe(f"index engine ({type(index_engine).__name__})", index_engine.ready)
 
 
 def backend_probe(backend: ModelBackend) -> Probe:
@@ -168,16 +162,16 @@ class Gateway:
     Args:
         settings: the gateway settings (address, limits, deadlines, threads).
         backend: the model backend (TorchServe or embedded); the gateway does not close it.
-        qdrant: the Qdrant client (local mode or server); the gateway does not close it.
+        index_engine: where the indexes live (e.g. Qdrant); the gateway does not close it.
 
     Use ``await gateway.start()`` (returns once the port is bound; :attr:`port` is the bound
     port, useful with port 0), then ``await gateway.stop()``.
     """
 
-    def __init__(self, settings: GatewaySettings, backend: ModelBackend, qdrant: QdrantClient) -> None:
+    def __init__(self, settings: GatewaySettings, backend: ModelBackend, index_engine: IndexEngine) -> None:
         self.settings = settings
         self.backend = backend
-        self.qdrant = qdrant
+        self.index_engine = index_engine
         self.executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="histoxplain-worker")
         # Probes get threads of their own: behind a queue of long explanations they would time
         # out and turn a busy but healthy gateway NOT_SERVING.
@@ -187,7 +181,7 @@ class Gateway:
             options=grpc_options(settings),
             maximum_concurrent_rpcs=None,
         )
-        self.servicer = RetrievalServicer(settings, backend, qdrant, self.executor)
+        self.servicer = RetrievalServicer(settings, backend, index_engine, self.executor)
         add_servicer_to_server(self.servicer, self.server)
         self.health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
@@ -196,7 +190,7 @@ class Gateway:
         )
         self.health = HealthMonitor(
             self.health_servicer,
-            (backend_probe(backend), qdrant_probe(qdrant)),
+            (backend_probe(backend), index_probe(index_engine)),
             (service_name(),),
             interval_s=settings.health_interval_s,
             probe_timeout_s=min(5.0, settings.health_interval_s * 2),
@@ -245,21 +239,21 @@ def _on_signal(signum: int, stop: asyncio.Event) -> None:
 async def serve(
     settings: GatewaySettings,
     backend: ModelBackend | None = None,
-    qdrant: QdrantClient | None = None,
+    index_engine: IndexEngine | None = None,
     ready: Callable[[Gateway], None] | None = None,
 ) -> None:
     """Run a gateway until SIGTERM/SIGINT, then drain and stop.
 
-    Creates the backend (``settings.backend``) and the Qdrant client (``settings.core``) when
+    Creates the backend (``settings.backend``) and the index engine (``settings.core``) when
     not given, and closes what it created.
     """
     owned_backend = backend is None
-    owned_qdrant = qdrant is None
+    owned_index = index_engine is None
     backend = create_backend(settings) if backend is None else backend
     try:
-        qdrant = open_gateway_qdrant(settings) if qdrant is None else qdrant
+        index_engine = open_gateway_index(settings) if index_engine is None else index_engine
         try:
-            gateway = Gateway(settings, backend, qdrant)
+            gateway = Gateway(settings, backend, index_engine)
             stop = asyncio.Event()
             install_stop_signals(asyncio.get_running_loop(), stop)
             await gateway.start()
@@ -268,8 +262,8 @@ async def serve(
             await stop.wait()
             await gateway.stop()
         finally:
-            if owned_qdrant:
-                qdrant.close()
+            if owned_index:
+                index_engine.close()
     finally:
         if owned_backend:
             backend.close()

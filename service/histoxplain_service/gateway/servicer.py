@@ -29,9 +29,8 @@ from histoxplain_service.config import GatewaySettings
 from histoxplain_service.domain.retrieval import Retrieval, check_k
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
-
     from histoxplain_service.backends import ModelBackend
+    from histoxplain_service.index.base import IndexEngine
 
 __all__ = ["RetrievalServicer", "add_servicer_to_server", "service_name"]
 
@@ -53,10 +52,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     """The gRPC face of :class:`~histoxplain_service.domain.retrieval.Retrieval`."""
 
     def __init__(
-        self, settings: GatewaySettings, backend: ModelBackend, qdrant: QdrantClient, executor: Executor
+        self, settings: GatewaySettings, backend: ModelBackend, index_engine: IndexEngine, executor: Executor
     ) -> None:
         self._settings = settings
-        self._retrieval = Retrieval(settings.core, backend, qdrant)
+        self._retrieval = Retrieval(settings.core, backend, index_engine)
         self._executor = executor
 
     async def _run(self, context: aio.ServicerContext, work: Callable[[float], T]) -> T:
@@ -109,7 +108,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             raise InvalidRequest("empty IndexImages stream; send a `config` message, then images")
         name = _require_index(config.index)
         settings = converters.tiling_settings(self._settings.core, config.tiling)
-        retrieval = Retrieval(settings, self._retrieval.backend, self._retrieval.qdrant)
+        retrieval = Retrieval(settings, self._retrieval.backend, self._retrieval.index_engine)
         return await self._run(context, lambda _timeout: converters.index_images(retrieval, name, records))
 
     async def DeleteImages(self, request: pb.DeleteImagesRequest, context: aio.ServicerContext) -> pb.DeleteImagesResponse:

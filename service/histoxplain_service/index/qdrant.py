@@ -1,4 +1,5 @@
-"""Tile embeddings in Qdrant: one collection per index name, one point per tile.
+"""The Qdrant adapter of the index interface (:mod:`.base`): one collection per index name,
+one point per tile.
 
 Storage
     Embedded by default: qdrant-client local mode under ``<data_dir>/qdrant`` (one process at a
@@ -14,26 +15,30 @@ Encoder record
     Indexing or searching with another encoder is refused (:class:`FailedPrecondition`).
 
 Points
-    The id is ``uuid5(image_id, level, box)``, so indexing the same image again overwrites its
-    points instead of adding copies. The payload holds ``image_id, source, label, box {x, y, w,
-    h} (level-0 pixels), level, mpp (µm/px or null), tile_index, tiles_in_image``. An image is
-    complete when every expected point exists and no other point carries its ``image_id``;
-    :meth:`VectorIndex.finish_image` removes points of an older tiling of the same image.
+    The id is :func:`~histoxplain_service.domain.types.point_id_for` (``uuid5(image_id, level,
+    box)``), so indexing the same image again overwrites its points instead of adding copies.
+    The payload holds ``image_id, source, label, box {x, y, w, h} (level-0 pixels), level, mpp
+    (µm/px or null), tile_index, tiles_in_image``. An image is complete when every expected
+    point exists and no other point carries its ``image_id``; :meth:`QdrantIndex.finish_image`
+    removes points of an older tiling of the same image.
 
-Nothing here ever drops or recreates an existing collection.
+Errors
+    Connection failures and server errors become ``DependencyUnavailable`` naming what was being
+    done (:func:`_qdrant_errors`), so callers never see qdrant-client's exception types.
+
+Nothing here ever drops or recreates an existing collection. The module is longer than most:
+it is the whole adapter (client, error mapping, collection logic), and each method is a few
+Qdrant calls that read best next to the filters and the error mapping they share.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import logging
-import re
+import math
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,162 +52,26 @@ from histoxplain_model.errors import (
     InvalidRequest,
     NotFound,
 )
-
 from histoxplain_service.config import Settings
+from histoxplain_service.domain.types import IndexInfo, SearchHit, TileRecord
+from histoxplain_service.index.base import (
+    INDEX_NAME_PATTERN,
+    ImageState,
+    IndexEngine,
+    VectorIndex,
+    validate_index_name,
+    validate_k,
+)
+from histoxplain_service.index.local_lock import lock_holder
 from histoxplain_service.index.tile_store import TileStore
 
-__all__ = [
-    "Box",
-    "ImageHit",
-    "IndexInfo",
-    "SearchHit",
-    "TileRecord",
-    "VectorIndex",
-    "list_indexes",
-    "open_index",
-    "open_qdrant",
-    "point_id_for",
-    "validate_index_name",
-]
+__all__ = ["QdrantEngine", "QdrantIndex", "open_qdrant"]
 
 log = logging.getLogger(__name__)
 
 _METADATA_KEY = "histoxplain"
 _SCHEMA = 1
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-# Fixed namespace so that point ids are the same on every machine and every run.
-_POINT_NAMESPACE = uuid.UUID("6f1d3c5e-2b8a-5d4e-9c71-3a0e8f2b6d10")
 _SCROLL_PAGE = 1024
-
-
-@dataclass(frozen=True)
-class Box:
-    """A tile's rectangle in level-0 pixels (top-left corner, width, height)."""
-
-    x: int
-    y: int
-    w: int
-    h: int
-
-    def as_dict(self) -> dict[str, int]:
-        return {"x": self.x, "y": self.y, "w": self.w, "h": self.h}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Box:
-        return cls(int(values["x"]), int(values["y"]), int(values["w"]), int(values["h"]))
-
-
-def point_id_for(image_id: str, level: int, box: Box) -> str:
-    """Deterministic point id of one tile: the same image, level and box give the same id."""
-    return str(uuid.uuid5(_POINT_NAMESPACE, f"{image_id}/{level}/{box.x},{box.y},{box.w},{box.h}"))
-
-
-@dataclass(frozen=True)
-class TileRecord:
-    """What the index stores about one tile (its payload)."""
-
-    image_id: str
-    source: str
-    label: str | None
-    box: Box
-    level: int
-    mpp: float | None
-    tile_index: int
-    tiles_in_image: int
-
-    @property
-    def point_id(self) -> str:
-        return point_id_for(self.image_id, self.level, self.box)
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            "image_id": self.image_id,
-            "source": self.source,
-            "label": self.label,
-            "box": self.box.as_dict(),
-            "level": self.level,
-            "mpp": self.mpp,
-            "tile_index": self.tile_index,
-            "tiles_in_image": self.tiles_in_image,
-        }
-
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> TileRecord:
-        return cls(
-            image_id=str(payload["image_id"]),
-            source=str(payload.get("source", "")),
-            label=payload.get("label"),
-            box=Box.from_dict(payload["box"]),
-            level=int(payload.get("level", 0)),
-            mpp=None if payload.get("mpp") is None else float(payload["mpp"]),
-            tile_index=int(payload.get("tile_index", 0)),
-            tiles_in_image=int(payload.get("tiles_in_image", 1)),
-        )
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One retrieved tile. ``score`` is the cosine similarity to the query, in [-1, 1]."""
-
-    score: float
-    point_id: str
-    image_id: str
-    label: str | None
-    source: str
-    box: Box
-    level: int
-    mpp: float | None
-    tile_index: int
-
-
-@dataclass(frozen=True)
-class ImageHit:
-    """One retrieved image, ranked by combining its tiles' hits (see :meth:`VectorIndex.search_images`).
-
-    Attributes:
-        score: mean over the query tiles of this image's best tile score.
-        tiles: for each query tile, in query order, this image's best-matching tile.
-    """
-
-    score: float
-    image_id: str
-    label: str | None
-    source: str
-    tiles: tuple[SearchHit, ...]
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    name: str
-    preset: str
-    dim: int
-    n_points: int
-    n_images: int
-
-
-def validate_index_name(name: str) -> str:
-    """Index names are 1-63 letters, digits, ``-`` and ``_``, starting with a letter or digit."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidRequest(
-            f"invalid index name {name!r}; use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
-        )
-    return name
-
-
-def _lock_holder(lock_file: Path) -> str | None:
-    """Best effort (Linux): 'pid N (command line)' of the process holding a flock on lock_file."""
-    try:
-        inode = lock_file.stat().st_ino
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            # "1: FLOCK  ADVISORY  WRITE 12345 08:01:1234567 0 EOF"
-            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
-                pid = fields[4]
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                return f"pid {pid} ({' '.join(cmdline.split())[:100]})"
-    except OSError:
-        return None
-    return None
 
 
 def open_qdrant(settings: Settings, timeout_s: int | None = None) -> QdrantClient:
@@ -226,7 +95,7 @@ def open_qdrant(settings: Settings, timeout_s: int | None = None) -> QdrantClien
     except RuntimeError as exc:
         if "already accessed" not in str(exc):
             raise
-        holder = _lock_holder(path / ".lock") or "another process"
+        holder = lock_holder(path / ".lock") or "another process"
         raise FailedPrecondition(
             f"the index folder {path} is in use by {holder}; embedded Qdrant allows one process at a "
             "time: stop that process (a running gateway or `histoxplain` command) and retry, or run a "
@@ -256,18 +125,7 @@ def _encoder_record(metadata: Mapping[str, Any] | None) -> tuple[str, int] | Non
 
 
 def _hit(point: Any) -> SearchHit:
-    record = TileRecord.from_payload(point.payload or {})
-    return SearchHit(
-        score=float(point.score),
-        point_id=str(point.id),
-        image_id=record.image_id,
-        label=record.label,
-        source=record.source,
-        box=record.box,
-        level=record.level,
-        mpp=record.mpp,
-        tile_index=record.tile_index,
-    )
+    return SearchHit.from_record(TileRecord.from_payload(point.payload or {}), float(point.score), str(point.id))
 
 
 def _server_timeout(timeout: float | None) -> int | None:
@@ -275,11 +133,25 @@ def _server_timeout(timeout: float | None) -> int | None:
     return None if timeout is None else max(1, math.ceil(timeout))
 
 
+def _image_condition(image_ids: Sequence[str]) -> qm.FieldCondition:
+    return qm.FieldCondition(key="image_id", match=qm.MatchAny(any=list(image_ids)))
+
+
 def _image_filter(image_ids: Sequence[str]) -> qm.Filter:
-    return qm.Filter(must=[qm.FieldCondition(key="image_id", match=qm.MatchAny(any=list(image_ids)))])
+    return qm.Filter(must=[_image_condition(image_ids)])
 
 
-class VectorIndex:
+def _search_filter(label: str | None, image_ids: Sequence[str] | None = None) -> qm.Filter | None:
+    """Only tiles of ``label`` and of ``image_ids`` (each ``None``: no restriction)."""
+    must: list[qm.Condition] = []
+    if label is not None:
+        must.append(qm.FieldCondition(key="label", match=qm.MatchValue(value=label)))
+    if image_ids is not None:
+        must.append(_image_condition(image_ids))
+    return qm.Filter(must=must) if must else None
+
+
+class QdrantIndex(VectorIndex):
     """One named index: a Qdrant collection of tile embeddings plus their stored pixels.
 
     Args:
@@ -303,12 +175,6 @@ class VectorIndex:
         return NotFound(f"index {self.name!r} does not exist; run `histoxplain index PATH... --index {self.name}` first")
 
     def encoder(self) -> tuple[str, int]:
-        """(preset, dim) the index was built with.
-
-        Raises:
-            NotFound: no such index.
-            FailedPrecondition: a collection of that name not created by histoxplain.
-        """
         if not self.exists():
             raise self._missing()
         with _qdrant_errors(f"reading index {self.name!r}"):
@@ -322,11 +188,6 @@ class VectorIndex:
         return record
 
     def ensure(self, preset: str, dim: int) -> None:
-        """Create the index for this encoder, or check that an existing one was built with it.
-
-        Raises:
-            FailedPrecondition: the index exists with another preset or dimension.
-        """
         if dim <= 0:
             raise InvalidRequest(f"embedding dimension must be positive, got {dim}")
         if not self.exists():
@@ -354,15 +215,6 @@ class VectorIndex:
             for key in ("image_id", "label"):
                 self.client.create_payload_index(self.name, key, qm.PayloadSchemaType.KEYWORD)
 
-    def check_encoder(self, preset: str, dim: int) -> None:
-        """Refuse vectors from an encoder other than the one the index was built with."""
-        built_preset, built_dim = self.encoder()
-        if (built_preset, built_dim) != (preset, dim):
-            raise FailedPrecondition(
-                f"index {self.name!r} was built with encoder {built_preset!r} ({built_dim}-d) but this "
-                f"request uses {preset!r} ({dim}-d); use the same --model (HISTOXPLAIN_MODEL) or another --index"
-            )
-
     def describe(self) -> IndexInfo:
         preset, dim = self.encoder()
         with _qdrant_errors(f"counting index {self.name!r}"):
@@ -381,22 +233,13 @@ class VectorIndex:
         return {str(hit.value): int(hit.count) for hit in result.hits}
 
     def image_ids(self) -> list[str]:
-        """Every image id in the index, sorted."""
         self.encoder()
         return sorted(self._image_counts())
 
     # -- writing -------------------------------------------------------------------------------
 
     def upsert(self, records: Sequence[TileRecord], vectors: np.ndarray, tiles: Sequence[np.ndarray] | None = None) -> None:
-        """Write tiles: pixels first (when a tile store is set), then points, in one Qdrant call.
-
-        Pixels go first so a point never exists without its stored tile.
-
-        Args:
-            records: one per tile.
-            vectors: (N, D) float32 embeddings, L2-normalised.
-            tiles: (H, W, 3) uint8 pixels per record; required when the index has a tile store.
-        """
+        """Write tiles: pixels first (when a tile store is set), then points, in one Qdrant call."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(records):
             raise ValueError(f"need one vector per record: {len(records)} records, vectors {vectors.shape}")
@@ -417,14 +260,7 @@ class VectorIndex:
         with _qdrant_errors(f"writing to index {self.name!r}"):
             self.client.upsert(self.name, points=points, wait=True)
 
-    def image_state(self, records: Sequence[TileRecord]) -> str:
-        """Whether one image's planned tiles are already indexed.
-
-        Returns:
-            ``"complete"``: every planned point exists with this label and source, its pixels are
-            stored, and no other point carries the image id; ``"metadata"``: the same, except
-            the label or source differ (see :meth:`set_image_metadata`); ``"incomplete"``: anything else.
-        """
+    def image_state(self, records: Sequence[TileRecord]) -> ImageState:
         if not records:
             return "incomplete"
         image_id = records[0].image_id
@@ -444,18 +280,12 @@ class VectorIndex:
         return "complete"
 
     def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
-        """Change the label and source of every tile of one image (no re-embedding)."""
         with _qdrant_errors(f"updating image {image_id} in {self.name!r}"):
             self.client.set_payload(
                 self.name, payload={"label": label, "source": source}, points=_image_filter([image_id]), wait=True
             )
 
     def finish_image(self, image_id: str, point_ids: Sequence[str]) -> int:
-        """Delete the points (and pixels) of ``image_id`` that are not in ``point_ids``.
-
-        Called once all of an image's tiles are written, this removes what an older tiling
-        left; returns how many points were removed.
-        """
         keep = set(point_ids)
         stale = [pid for pid in self._point_ids(_image_filter([image_id])) if pid not in keep]
         if stale:
@@ -467,7 +297,6 @@ class VectorIndex:
         return len(stale)
 
     def delete(self, image_ids: Sequence[str]) -> int:
-        """Delete every tile of these images (points, then pixels); returns the number of tiles removed."""
         self.encoder()
         if not image_ids:
             return 0
@@ -507,36 +336,14 @@ class VectorIndex:
                     f"index {self.name!r} is empty; run `histoxplain index PATH... --index {self.name}` first"
                 )
 
-    @staticmethod
-    def _check_k(k: int) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-            raise InvalidRequest(f"k must be a positive integer, got {k!r}")
-
-    @staticmethod
-    def _label_filter(label: str | None) -> qm.Filter | None:
-        if label is None:
-            return None
-        return qm.Filter(must=[qm.FieldCondition(key="label", match=qm.MatchValue(value=label))])
-
     def search(
         self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
     ) -> list[SearchHit]:
-        """The ``k`` tiles nearest to ``vector`` (D,) by cosine similarity, best first.
-
-        Raises:
-            InvalidRequest: k <= 0.  NotFound: missing or empty index.
-            FailedPrecondition: the vector's dimension is not the index's.
-        """
         return [_hit(point) for point in self._nearest(vector, k, label, timeout, with_vectors=False)]
 
     def search_with_vectors(
         self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
     ) -> tuple[list[SearchHit], np.ndarray]:
-        """:meth:`search` plus the hits' stored vectors (N, D) float32, row i for hit i.
-
-        The vectors are what the index holds (L2-normalised); explanations reuse them instead of
-        embedding the hits again.
-        """
         points = self._nearest(vector, k, label, timeout, with_vectors=True)
         dim = np.asarray(vector).size
         vectors = np.asarray([point.vector for point in points], dtype=np.float32).reshape(len(points), dim)
@@ -545,68 +352,35 @@ class VectorIndex:
     def _nearest(
         self, vector: np.ndarray, k: int, label: str | None, timeout: float | None, with_vectors: bool
     ) -> list[Any]:
-        self._check_k(k)
+        validate_k(k)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         self._searchable(vector.shape[0])
         with _qdrant_errors(f"searching index {self.name!r}"):
             response = self.client.query_points(
-                self.name, query=vector.tolist(), limit=k, query_filter=self._label_filter(label), with_payload=True,
+                self.name, query=vector.tolist(), limit=k, query_filter=_search_filter(label), with_payload=True,
                 with_vectors=with_vectors, timeout=_server_timeout(timeout),
             )
         return list(response.points)
 
-    def _best_per_image(
-        self, vector: list[float], limit: int, query_filter: qm.Filter | None, timeout: float | None
-    ) -> dict[str, SearchHit]:
-        with _qdrant_errors(f"searching index {self.name!r}"):
-            result = self.client.query_points_groups(
-                self.name, query=vector, group_by="image_id", limit=limit, group_size=1,
-                query_filter=query_filter, with_payload=True, timeout=_server_timeout(timeout),
-            )
-        return {str(group.id): _hit(group.hits[0]) for group in result.groups if group.hits}
-
-    def search_images(
-        self, vectors: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
-    ) -> list[ImageHit]:
-        """Rank whole images by their tiles' similarity to the query tiles (Q, D), best first.
-
-        Rule: an image's score is the mean, over the Q query tiles, of the cosine similarity
-        of that image's best-matching tile. Candidates are the union of the best ``2k`` images
-        of each query tile (Qdrant groups by image id, so no image is crowded out by many
-        tiles of another); every candidate is then scored exactly against every query tile.
-        With one query tile the ranking is exact; with several, an image outside every query
-        tile's top ``2k`` is not considered.
-        """
-        self._check_k(k)
-        queries = np.asarray(vectors, dtype=np.float32)
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[0] == 0:
-            raise InvalidRequest(f"query vectors must be (Q, D) with Q >= 1, got shape {queries.shape}")
+    def best_tile_per_image(
+        self, queries: np.ndarray, limit: int, label: str | None = None,
+        image_ids: Sequence[str] | None = None, timeout: float | None = None,
+    ) -> list[dict[str, SearchHit]]:
+        """One ``group_by="image_id"`` query (group size 1) per query vector."""
+        queries = np.asarray(queries, dtype=np.float32)
         self._searchable(queries.shape[1])
-        label_filter = self._label_filter(label)
-        query_lists = [query.tolist() for query in queries]
-        best = [self._best_per_image(query, 2 * k, label_filter, timeout) for query in query_lists]
-        candidates = sorted(set().union(*best))
-        if not candidates:
-            return []
-        if len(query_lists) > 1:
-            candidate_filter = _image_filter(candidates)
-            best = [self._best_per_image(query, len(candidates), candidate_filter, timeout) for query in query_lists]
-        ranked: list[ImageHit] = []
-        for image_id in candidates:
-            tiles = tuple(per_query[image_id] for per_query in best)
-            score = float(np.mean([tile.score for tile in tiles]))
-            ranked.append(ImageHit(score, image_id, tiles[0].label, tiles[0].source, tiles))
-        ranked.sort(key=lambda hit: (-hit.score, hit.image_id))
-        return ranked[:k]
+        query_filter = _search_filter(label, image_ids)
+        best = []
+        for query in queries:
+            with _qdrant_errors(f"searching index {self.name!r}"):
+                result = self.client.query_points_groups(
+                    self.name, query=query.tolist(), group_by="image_id", limit=limit, group_size=1,
+                    query_filter=query_filter, with_payload=True, timeout=_server_timeout(timeout),
+                )
+            best.append({str(group.id): _hit(group.hits[0]) for group in result.groups if group.hits})
+        return best
 
     def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
-        """The stored records and vectors (N, D) float32 of these tiles, in the given order.
-
-        Raises:
-            InvalidRequest: a point id that is not a UUID.  NotFound: one that is not in the index.
-        """
         for point_id in point_ids:
             try:
                 uuid.UUID(point_id)
@@ -624,11 +398,6 @@ class VectorIndex:
         return records, vectors
 
     def image_tiles(self, image_id: str) -> tuple[list[TileRecord], np.ndarray]:
-        """Every tile of one image (in tile order) and its vectors (N, D).
-
-        Raises:
-            NotFound: no tile with this image id.
-        """
         _, dim = self.encoder()
         records: list[tuple[TileRecord, list[float]]] = []
         offset: Any = None
@@ -647,28 +416,46 @@ class VectorIndex:
         return [r for r, _ in records], np.asarray([v for _, v in records], dtype=np.float32).reshape(-1, dim)
 
     def load_tile(self, hit: SearchHit | str) -> np.ndarray:
-        """Pixels (H, W, 3) uint8 of a hit (or a point id), as they were embedded."""
         if self.tile_store is None:
             raise FailedPrecondition(f"index {self.name!r} was opened without a tile store")
         return self.tile_store.load(hit.point_id if isinstance(hit, SearchHit) else hit)
 
 
-def open_index(settings: Settings, name: str, client: QdrantClient) -> VectorIndex:
-    """The index ``name`` with its tile store under ``settings.tiles_dir(name)``."""
-    validate_index_name(name)
-    return VectorIndex(client, name, TileStore(settings.tiles_dir(name)))
+class QdrantEngine(IndexEngine):
+    """A Qdrant (server or local folder) whose collections are histoxplain indexes.
 
+    Args:
+        settings: where each index keeps its tile pixels (``settings.tiles_dir(name)``).
+        client: from :func:`open_qdrant`; :meth:`close` closes it.
+    """
 
-def list_indexes(client: QdrantClient) -> list[IndexInfo]:
-    """Every histoxplain index on this Qdrant (collections without an encoder record are left out)."""
-    with _qdrant_errors("listing indexes"):
-        names = sorted(collection.name for collection in client.get_collections().collections)
-    infos = []
-    for name in names:
-        if not _NAME_RE.fullmatch(name):
-            continue
-        try:
-            infos.append(VectorIndex(client, name).describe())
-        except FailedPrecondition:
-            log.debug("collection %s is not a histoxplain index", name)
-    return infos
+    def __init__(self, settings: Settings, client: QdrantClient) -> None:
+        self.settings = settings
+        self.client = client
+
+    def open_index(self, name: str) -> QdrantIndex:
+        """The index ``name`` with its tile store under ``settings.tiles_dir(name)``."""
+        validate_index_name(name)  # before the name becomes a folder
+        return QdrantIndex(self.client, name, TileStore(self.settings.tiles_dir(name)))
+
+    def list_indexes(self) -> list[IndexInfo]:
+        """Every histoxplain index on this Qdrant (collections without an encoder record are left out)."""
+        with _qdrant_errors("listing indexes"):
+            names = sorted(collection.name for collection in self.client.get_collections().collections)
+        infos = []
+        for name in names:
+            if not INDEX_NAME_PATTERN.fullmatch(name):
+                continue
+            try:
+                infos.append(QdrantIndex(self.client, name).describe())
+            except FailedPrecondition:
+                log.debug("collection %s is not a histoxplain index", name)
+        return infos
+
+    def ready(self) -> bool:
+        """Qdrant answers when it can list its collections (local mode: the folder is open)."""
+        self.client.get_collections()
+        return True
+
+    def close(self) -> None:
+        self.client.close()

@@ -11,9 +11,9 @@ from PIL import Image
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.arrays import decode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import SmoothGradOptions
 from histoxplain_service.gateway import converters
-from histoxplain_service.index.qdrant import Box, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.types import Box, ImageHit, IndexInfo, SearchHit
 from histoxplain_service.config import Settings
 
 
@@ -68,13 +68,17 @@ def test_smoothgrad_options_become_method_options_and_are_echoed_as_used() -> No
     chosen = converters.explain_choice_from_proto(
         types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_SMOOTHGRAD, smoothgrad_samples=3)
     )
-    assert chosen.method_options == MethodOptions(n_samples=3)
-    noisy = converters.explain_choice_from_proto(types_pb2.ExplainOptions(smoothgrad_noise=0.25))
-    assert noisy.method_options == MethodOptions(sigma=0.25)
-    # GradCAM ignores SmoothGrad's options: the echo does not claim they were used.
-    assert not converters.explain_choice_to_proto(noisy).HasField("smoothgrad_noise")
-    largest = types_pb2.ExplainOptions(smoothgrad_samples=256, smoothgrad_noise=1.0)
-    assert converters.explain_choice_from_proto(largest).method_options == MethodOptions(n_samples=256, sigma=1.0)
+    assert chosen.method_options == SmoothGradOptions(n_samples=3)
+    smoothgrad = types_pb2.EXPLANATION_METHOD_SMOOTHGRAD
+    noisy = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=smoothgrad, smoothgrad_noise=0.25))
+    assert noisy.method_options == SmoothGradOptions(sigma=0.25)
+    # GradCAM ignores SmoothGrad's options (checked, not passed on: options belong to their
+    # method), and the echo does not claim they were used.
+    gradcam = converters.explain_choice_from_proto(types_pb2.ExplainOptions(smoothgrad_noise=0.25))
+    assert gradcam.method_options is None
+    assert not converters.explain_choice_to_proto(gradcam).HasField("smoothgrad_noise")
+    largest = types_pb2.ExplainOptions(method=smoothgrad, smoothgrad_samples=256, smoothgrad_noise=1.0)
+    assert converters.explain_choice_from_proto(largest).method_options == SmoothGradOptions(n_samples=256, sigma=1.0)
 
 
 @pytest.mark.parametrize("dtype", [types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32])

@@ -29,6 +29,7 @@ from histoxplain_model import errors
 from histoxplain_service.backends import ModelInfo
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.gateway.server import Gateway
+from histoxplain_service.index.qdrant import QdrantEngine
 from histoxplain_service.config import Settings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -79,7 +80,7 @@ def run(coroutine_function: Callable[..., Coroutine[Any, Any, None]]) -> Callabl
             )
             backend = ScriptedBackend()
             qdrant = QdrantClient(":memory:")
-            gateway = Gateway(settings, backend, qdrant)
+            gateway = Gateway(settings, backend, QdrantEngine(settings.core, qdrant))
             await gateway.start()
             try:
                 async with aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
@@ -225,7 +226,7 @@ async def test_health_is_not_serving_while_qdrant_is_gone(
     gateway: Gateway, backend: ScriptedBackend, channel: aio.Channel
 ) -> None:
     await _wait_status(channel, SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    gateway.qdrant.close()  # the in-memory client refuses calls once closed
+    gateway.index_engine.close()  # the in-memory client refuses calls once closed
     await _wait_status(channel, SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
@@ -249,6 +250,7 @@ DRAIN_SCRIPT = textwrap.dedent(
     from histoxplain_service.backends import ModelInfo
     from histoxplain_service.config import GatewaySettings
     from histoxplain_service.gateway.server import serve
+    from histoxplain_service.index.qdrant import QdrantEngine
     from histoxplain_service.config import Settings
 
     class SlowBackend:
@@ -264,7 +266,8 @@ DRAIN_SCRIPT = textwrap.dedent(
                                grace_period_s=5.0, health_interval_s=0.1)
     def ready(gateway):
         print(f"pid={os.getpid()} port={gateway.port}", flush=True)
-    asyncio.run(serve(settings, backend=SlowBackend(), qdrant=QdrantClient(":memory:"), ready=ready))
+    asyncio.run(serve(settings, backend=SlowBackend(), index_engine=QdrantEngine(settings.core, QdrantClient(":memory:")),
+                      ready=ready))
     print("exited cleanly", flush=True)
     """
 )

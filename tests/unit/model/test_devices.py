@@ -23,7 +23,7 @@ import torch
 
 from histoxplain_model.devices import check_device_name, resolve_device
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest
-from histoxplain_model.options import MethodOptions
+from histoxplain_model.options import SmoothGradOptions
 from histoxplain_model.saliency import SmoothGrad
 from histoxplain_service.config import Settings
 
@@ -169,7 +169,7 @@ def test_ort_providers_follow_the_torch_device(monkeypatch: pytest.MonkeyPatch) 
 def test_smoothgrad_noise_is_drawn_on_the_cpu_whatever_the_device() -> None:
     """The same seed gives the same noise on every device: a CUDA generator would give others."""
     model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
-    smoothgrad = SmoothGrad(model, options=MethodOptions(n_samples=3, seed=7))
+    smoothgrad = SmoothGrad(model, options=SmoothGradOptions(n_samples=3, seed=7))
     expected = torch.randn((3, 3, 8, 8), generator=torch.Generator().manual_seed(7))
     assert torch.equal(smoothgrad.noise((3, 8, 8), torch.device("cpu")), expected)
     # A generator cannot live on "meta"; the noise can: it is drawn on the CPU and moved.

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.explain import MethodOptions, RetrievalExplanation, explain_retrieval
+from histoxplain_model.explain import explain_retrieval
+from histoxplain_model.options import SmoothGradOptions
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
 from histoxplain_model.saliency import get_explainer
 
 torch.set_num_threads(1)
@@ -52,8 +55,8 @@ def images(count: int, seed: int = 0) -> list[np.ndarray]:
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad"])
 def test_both_sides_match_the_explainer_one_reference_at_a_time(encoder, method):
     query, references = images(1, 1)[0], images(3, 2)
-    options = MethodOptions(n_samples=3)
-    result = explain_retrieval(encoder, query, references, method, "similar", "both", options)
+    options = SmoothGradOptions(n_samples=3) if method == "smoothgrad" else None
+    result = explain_retrieval(encoder, ExplainRequest(query, references, method, "similar", "both", options))
     assert isinstance(result, RetrievalExplanation)
     assert result.query_heatmaps.shape == result.reference_heatmaps.shape == (3, 64, 64)
     for maps in (result.query_heatmaps, result.reference_heatmaps):
@@ -72,16 +75,16 @@ def test_both_sides_match_the_explainer_one_reference_at_a_time(encoder, method)
 
 def test_one_side_only_and_given_embeddings(encoder):
     query, references = images(1, 3)[0], images(2, 4)
-    query_only = explain_retrieval(encoder, query, references, "gradcam", side="query")
+    query_only = explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", side="query"))
     assert query_only.reference_heatmaps is None and query_only.query_heatmaps.shape == (2, 64, 64)
-    retrieved = explain_retrieval(encoder, query, references, "gradcam", "dissimilar", side="retrieved")
+    retrieved = explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", "dissimilar", side="retrieved"))
     assert retrieved.query_heatmaps is None and retrieved.reference_heatmaps.shape == (2, 64, 64)
     assert retrieved.polarity == "dissimilar" and retrieved.method == "gradcam"
-    stored = explain_retrieval(
-        encoder, query, references, "gradcam", side="query",
+    stored = explain_retrieval(encoder, ExplainRequest(
+        query, references, "gradcam", side="query",
         query_embedding=encoder.embed(encoder.preprocess([query]))[0].numpy(),
         reference_embeddings=encoder.embed(encoder.preprocess(references)).numpy(),
-    )
+    ))
     np.testing.assert_allclose(stored.query_heatmaps, query_only.query_heatmaps, atol=1e-6)
     np.testing.assert_allclose(stored.scores, query_only.scores, atol=1e-6)
 
@@ -89,13 +92,15 @@ def test_one_side_only_and_given_embeddings(encoder):
 def test_bad_requests(encoder):
     query, references = images(1)[0], images(1)
     with pytest.raises(UnknownNameError, match="retrieved"):
-        explain_retrieval(encoder, query, references, "gradcam", side="left")
+        explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", side="left"))
     with pytest.raises(UnknownNameError, match="smoothgrad"):
-        explain_retrieval(encoder, query, references, "lime")
+        explain_retrieval(encoder, ExplainRequest(query, references, "lime"))
     with pytest.raises(UnknownNameError, match="dissimilar"):
-        explain_retrieval(encoder, query, references, "gradcam", polarity="same")
+        explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", polarity="same"))
     with pytest.raises(InvalidRequest, match="at least one"):
-        explain_retrieval(encoder, query, [], "gradcam")
+        explain_retrieval(encoder, ExplainRequest(query, [], "gradcam"))
+    with pytest.raises(InvalidRequest, match="GradCAMOptions, not SmoothGradOptions"):
+        explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", options=SmoothGradOptions()))
 
 
 def test_real_encoder_on_real_histology():
@@ -108,7 +113,7 @@ def test_real_encoder_on_real_histology():
     ihc = skimage_data.immunohistochemistry()  # (512, 512, 3) uint8
     tiles = [ihc[y : y + 128, x : x + 128] for y, x in ((0, 0), (0, 256), (256, 0), (256, 256))]
     with torch.inference_mode():  # as TorchServe calls it
-        result = explain_retrieval(encoder, tiles[0], tiles[1:], "gradcampp")
+        result = explain_retrieval(encoder, ExplainRequest(tiles[0], tiles[1:], "gradcampp"))
     assert result.query_heatmaps.shape == (3, *encoder.input_size)
     assert np.isfinite(result.query_heatmaps).all() and np.isfinite(result.reference_heatmaps).all()
     assert (result.query_heatmaps.reshape(3, -1).max(1) == pytest.approx(1.0))
@@ -120,9 +125,9 @@ def test_real_encoder_on_real_histology():
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad"])
 def test_native_cams_finish_to_the_same_maps(encoder, method):
     query, *references = images(4, seed=5)
-    options = MethodOptions(n_samples=2) if method == "smoothgrad" else None
-    finished = explain_retrieval(encoder, query, references, method, options=options)
-    native = explain_retrieval(encoder, query, references, method, options=options, native_cams=True)
+    request = ExplainRequest(query, references, method, options=SmoothGradOptions(n_samples=2) if method == "smoothgrad" else None)
+    finished = explain_retrieval(encoder, request)
+    native = explain_retrieval(encoder, request, native_cams=True)
     if method == "smoothgrad":  # input-gradient maps are already at the input resolution
         assert native.map_size is None and native.finished() is native
     else:

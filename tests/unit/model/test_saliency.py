@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.options import GradCAMPlusPlusOptions, SmoothGradOptions
 from histoxplain_model.saliency import (
     METHODS,
     GradCAM,
     GradCAMPlusPlus,
     InputGradient,
-    MethodOptions,
     SmoothGrad,
     get_explainer,
     gradient_mode,
@@ -68,13 +68,11 @@ def inputs(batch: int, refs: int, dim: int, seed: int = 1):
     return pixels, references
 
 
-FAST = {"n_samples": 4, "chunk_size": 3}
+FAST = SmoothGradOptions(n_samples=4, chunk_size=3)
 
 
-def explainer(method: str, model, layer, reshape, **opts):
-    if method == "smoothgrad":
-        opts = {**FAST, **opts}
-    return get_explainer(method, model, layer, reshape, **opts)
+def explainer(method: str, model, layer, reshape):
+    return get_explainer(method, model, layer, reshape, FAST if method == "smoothgrad" else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def test_gradcampp_raw_gradients_match_pytorch_grad_cam(arch):
     pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
     _, model, layer, reshape = arch
     pixels, references = inputs(1, 3, model.num_features)
-    options = MethodOptions(gradcampp_gradient_scale="raw")
+    options = GradCAMPlusPlusOptions(gradient_scale="raw")
     ours = GradCAMPlusPlus(model, layer, reshape, options).explain(pixels, references).heatmaps[0]
     theirs = pgc_maps(pytorch_grad_cam.GradCAMPlusPlus, model, layer, reshape, pixels, references)
     np.testing.assert_allclose(ours, theirs, atol=ORACLE_ATOL)
@@ -178,7 +176,7 @@ def test_gradcampp_is_invariant_to_the_target_scale(arch):
         atol=1e-5,
     )
     # The raw (pytorch-grad-cam) formula is not: the reason for the default.
-    raw = GradCAMPlusPlus(model, layer, reshape, MethodOptions(gradcampp_gradient_scale="raw"))
+    raw = GradCAMPlusPlus(model, layer, reshape, GradCAMPlusPlusOptions(gradient_scale="raw"))
     difference = np.abs(
         scaled_maps(raw, pixels, references, 1e3) - scaled_maps(raw, pixels, references, 1.0)
     )
@@ -189,7 +187,7 @@ def test_smoothgrad_matches_captum_noise_tunnel_with_the_same_noise(arch):
     captum_attr = pytest.importorskip("captum.attr")
     _, model, _, _ = arch
     pixels, references = inputs(1, 3, model.num_features)
-    options = MethodOptions(n_samples=5, sigma=0.15, chunk_size=2, seed=11)  # 2+2+1 chunks
+    options = SmoothGradOptions(n_samples=5, sigma=0.15, chunk_size=2, seed=11)  # 2+2+1 chunks
     ours = SmoothGrad(model, options=options).explain(pixels, references).heatmaps[0]
     target = similarity_target(references)
     stdev = float(options.sigma * (pixels.max() - pixels.min()))
@@ -209,9 +207,9 @@ def test_smoothgrad_matches_captum_noise_tunnel_with_the_same_noise(arch):
 def test_smoothgrad_noise_depends_on_the_seed():
     model, _, _ = build("resnet18")
     pixels, references = inputs(1, 2, model.num_features)
-    first = SmoothGrad(model, options=MethodOptions(n_samples=3, seed=1)).explain(pixels, references)
-    again = SmoothGrad(model, options=MethodOptions(n_samples=3, seed=1)).explain(pixels, references)
-    other = SmoothGrad(model, options=MethodOptions(n_samples=3, seed=2)).explain(pixels, references)
+    first = SmoothGrad(model, options=SmoothGradOptions(n_samples=3, seed=1)).explain(pixels, references)
+    again = SmoothGrad(model, options=SmoothGradOptions(n_samples=3, seed=1)).explain(pixels, references)
+    other = SmoothGrad(model, options=SmoothGradOptions(n_samples=3, seed=2)).explain(pixels, references)
     np.testing.assert_array_equal(first.heatmaps, again.heatmaps)
     assert np.abs(first.heatmaps - other.heatmaps).max() > 1e-3
 
@@ -273,7 +271,7 @@ def test_channel_weights_by_hand():
     #   a = 0.001024 / (2*0.001024 + 12*3.2768e-5 + 1e-6) = 0.001024 / 0.002442216
     #   w0 = sum_ij ReLU(g) a = 4 * 0.032 * a = 0.053669...
     # channel 1: g < 0, ReLU(g) = 0 -> w1 = 0.
-    raw = tiny_weights(GradCAMPlusPlus, MethodOptions(gradcampp_gradient_scale="raw"))
+    raw = tiny_weights(GradCAMPlusPlus, GradCAMPlusPlusOptions(gradient_scale="raw"))
     torch.testing.assert_close(raw, torch.tensor([4 * 0.032 * 0.001024 / 0.002442216, 0.0]))
     # unit scale: g / max|g| = (1, -0.75): a0 = 1 / (2 + 12 + 1e-6), w0 = 4 * a0 = 0.2857...
     unit = tiny_weights(GradCAMPlusPlus)
@@ -417,10 +415,13 @@ def test_unknown_polarity_and_option():
     pixels, references = inputs(1, 1, model.num_features)
     with pytest.raises(UnknownNameError, match="similar"):
         GradCAM(model, layer).explain(pixels, references, "opposite")
-    with pytest.raises(InvalidRequest, match="n_samples"):
-        get_explainer("smoothgrad", model, layer, n_sample=3)
+    # Options belong to their method: another method's are refused, by name and by class.
+    with pytest.raises(InvalidRequest, match="SmoothGradOptions, not GradCAMPlusPlusOptions"):
+        get_explainer("smoothgrad", model, layer, options=GradCAMPlusPlusOptions())
+    with pytest.raises(InvalidRequest, match="GradCAMPlusPlus takes GradCAMPlusPlusOptions"):
+        GradCAMPlusPlus(model, layer, options=SmoothGradOptions())  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest):
-        MethodOptions(n_samples=0)
+        SmoothGradOptions(n_samples=0)
     with pytest.raises(InvalidRequest, match="target layer"):
         get_explainer("gradcam", model, None)
 

@@ -218,11 +218,12 @@ def test_cascade_accumulates_from_the_top_and_keeps_flagging_edges() -> None:
 
 @pytest.mark.parametrize("method", sorted(POLARITY_INVARIANT))
 def test_polarity_invariant_methods_give_one_map_for_both_polarities(method: str) -> None:
+    from histoxplain_model.options import SmoothGradOptions
     from histoxplain_model.saliency import get_explainer
 
     torch.manual_seed(0)
     model = TinyConvNet().eval()
-    explainer = get_explainer(method, model, model.blocks[1], n_samples=3)
+    explainer = get_explainer(method, model, model.blocks[1], options=SmoothGradOptions(n_samples=3))
     reference = model(textured_image(5)).detach()
     similar = explainer.explain(textured_image(4), reference, polarity="similar").heatmaps
     dissimilar = explainer.explain(textured_image(4), reference, polarity="dissimilar").heatmaps

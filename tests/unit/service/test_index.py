@@ -1,4 +1,4 @@
-"""VectorIndex on qdrant-client local mode (and on a real server when QDRANT_URL is set)."""
+"""The Qdrant index adapter on qdrant-client local mode (and on a real server when QDRANT_URL is set)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest, NotFound
-from histoxplain_service.index.qdrant import (
-    Box,
-    TileRecord,
-    VectorIndex,
-    list_indexes,
-    open_index,
-    open_qdrant,
-    point_id_for,
-    validate_index_name,
-)
+from histoxplain_service.domain.ranking import rank_images
+from histoxplain_service.domain.types import Box, TileRecord, point_id_for
+from histoxplain_service.index.base import validate_index_name
+from histoxplain_service.index.qdrant import QdrantEngine, QdrantIndex, open_qdrant
 from histoxplain_service.config import Settings
 from histoxplain_service.index.tile_store import TileStore
 
@@ -49,9 +43,9 @@ def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QdrantCli
 
 
 @pytest.fixture
-def index(client: QdrantClient, tmp_path: Path) -> VectorIndex:
+def index(client: QdrantClient, tmp_path: Path) -> QdrantIndex:
     name = f"hxtest-{uuid.uuid4().hex[:10]}"
-    return VectorIndex(client, name, TileStore(tmp_path / "tiles" / name))
+    return QdrantIndex(client, name, TileStore(tmp_path / "tiles" / name))
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -71,7 +65,7 @@ def make_tiles(n: int, seed: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def test_ensure_records_the_encoder_and_refuses_another(index: VectorIndex) -> None:
+def test_ensure_records_the_encoder_and_refuses_another(index: QdrantIndex) -> None:
     index.ensure("fake-preset", DIM)
     assert index.encoder() == ("fake-preset", DIM)
     index.ensure("fake-preset", DIM)  # same encoder: accepted, nothing recreated
@@ -85,11 +79,11 @@ def test_ensure_records_the_encoder_and_refuses_another(index: VectorIndex) -> N
 def test_encoder_record_survives_reopening_the_folder(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     client = open_qdrant(settings)
-    open_index(settings, "crc", client).ensure("uni", 1024)
+    QdrantEngine(settings, client).open_index("crc").ensure("uni", 1024)
     client.close()
     client = open_qdrant(settings)
     try:
-        info = open_index(settings, "crc", client).describe()
+        info = QdrantEngine(settings, client).open_index("crc").describe()
         assert (info.name, info.preset, info.dim, info.n_points, info.n_images) == ("crc", "uni", 1024, 0, 0)
     finally:
         client.close()
@@ -100,9 +94,9 @@ def test_a_foreign_collection_is_refused_not_recreated(client: QdrantClient, tmp
     client.create_collection(name, vectors_config=qm.VectorParams(size=DIM, distance=qm.Distance.COSINE))
     client.upsert(name, [qm.PointStruct(id=1, vector=[1.0] * DIM, payload={"x": 1})], wait=True)
     with pytest.raises(FailedPrecondition, match="not created by histoxplain"):
-        VectorIndex(client, name).ensure("fake", DIM)
+        QdrantIndex(client, name).ensure("fake", DIM)
     assert client.count(name, exact=True).count == 1
-    assert name not in [info.name for info in list_indexes(client)]
+    assert name not in [info.name for info in QdrantEngine(Settings(data_dir=tmp_path), client).list_indexes()]
 
 
 def test_point_ids_are_deterministic() -> None:
@@ -113,7 +107,7 @@ def test_point_ids_are_deterministic() -> None:
     assert point_id_for("abc", 0, box) not in others and len(others) == 3
 
 
-def test_upserting_the_same_tiles_again_updates_and_never_duplicates(index: VectorIndex) -> None:
+def test_upserting_the_same_tiles_again_updates_and_never_duplicates(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     records = make_records("img", 3)
     index.upsert(records, unit(np.eye(DIM)[:3]), make_tiles(3, 0))
@@ -123,7 +117,7 @@ def test_upserting_the_same_tiles_again_updates_and_never_duplicates(index: Vect
     np.testing.assert_array_equal(index.load_tile(records[1].point_id), make_tiles(3, 1)[1])
 
 
-def test_payload_round_trips_through_a_search_hit(index: VectorIndex) -> None:
+def test_payload_round_trips_through_a_search_hit(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     record = TileRecord("img", "/slides/a.svs", "tumour", Box(448, 224, 224, 224), 1, 0.998, 4, 9)
     index.upsert([record], unit(np.ones((1, DIM))), make_tiles(1, 0))
@@ -135,7 +129,7 @@ def test_payload_round_trips_through_a_search_hit(index: VectorIndex) -> None:
     assert hit.score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_search_ranks_by_cosine_and_filters_by_label(index: VectorIndex) -> None:
+def test_search_ranks_by_cosine_and_filters_by_label(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     vectors = unit(np.random.default_rng(0).normal(size=(12, DIM)))
     records = make_records("a", 6, label="A") + make_records("b", 6, label="B")
@@ -149,7 +143,7 @@ def test_search_ranks_by_cosine_and_filters_by_label(index: VectorIndex) -> None
     assert len(only_b) == 6 and {h.label for h in only_b} == {"B"}
 
 
-def test_search_with_vectors_returns_each_hits_stored_vector(index: VectorIndex) -> None:
+def test_search_with_vectors_returns_each_hits_stored_vector(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     vectors = unit(np.random.default_rng(3).normal(size=(8, DIM)))
     records = make_records("a", 4, label="A") + make_records("b", 4, label="B")
@@ -163,7 +157,7 @@ def test_search_with_vectors_returns_each_hits_stored_vector(index: VectorIndex)
     np.testing.assert_allclose(hit_vectors @ query, [h.score for h in hits], atol=1e-5)
 
 
-def test_the_request_deadline_reaches_qdrant(index: VectorIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_request_deadline_reaches_qdrant(index: QdrantIndex, monkeypatch: pytest.MonkeyPatch) -> None:
     index.ensure("fake", DIM)
     index.upsert(make_records("a", 2), unit(np.eye(DIM)[:2]), make_tiles(2, 0))
     seen: list[object] = []
@@ -176,12 +170,12 @@ def test_the_request_deadline_reaches_qdrant(index: VectorIndex, monkeypatch: py
 
         monkeypatch.setattr(index.client, method, spy)
     index.search(unit(np.eye(DIM)[0]), k=1, timeout=2.3)
-    index.search_images(unit(np.eye(DIM)[:1]), k=1, timeout=0.2)
+    rank_images(index, unit(np.eye(DIM)[:1]), k=1, timeout=0.2)
     index.search(unit(np.eye(DIM)[0]), k=1)
     assert seen == [3, 1, None]
 
 
-def test_search_images_averages_each_images_best_tile_over_query_tiles(index: VectorIndex) -> None:
+def test_search_images_averages_each_images_best_tile_over_query_tiles(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     rng = np.random.default_rng(3)
     images = {f"img{i}": unit(rng.normal(size=(4, DIM))) for i in range(5)}
@@ -193,7 +187,7 @@ def test_search_images_averages_each_images_best_tile_over_query_tiles(index: Ve
         image_id: float(np.mean([(vectors @ q).max() for q in queries])) for image_id, vectors in images.items()
     }
     ranking = sorted(expected, key=lambda i: -expected[i])
-    hits = index.search_images(queries, k=3)
+    hits = rank_images(index, queries, k=3)
     assert [h.image_id for h in hits] == ranking[:3]
     for hit in hits:
         assert hit.score == pytest.approx(expected[hit.image_id], abs=1e-5)
@@ -202,12 +196,12 @@ def test_search_images_averages_each_images_best_tile_over_query_tiles(index: Ve
             assert tile.image_id == hit.image_id
             assert tile.score == pytest.approx((images[hit.image_id] @ q).max(), abs=1e-5)
     # one query tile: the best tile per image, and k larger than the number of images
-    single = index.search_images(queries[0], k=10)
+    single = rank_images(index, queries[0], k=10)
     assert len(single) == 5
     assert [h.image_id for h in single] == sorted(images, key=lambda i: -(images[i] @ queries[0]).max())
 
 
-def test_missing_and_empty_indexes_say_to_run_index_first(index: VectorIndex) -> None:
+def test_missing_and_empty_indexes_say_to_run_index_first(index: QdrantIndex) -> None:
     with pytest.raises(NotFound, match="does not exist; run `histoxplain index"):
         index.search(unit(np.ones(DIM)), k=1)
     with pytest.raises(NotFound, match="does not exist"):
@@ -216,27 +210,27 @@ def test_missing_and_empty_indexes_say_to_run_index_first(index: VectorIndex) ->
     with pytest.raises(NotFound, match="is empty; run `histoxplain index"):
         index.search(unit(np.ones(DIM)), k=1)
     with pytest.raises(NotFound, match="is empty"):
-        index.search_images(unit(np.ones((2, DIM))), k=1)
+        rank_images(index, unit(np.ones((2, DIM))), k=1)
 
 
 @pytest.mark.parametrize("k", [0, -3, 1.5, True])
-def test_k_must_be_a_positive_integer(index: VectorIndex, k: object) -> None:
+def test_k_must_be_a_positive_integer(index: QdrantIndex, k: object) -> None:
     index.ensure("fake", DIM)
     index.upsert(make_records("img", 1), unit(np.ones((1, DIM))), make_tiles(1, 0))
     with pytest.raises(InvalidRequest, match="k must be a positive integer"):
         index.search(unit(np.ones(DIM)), k=k)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="k must be a positive integer"):
-        index.search_images(unit(np.ones((1, DIM))), k=k)  # type: ignore[arg-type]
+        rank_images(index, unit(np.ones((1, DIM))), k=k)  # type: ignore[arg-type]
 
 
-def test_a_query_of_another_dimension_is_refused(index: VectorIndex) -> None:
+def test_a_query_of_another_dimension_is_refused(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     index.upsert(make_records("img", 1), unit(np.ones((1, DIM))), make_tiles(1, 0))
     with pytest.raises(FailedPrecondition, match="query vectors are 7-d"):
         index.search(unit(np.ones(DIM + 1)), k=1)
 
 
-def test_delete_removes_points_and_tile_pixels(index: VectorIndex) -> None:
+def test_delete_removes_points_and_tile_pixels(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     a, b = make_records("a", 3), make_records("b", 2)
     index.upsert(a + b, unit(np.random.default_rng(0).normal(size=(5, DIM))), make_tiles(5, 0))
@@ -252,7 +246,7 @@ def test_delete_removes_points_and_tile_pixels(index: VectorIndex) -> None:
     assert index.delete([]) == 0
 
 
-def test_finish_image_removes_an_older_tiling(index: VectorIndex) -> None:
+def test_finish_image_removes_an_older_tiling(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     old = make_records("img", 4, size=8)
     index.upsert(old, unit(np.ones((4, DIM))), make_tiles(4, 0))
@@ -267,7 +261,7 @@ def test_finish_image_removes_an_older_tiling(index: VectorIndex) -> None:
     assert [r.box for r in records] == [r.box for r in new] and vectors.shape == (2, DIM)
 
 
-def test_image_state_sees_missing_points_pixels_and_changed_labels(index: VectorIndex) -> None:
+def test_image_state_sees_missing_points_pixels_and_changed_labels(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     records = make_records("img", 3)
     assert index.image_state(records) == "incomplete"
@@ -296,7 +290,7 @@ def test_tile_store_writes_atomically_and_round_trips(tmp_path: Path) -> None:
     assert store.delete(["p1", "p2"]) == 1
 
 
-def test_vectors_and_image_tiles(index: VectorIndex) -> None:
+def test_vectors_and_image_tiles(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     records = make_records("img", 3)
     vectors = unit(np.random.default_rng(2).normal(size=(3, DIM)))
@@ -311,7 +305,7 @@ def test_vectors_and_image_tiles(index: VectorIndex) -> None:
         index.image_tiles("nope")
 
 
-def test_upsert_rejects_mismatched_or_invalid_vectors(index: VectorIndex) -> None:
+def test_upsert_rejects_mismatched_or_invalid_vectors(index: QdrantIndex) -> None:
     index.ensure("fake", DIM)
     with pytest.raises(ValueError, match="one vector per record"):
         index.upsert(make_records("img", 2), unit(np.ones((3, DIM))), make_tiles(2, 0))
@@ -331,8 +325,8 @@ def test_invalid_index_names(name: str) -> None:
 def test_list_indexes(client: QdrantClient, tmp_path: Path) -> None:
     names = [f"hxtest-{uuid.uuid4().hex[:10]}" for _ in range(2)]
     for i, name in enumerate(names):
-        VectorIndex(client, name).ensure(f"preset{i}", DIM + i)
-    listed = {info.name: (info.preset, info.dim) for info in list_indexes(client)}
+        QdrantIndex(client, name).ensure(f"preset{i}", DIM + i)
+    listed = {info.name: (info.preset, info.dim) for info in QdrantEngine(Settings(data_dir=tmp_path), client).list_indexes()}
     assert listed[names[0]] == ("preset0", DIM) and listed[names[1]] == ("preset1", DIM + 1)
 
 

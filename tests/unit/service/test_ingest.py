@@ -15,7 +15,7 @@ from PIL import Image
 from qdrant_client import QdrantClient
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_service.index.qdrant import VectorIndex
+from histoxplain_service.index.qdrant import QdrantIndex
 from histoxplain_service.domain.ingest import (
     ArraySource,
     SlideSource,
@@ -70,8 +70,8 @@ def client(tmp_path: Path) -> Iterator[QdrantClient]:
 
 
 @pytest.fixture
-def index(client: QdrantClient, settings: Settings) -> VectorIndex:
-    return VectorIndex(client, "test", TileStore(settings.tiles_dir("test")))
+def index(client: QdrantClient, settings: Settings) -> QdrantIndex:
+    return QdrantIndex(client, "test", TileStore(settings.tiles_dir("test")))
 
 
 def tissue_image(width: int, height: int, seed: int, blob: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -199,7 +199,7 @@ def test_image_ids_come_from_content(tmp_path: Path) -> None:
 # -- indexing ------------------------------------------------------------------------------------
 
 
-def test_index_a_folder_then_rerun_changes_nothing(tmp_path: Path, index: VectorIndex, settings: Settings) -> None:
+def test_index_a_folder_then_rerun_changes_nothing(tmp_path: Path, index: QdrantIndex, settings: Settings) -> None:
     root = make_dataset(tmp_path / "ds")
     summary = index_paths([root], index, histogram_embed, settings, preset="hist", dim=DIM, show_progress=False)
     # 150x130 -> 3x3 tiles, 100x100 -> 2x2, 64x64 -> 1, 70x64 -> 2x1 (all tissue)
@@ -216,7 +216,7 @@ def test_index_a_folder_then_rerun_changes_nothing(tmp_path: Path, index: Vector
     assert index.describe().n_points == 16
 
 
-def test_bad_files_in_a_folder_are_skipped_with_their_reason(tmp_path: Path, index: VectorIndex, settings: Settings) -> None:
+def test_bad_files_in_a_folder_are_skipped_with_their_reason(tmp_path: Path, index: QdrantIndex, settings: Settings) -> None:
     root = make_dataset(tmp_path / "ds")
     (root / "normal" / "empty.png").write_bytes(b"")
     good = (root / "normal" / "c.png").read_bytes()
@@ -234,7 +234,7 @@ def test_bad_files_in_a_folder_are_skipped_with_their_reason(tmp_path: Path, ind
     assert index.describe().n_images == 4
 
 
-def test_another_encoder_is_refused_before_anything_is_written(tmp_path: Path, index: VectorIndex, settings: Settings) -> None:
+def test_another_encoder_is_refused_before_anything_is_written(tmp_path: Path, index: QdrantIndex, settings: Settings) -> None:
     from histoxplain_model.errors import FailedPrecondition
 
     root = make_dataset(tmp_path / "ds")
@@ -246,14 +246,14 @@ def test_another_encoder_is_refused_before_anything_is_written(tmp_path: Path, i
 
 def test_an_interrupted_run_resumes_with_nothing_lost_or_doubled(tmp_path: Path, client: QdrantClient, settings: Settings) -> None:
     root = make_dataset(tmp_path / "ds")
-    reference = VectorIndex(client, "reference", TileStore(settings.tiles_dir("reference")))
+    reference = QdrantIndex(client, "reference", TileStore(settings.tiles_dir("reference")))
     index_paths([root], reference, histogram_embed, settings, preset="hist", dim=DIM, show_progress=False)
     expected_records, expected_vectors = {}, {}
     for image_id in reference.image_ids():
         records, vectors = reference.image_tiles(image_id)
         expected_records[image_id], expected_vectors[image_id] = records, vectors
 
-    index = VectorIndex(client, "resumed", TileStore(settings.tiles_dir("resumed")))
+    index = QdrantIndex(client, "resumed", TileStore(settings.tiles_dir("resumed")))
     interrupted = FailingEmbed(fail_after=2)  # 2 batches of 4 tiles, then the "crash"
     with pytest.raises(RuntimeError, match="interrupted"):
         index_paths([root], index, interrupted, settings, preset="hist", dim=DIM, show_progress=False)
@@ -273,7 +273,7 @@ def test_an_interrupted_run_resumes_with_nothing_lost_or_doubled(tmp_path: Path,
     assert stored == sorted(f"{r.point_id}.png" for rs in expected_records.values() for r in rs)
 
 
-def test_reindexing_with_another_tiling_replaces_the_old_tiles(tmp_path: Path, index: VectorIndex, settings: Settings) -> None:
+def test_reindexing_with_another_tiling_replaces_the_old_tiles(tmp_path: Path, index: QdrantIndex, settings: Settings) -> None:
     path = write_png(tmp_path / "one" / "a.png", tissue_image(150, 130, 1))
     index_paths([path], index, histogram_embed, settings, preset="hist", dim=DIM, show_progress=False)
     old_ids = {f.name for f in settings.tiles_dir("test").iterdir()}
@@ -287,7 +287,7 @@ def test_reindexing_with_another_tiling_replaces_the_old_tiles(tmp_path: Path, i
 
 
 def test_same_content_is_indexed_once_and_a_new_label_is_applied_without_reembedding(
-    tmp_path: Path, index: VectorIndex, settings: Settings
+    tmp_path: Path, index: QdrantIndex, settings: Settings
 ) -> None:
     a = write_png(tmp_path / "x" / "a.png", tissue_image(64, 64, 0))
     copy = tmp_path / "y" / "a_copy.png"
@@ -304,7 +304,7 @@ def test_same_content_is_indexed_once_and_a_new_label_is_applied_without_reembed
     assert (hit.label, hit.source, index.describe().n_points) == ("L2", str(copy), 1)
 
 
-def test_the_real_slide_is_indexed_with_level0_boxes_and_mpp(tmp_path: Path, index: VectorIndex, settings: Settings) -> None:
+def test_the_real_slide_is_indexed_with_level0_boxes_and_mpp(tmp_path: Path, index: QdrantIndex, settings: Settings) -> None:
     slide_settings = settings.with_changes(tile_size=224, batch_size=32)
     summary = index_paths([he_slide_path()], index, histogram_embed, slide_settings, preset="hist", dim=DIM,
                           label="skin", show_progress=False)
@@ -320,14 +320,14 @@ def test_the_real_slide_is_indexed_with_level0_boxes_and_mpp(tmp_path: Path, ind
     np.testing.assert_array_equal(index.load_tile(records[len(records) // 2].point_id)[: box.h, : box.w], region)
 
 
-def test_a_missing_slide_level_is_a_skip_reason(index: VectorIndex, settings: Settings) -> None:
+def test_a_missing_slide_level_is_a_skip_reason(index: QdrantIndex, settings: Settings) -> None:
     summary = index_paths([he_slide_path()], index, histogram_embed, settings.with_changes(slide_level=3),
                           preset="hist", dim=DIM, show_progress=False)
     (skip,) = summary.skipped
     assert "has 1 level(s)" in skip.reason and summary.images == ()
 
 
-def test_index_images_from_bytes(index: VectorIndex, settings: Settings, tmp_path: Path) -> None:
+def test_index_images_from_bytes(index: QdrantIndex, settings: Settings, tmp_path: Path) -> None:
     path = write_png(tmp_path / "a.png", tissue_image(64, 64, 0))
     data = path.read_bytes()
     summary = index_images([(data, "upload-1", "tumour", None), (b"junk", "upload-2", None, None)], index,
@@ -339,7 +339,7 @@ def test_index_images_from_bytes(index: VectorIndex, settings: Settings, tmp_pat
     assert [i.status for i in again.images] == ["relabelled"]
 
 
-def test_index_images_with_caller_ids_and_skip_kinds(index: VectorIndex, settings: Settings, tmp_path: Path) -> None:
+def test_index_images_with_caller_ids_and_skip_kinds(index: QdrantIndex, settings: Settings, tmp_path: Path) -> None:
     data = write_png(tmp_path / "a.png", tissue_image(64, 64, 0)).read_bytes()
     blank = write_png(tmp_path / "blank.png", np.full((600, 600, 3), 255, np.uint8)).read_bytes()
     big = write_png(tmp_path / "big.png", tissue_image(100, 100, 1)).read_bytes()
@@ -356,7 +356,7 @@ def test_index_images_with_caller_ids_and_skip_kinds(index: VectorIndex, setting
 
 
 @pytest.mark.slow
-def test_real_encoder_end_to_end_retrieves_the_same_stain(tmp_path: Path, index: VectorIndex, settings: Settings) -> None:
+def test_real_encoder_end_to_end_retrieves_the_same_stain(tmp_path: Path, index: QdrantIndex, settings: Settings) -> None:
     torch = pytest.importorskip("torch")
     from histoxplain_model.encoders import load_encoder
     from histoxplain_service.app.samples import write_sample_dataset
@@ -378,7 +378,7 @@ def test_real_encoder_end_to_end_retrieves_the_same_stain(tmp_path: Path, index:
 
 
 def test_an_image_that_fails_mid_way_leaves_no_partial_tiles(
-    tmp_path: Path, index: VectorIndex, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, index: QdrantIndex, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from histoxplain_model.errors import ImageDecodeError
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from histoxplain_model.explain import RetrievalExplanation
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
 from histoxplain_service.backends import ModelInfo
-from histoxplain_service.index.qdrant import Box, TileRecord
 from histoxplain_service.domain.retrieval import Retrieval
+from histoxplain_service.domain.types import Box, TileRecord
+from histoxplain_service.index.qdrant import QdrantEngine
 from histoxplain_service.config import Settings
 
 DIM = 4
@@ -34,11 +36,12 @@ class SpyBackend:
         features = np.array([[*image.reshape(-1, 3).mean(axis=0), 64.0] for image in images], dtype=np.float32)
         return features / np.linalg.norm(features, axis=1, keepdims=True)
 
-    def explain(self, query, references, method, polarity="similar", side="both", timeout=None, options=None,
-                query_embedding=None, reference_embeddings=None) -> RetrievalExplanation:
-        self.explained.append({"query_embedding": query_embedding, "reference_embeddings": reference_embeddings})
-        count = len(references)
-        return RetrievalExplanation(method, polarity, np.zeros(count, np.float32), None, None)
+    def explain(self, request: ExplainRequest, timeout: float | None = None) -> RetrievalExplanation:
+        self.explained.append(
+            {"query_embedding": request.query_embedding, "reference_embeddings": request.reference_embeddings}
+        )
+        count = len(request.references)
+        return RetrievalExplanation(request.method, request.polarity, np.zeros(count, np.float32), None, None)
 
     def ready(self) -> bool:
         return True
@@ -50,7 +53,8 @@ class SpyBackend:
 @pytest.fixture
 def retrieval(tmp_path: Path) -> Iterator[Retrieval]:
     qdrant = QdrantClient(path=str(tmp_path / "qdrant"))
-    domain = Retrieval(Settings(data_dir=tmp_path / "data"), SpyBackend(), qdrant)
+    settings = Settings(data_dir=tmp_path / "data")
+    domain = Retrieval(settings, SpyBackend(), QdrantEngine(settings, qdrant))
     rng = np.random.default_rng(0)
     tiles = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(6)]
     records = [TileRecord(f"img{i // 3}", f"/data/img{i // 3}.png", None, Box(8 * (i % 3), 0, 8, 8), 0, 0.5, i % 3, 3)

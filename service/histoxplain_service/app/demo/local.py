@@ -6,13 +6,14 @@ from histoxplain_service.app.demo.queries import DEMO_INDEX, DEMO_K, DEMO_RUNS, 
 from histoxplain_service.app.samples import HE_LABEL, IHC_LABEL, he_slide_path, ihc_image_path
 from histoxplain_service.bootstrap import open_retrieval
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.retrieval import ExplainedSearch, Retrieval
+from histoxplain_service.domain.retrieval import Retrieval
+from histoxplain_service.domain.types import ExplainedSearch
 
 
 def run_in_process(settings: Settings, queries: dict[str, DemoQuery]) -> tuple[list[ExplainedSearch], list[str]]:
     retrieval = open_retrieval(settings)
     slide = retrieval.index_paths(DEMO_INDEX, [he_slide_path()], label=HE_LABEL)
-    ihc = Retrieval(settings.with_changes(stride=IHC_STRIDE), retrieval.backend, retrieval.qdrant)
+    ihc = Retrieval(settings.with_changes(stride=IHC_STRIDE), retrieval.backend, retrieval.index_engine)
     ihc_summary = ihc.index_paths(DEMO_INDEX, [ihc_image_path()], label=IHC_LABEL)
     info = retrieval.describe(DEMO_INDEX)
     searches = [

@@ -13,7 +13,7 @@ import tiffslide
 
 from histoxplain_model.imageio import read_image
 from histoxplain_service.app.samples import he_slide_path, ihc_image_path
-from histoxplain_service.domain.tiling import tile_grid, tissue_fractions, tissue_mask
+from histoxplain_service.domain.tiling import plan_tile_boxes
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,13 @@ def _held_out_he_tile() -> DemoQuery:
     with tiffslide.TiffSlide(he_slide_path()) as slide:
         width, height = slide.dimensions
         thumbnail = np.asarray(slide.get_thumbnail((512, 512)).convert("RGB"), dtype=np.uint8)
-        boxes = [(x + TILE // 2, y + TILE // 2, w, h) for x, y, w, h in tile_grid(width - TILE, height - TILE, TILE, TILE)
-                 if w == h == TILE]
-        fractions = tissue_fractions(tissue_mask(thumbnail), boxes, thumbnail.shape[1] / width)
-        x, y, _, _ = boxes[int(np.argmax(fractions))]
+        # The grid of the slide less a half-tile margin, shifted by half a tile; the most
+        # tissue-rich crop: the first all-tissue one, else the one with the most tissue.
+        best = plan_tile_boxes(
+            width - TILE, height - TILE, TILE, TILE, lambda: (thumbnail, thumbnail.shape[1] / width), 1.0,
+            origin=(TILE // 2, TILE // 2), fallback="best",
+        )[0]
+        x, y, _, _ = best.box
         tile = np.asarray(slide.read_region((x, y), 0, (TILE, TILE)).convert("RGB"), dtype=np.uint8)
     return DemoQuery("he", f"H&E skin, held-out crop at ({x}, {y}) of {he_slide_path().name}", tile)
 

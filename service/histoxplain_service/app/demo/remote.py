@@ -16,10 +16,9 @@ import numpy as np
 from histoxplain_client import Client, IndexImage, Unavailable
 from histoxplain_model.errors import DependencyUnavailable
 from histoxplain_service.domain.ingest import InputFile, iter_tiles, open_source, plan_tiles
-from histoxplain_service.domain.retrieval import ExplainedHit, ExplainedSearch
+from histoxplain_service.domain.types import Box, ExplainedHit, ExplainedSearch, SearchHit
 from histoxplain_service.app.samples import HE_LABEL, IHC_LABEL, he_slide_path, ihc_image_path
 from histoxplain_service.config import Settings
-from histoxplain_service.index.qdrant import Box, SearchHit
 
 _TIMEOUT_S = 600.0
 

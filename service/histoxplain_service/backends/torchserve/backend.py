@@ -1,9 +1,9 @@
 """The ``torchserve`` model backend: TorchServe's gRPC inference API with token authorization.
 
-Requests and responses follow the handler's wire format (``handlers/retrieval_handler.py``,
-documented in ``model_store/README.md``): the mode and the images go in the
-``PredictionsRequest.input`` map, the answer is an ``HXP1`` envelope
-(``histoxplain_model.wire.envelope``). Images travel as pixel envelopes (raw RGB; PNG only where
+Requests and responses follow the wire contract the handler (``handlers/retrieval_handler.py``)
+imports too, documented in ``model_store/README.md``: ``histoxplain_model.wire.inputs`` builds
+the ``PredictionsRequest.input`` map, the answer is an ``HXP1`` envelope
+(``histoxplain_model.wire.envelope``) whose contents ``histoxplain_model.wire.outputs`` reads. Images travel as pixel envelopes (raw RGB; PNG only where
 the raw pixels would take over half of the message limit), so TorchServe sees exactly the pixels the embedded backend would, and neither side
 spends time on PNG. Every call carries ``authorization: Bearer <inference key>``
 from TorchServe's ``key_file.json``; the file is re-read when it changes and once more after a
@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -26,15 +26,15 @@ from google.protobuf import empty_pb2
 
 from histoxplain_model import errors
 from histoxplain_model.limits import MAX_MESSAGE_BYTES
+from histoxplain_model.requests import ExplainRequest
+from histoxplain_model.results import RetrievalExplanation
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
-from histoxplain_model.options import MethodOptions, options_to_inputs
+from histoxplain_model.wire.inputs import embed_inputs, explain_inputs, info_inputs
+from histoxplain_model.wire.outputs import decode_embeddings, decode_explanation
 from histoxplain_service.backends.torchserve._proto import inference_pb2, inference_pb2_grpc
-from histoxplain_service.backends.base import ModelInfo, check_embeddings
+from histoxplain_service.backends.base import ModelInfo
 
-if TYPE_CHECKING:
-    from histoxplain_model.explain import RetrievalExplanation
-
-__all__ = ["TorchServeBackend", "TorchServeConfig", "encode_float32"]
+__all__ = ["TorchServeBackend", "TorchServeConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ class TorchServeConfig:
     model_name: str = "histoxplain"
     key_file: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
-
-
-def encode_float32(array: np.ndarray) -> bytes:
-    """An array's values as raw little-endian float32, row-major (4 bytes a value, no header)."""
-    return np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
 class _KeyFile:
@@ -120,7 +115,7 @@ class TorchServeBackend:
     def info(self, timeout: float | None = 30.0) -> ModelInfo:
         with self._info_lock:
             if self._info is None:
-                meta, _ = self.predict({"mode": b"info"}, timeout=timeout)
+                meta, _ = self.predict(info_inputs(), timeout=timeout)
                 self._info = ModelInfo(
                     preset=str(meta["preset"]),
                     architecture=str(meta["architecture"]),
@@ -135,61 +130,17 @@ class TorchServeBackend:
         """One request per call: TorchServe batches concurrent calls (``batch_size``)."""
         if len(images) == 0:
             raise errors.InvalidRequest("no images to embed; send at least one image")
-        inputs = {"mode": b"embed"}
-        inputs.update({f"image.{index}": data for index, data in enumerate(self._encode_images(images))})
-        _, arrays = self.predict(inputs, timeout)
-        embeddings = arrays["embeddings"].astype(np.float32, copy=False)
-        if embeddings.shape[0] != len(images):
-            raise RuntimeError(f"TorchServe returned {embeddings.shape[0]} embeddings for {len(images)} images")
-        return embeddings
+        _, arrays = self.predict(embed_inputs(self._encode_images(images)), timeout)
+        return decode_embeddings(arrays, len(images))
 
-    def explain(
-        self,
-        query: np.ndarray,
-        references: Sequence[np.ndarray],
-        method: str,
-        polarity: str = "similar",
-        side: str = "both",
-        timeout: float | None = None,
-        options: MethodOptions | None = None,
-        query_embedding: np.ndarray | None = None,
-        reference_embeddings: np.ndarray | None = None,
-    ) -> RetrievalExplanation:
-        """``options`` that differ from the defaults travel in the input map
-        (``histoxplain_model.options.INPUT_KEYS``); the handler rebuilds them exactly. Given
-        embeddings travel as raw little-endian float32 (``query_embedding``,
-        ``reference_embeddings``), so the handler skips those forward passes."""
-        if len(references) == 0:
-            raise errors.InvalidRequest("no reference images to explain against; give at least one")
-        query_vector, reference_vectors = check_embeddings(query_embedding, reference_embeddings, len(references))
-        inputs = {
-            "mode": b"explain",
-            "method": method.encode("utf-8"),
-            "polarity": polarity.encode("utf-8"),
-            "side": side.encode("utf-8"),
-            **options_to_inputs(options),
-        }
-        query_data, *reference_data = self._encode_images([query, *references])
-        inputs["query"] = query_data
-        inputs.update({f"reference.{index}": data for index, data in enumerate(reference_data)})
-        if query_vector is not None:
-            inputs["query_embedding"] = encode_float32(query_vector)
-        if reference_vectors is not None:
-            inputs["reference_embeddings"] = encode_float32(reference_vectors)
-        meta, arrays = self.predict(inputs, timeout)
-        # Imported here: histoxplain_model.explain imports torch, which this backend needs
-        # for nothing else (a TorchServe gateway stays torch-free until the first explain).
-        from histoxplain_model.explain import RetrievalExplanation
-
-        map_size = meta.get("map_size")
-        return RetrievalExplanation(
-            method=str(meta["method"]),
-            polarity=str(meta["polarity"]),
-            scores=arrays["scores"].astype(np.float32),
-            query_heatmaps=_as_float32(arrays.get("query_heatmaps")),
-            reference_heatmaps=_as_float32(arrays.get("reference_heatmaps")),
-            map_size=None if map_size is None else (int(map_size[0]), int(map_size[1])),
-        ).finished()  # raw CAMs are upsampled and normalised here, with numpy
+    def explain(self, request: ExplainRequest, timeout: float | None = None) -> RetrievalExplanation:
+        """The request's options that differ from the defaults travel as text and its stored
+        embeddings as raw float32 (``histoxplain_model.wire.inputs``); the handler rebuilds the
+        same request and skips embedding the sides whose vectors it got. Raw CAMs are finished
+        here, with numpy."""
+        query_data, *reference_data = self._encode_images([request.query, *request.references])
+        meta, arrays = self.predict(explain_inputs(request, query_data, reference_data), timeout)
+        return decode_explanation(meta, arrays)
 
     def ready(self) -> bool:
         """True once the model has answered (``info``) and TorchServe's Ping says Healthy.
@@ -269,6 +220,3 @@ class TorchServeBackend:
             return errors.InvalidRequest(f"the request is too large for {where}: {details}")
         return errors.DependencyUnavailable(f"{where} failed ({code.name}): {details}")
 
-
-def _as_float32(heatmaps: np.ndarray | None) -> np.ndarray | None:
-    return None if heatmaps is None else heatmaps.astype(np.float32)

@@ -11,6 +11,9 @@ and a reader that waits for EOF hangs).
         server.register_model("efficientnet-lite0-imagenet.mar", batch_size=4, max_batch_delay_ms=50)
         backend = TorchServeBackend(TorchServeConfig(target=server.grpc_target,
                                                      model_name=..., key_file=server.key_file))
+
+Why one module of about 450 lines: one class owns one TorchServe's whole life (derived
+configuration, start, readiness, registration, keys, stop) and its parts share that state.
 """
 
 from __future__ import annotations

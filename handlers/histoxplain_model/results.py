@@ -1,0 +1,51 @@
+"""What a retrieval explanation returns: :class:`RetrievalExplanation`.
+
+Torch-free (numpy only), so the gateway in front of TorchServe can receive, finish and convert
+explanations without loading torch; ``histoxplain_model.explain`` produces them with torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from histoxplain_model.wire.cams import finish_cams
+
+__all__ = ["RetrievalExplanation"]
+
+
+@dataclass(frozen=True)
+class RetrievalExplanation:
+    """Heatmaps at the model input resolution (H, W), float32 in [0, 1].
+
+    scores (K,): cosine similarity of the query to each reference.
+    query_heatmaps (K, H, W): the query explained against reference k (None unless side is
+        "query" or "both").
+    reference_heatmaps (K, H, W): reference k explained against the query (None unless side is
+        "retrieved" or "both").
+    map_size: None for finished maps. (H, W) when the heatmaps are raw class activation maps
+        (K, h, w) at the target layer's resolution (``explain_retrieval(..., native_cams=True)``,
+        what the TorchServe handler sends); :meth:`finished` turns them into the maps above.
+    """
+
+    method: str
+    polarity: str
+    scores: np.ndarray
+    query_heatmaps: np.ndarray | None
+    reference_heatmaps: np.ndarray | None
+    map_size: tuple[int, int] | None = None
+
+    def finished(self) -> RetrievalExplanation:
+        """The same explanation with finished maps (upsampled to ``map_size``, min-max; numpy)."""
+        if self.map_size is None:
+            return self
+        size = self.map_size
+
+        def finish(maps: np.ndarray | None) -> np.ndarray | None:
+            return None if maps is None else finish_cams(maps, size)
+
+        return replace(
+            self, query_heatmaps=finish(self.query_heatmaps), reference_heatmaps=finish(self.reference_heatmaps),
+            map_size=None,
+        )

@@ -1,0 +1,87 @@
+"""What the TorchServe handler answers inside its ``HXP1`` envelope, and how the backend reads it.
+
+The request side is :mod:`histoxplain_model.wire.inputs`; the byte format is
+:mod:`histoxplain_model.wire.envelope`. Per mode:
+
+    embed     meta {"mode", "batch"}; ``embeddings`` (N, D) float32, L2-normalised rows
+    explain   meta {"mode", "batch", "method", "polarity", "side", "map_size"?}; ``scores`` (K,)
+              float32; ``query_heatmaps`` and/or ``reference_heatmaps``: GradCAM and GradCAM++
+              send raw class activation maps (K, h, w) float32 >= 0 at the target layer's
+              resolution with ``map_size`` = [H, W] (7x7 instead of 224x224 values for
+              EfficientNet-Lite0; the receiver finishes them with numpy), SmoothGrad the
+              finished maps (K, H, W) float16 in [0, 1] (rounding moves a value by at most
+              2**-12 = 2.4e-4)
+
+``batch`` is the number of requests TorchServe batched with this one (benchmarks read it).
+Torch-free: the gateway imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from histoxplain_model.results import RetrievalExplanation
+from histoxplain_model.wire.envelope import encode_envelope
+from histoxplain_model.wire.inputs import EMBED, EXPLAIN
+
+__all__ = ["decode_embeddings", "decode_explanation", "encode_embeddings", "encode_explanation"]
+
+EMBEDDINGS = "embeddings"
+SCORES = "scores"
+QUERY_HEATMAPS, REFERENCE_HEATMAPS = "query_heatmaps", "reference_heatmaps"
+MAP_SIZE = "map_size"
+
+
+def encode_embeddings(embeddings: np.ndarray, batch: int) -> bytes:
+    """The envelope of an embed request: (N, D) float32 embeddings."""
+    return encode_envelope({"mode": EMBED, "batch": batch}, {EMBEDDINGS: embeddings})
+
+
+def decode_embeddings(arrays: Mapping[str, np.ndarray], count: int) -> np.ndarray:
+    """(``count``, D) float32 from an embed envelope's arrays.
+
+    Raises:
+        RuntimeError: the handler answered with another number of embeddings.
+    """
+    embeddings = arrays[EMBEDDINGS].astype(np.float32, copy=False)
+    if embeddings.shape[0] != count:
+        raise RuntimeError(f"TorchServe returned {embeddings.shape[0]} embeddings for {count} images")
+    return embeddings
+
+
+def encode_explanation(explanation: RetrievalExplanation, side: str, batch: int) -> bytes:
+    """The envelope of an explain request: raw CAMs as float32 (a few hundred values a map),
+    finished maps as float16."""
+    dtype = np.float32 if explanation.map_size is not None else np.float16
+    arrays: dict[str, np.ndarray] = {SCORES: np.asarray(explanation.scores, dtype=np.float32)}
+    if explanation.query_heatmaps is not None:
+        arrays[QUERY_HEATMAPS] = np.asarray(explanation.query_heatmaps, dtype=dtype)
+    if explanation.reference_heatmaps is not None:
+        arrays[REFERENCE_HEATMAPS] = np.asarray(explanation.reference_heatmaps, dtype=dtype)
+    meta: dict[str, Any] = {
+        "mode": EXPLAIN, "batch": batch, "method": explanation.method, "polarity": explanation.polarity, "side": side,
+    }
+    if explanation.map_size is not None:
+        meta[MAP_SIZE] = list(explanation.map_size)
+    return encode_envelope(meta, arrays)
+
+
+def decode_explanation(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> RetrievalExplanation:
+    """The explanation in an explain envelope, with finished maps (raw CAMs are upsampled and
+    normalised here, with numpy): float32 heatmaps (K, H, W) in [0, 1]."""
+    map_size = meta.get(MAP_SIZE)
+    return RetrievalExplanation(
+        method=str(meta["method"]),
+        polarity=str(meta["polarity"]),
+        scores=arrays[SCORES].astype(np.float32),
+        query_heatmaps=_as_float32(arrays.get(QUERY_HEATMAPS)),
+        reference_heatmaps=_as_float32(arrays.get(REFERENCE_HEATMAPS)),
+        map_size=None if map_size is None else (int(map_size[0]), int(map_size[1])),
+    ).finished()
+
+
+def _as_float32(heatmaps: np.ndarray | None) -> np.ndarray | None:
+    return None if heatmaps is None else heatmaps.astype(np.float32)

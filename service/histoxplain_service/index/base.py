@@ -1,0 +1,251 @@
+"""The index interface: what the domain needs from a vector store, whatever the engine.
+
+Two levels, as in qdrant-client's ``client_base.py``:
+
+* :class:`IndexEngine` is one store (a Qdrant server, or Qdrant local mode in a folder): it opens
+  named indexes, lists them, answers a readiness probe and is closed once by its owner.
+* :class:`VectorIndex` is one named index of tile embeddings plus the tiles' pixels: the calls
+  :class:`~histoxplain_service.domain.retrieval.Retrieval` and
+  :mod:`~histoxplain_service.domain.ingest` make.
+
+An engine adapter (:mod:`.qdrant`) implements both; :mod:`histoxplain_service.bootstrap` picks
+it, so the domain never imports an engine. The contract every implementation keeps, because
+callers and stored data depend on it:
+
+* errors are :mod:`histoxplain_model.errors` classes: ``NotFound`` for a missing or empty index
+  or tile, ``FailedPrecondition`` for another encoder or dimension, ``InvalidRequest`` for a bad
+  name, ``k`` or point id, ``DependencyUnavailable`` when the store cannot be reached;
+* every index records the encoder (preset, dim) it was built with and refuses others;
+* point ids are :func:`~histoxplain_service.domain.types.point_id_for` of the tile, so writes
+  are idempotent; scores are cosine similarities, best first.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from histoxplain_model.errors import FailedPrecondition, InvalidRequest
+from histoxplain_service.domain.types import IndexInfo, SearchHit, TileRecord
+
+__all__ = [
+    "INDEX_NAME_PATTERN",
+    "ImageState",
+    "IndexEngine",
+    "VectorIndex",
+    "validate_index_name",
+    "validate_k",
+]
+
+#: Index names: 1-63 letters, digits, ``-`` and ``_``, starting with a letter or digit (safe as a
+#: collection name and as a folder name for the tile pixels).
+INDEX_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+#: Whether an image's planned tiles are indexed (see :meth:`VectorIndex.image_state`).
+ImageState = Literal["complete", "metadata", "incomplete"]
+
+
+def validate_index_name(name: str) -> str:
+    """Index names are 1-63 letters, digits, ``-`` and ``_``, starting with a letter or digit."""
+    if not isinstance(name, str) or not INDEX_NAME_PATTERN.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid index name {name!r}; use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    return name
+
+
+def validate_k(k: int) -> int:
+    """``k`` (how many hits) must be a positive integer; ``bool`` is refused although it is an int."""
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise InvalidRequest(f"k must be a positive integer, got {k!r}")
+    return k
+
+
+class VectorIndex(ABC):
+    """One named index: tile embeddings (cosine), their payload and their stored pixels.
+
+    Attributes:
+        name: the index name (:data:`INDEX_NAME_PATTERN`).
+    """
+
+    name: str
+
+    # -- encoder record ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def encoder(self) -> tuple[str, int]:
+        """(preset, dim) the index was built with.
+
+        Raises:
+            NotFound: no such index.
+            FailedPrecondition: a store entry of that name not created by histoxplain.
+        """
+
+    @abstractmethod
+    def ensure(self, preset: str, dim: int) -> None:
+        """Create the index for this encoder, or check that an existing one was built with it.
+
+        Raises:
+            InvalidRequest: ``dim`` <= 0.
+            FailedPrecondition: the index exists with another preset or dimension.
+        """
+
+    def check_encoder(self, preset: str, dim: int) -> None:
+        """Refuse vectors from an encoder other than the one the index was built with.
+
+        Shared by every engine: it needs only :meth:`encoder`, and the message must not depend
+        on where the index lives.
+        """
+        built_preset, built_dim = self.encoder()
+        if (built_preset, built_dim) != (preset, dim):
+            raise FailedPrecondition(
+                f"index {self.name!r} was built with encoder {built_preset!r} ({built_dim}-d) but this "
+                f"request uses {preset!r} ({dim}-d); use the same --model (HISTOXPLAIN_MODEL) or another --index"
+            )
+
+    @abstractmethod
+    def describe(self) -> IndexInfo:
+        """Name, encoder and exact point and image counts (NotFound: no such index)."""
+
+    @abstractmethod
+    def image_ids(self) -> list[str]:
+        """Every image id in the index, sorted."""
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def upsert(
+        self, records: Sequence[TileRecord], vectors: np.ndarray, tiles: Sequence[np.ndarray] | None = None
+    ) -> None:
+        """Write tiles under their point ids: pixels first, then points, so a point never
+        exists without its stored tile.
+
+        Args:
+            records: one per tile.
+            vectors: (N, D) float32 embeddings, L2-normalised.
+            tiles: (H, W, 3) uint8 pixels per record; required when the index keeps pixels.
+
+        Raises:
+            ValueError: not one finite vector (and tile) per record.
+            FailedPrecondition: D is not the index's dimension.
+        """
+
+    @abstractmethod
+    def image_state(self, records: Sequence[TileRecord]) -> ImageState:
+        """Whether one image's planned tiles are already indexed.
+
+        Returns:
+            ``"complete"``: every planned point exists with this label and source, its pixels are
+            stored, and no other point carries the image id; ``"metadata"``: the same, except
+            the label or source differ (see :meth:`set_image_metadata`); ``"incomplete"``: anything else.
+        """
+
+    @abstractmethod
+    def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
+        """Change the label and source of every tile of one image (no re-embedding)."""
+
+    @abstractmethod
+    def finish_image(self, image_id: str, point_ids: Sequence[str]) -> int:
+        """Delete the points (and pixels) of ``image_id`` that are not in ``point_ids``.
+
+        Called once all of an image's tiles are written, this removes what an older tiling
+        left; returns how many points were removed.
+        """
+
+    @abstractmethod
+    def delete(self, image_ids: Sequence[str]) -> int:
+        """Delete every tile of these images (points, then pixels); returns the number of tiles removed."""
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def search(
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> list[SearchHit]:
+        """The ``k`` tiles nearest to ``vector`` (D,) by cosine similarity, best first.
+
+        ``label`` keeps only tiles of that label; ``timeout`` is the seconds the caller has left.
+
+        Raises:
+            InvalidRequest: k <= 0.  NotFound: missing or empty index.
+            FailedPrecondition: the vector's dimension is not the index's.
+        """
+
+    @abstractmethod
+    def search_with_vectors(
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    ) -> tuple[list[SearchHit], np.ndarray]:
+        """:meth:`search` plus the hits' stored vectors (N, D) float32, row i for hit i.
+
+        The vectors are what the index holds (L2-normalised); explanations reuse them instead of
+        embedding the hits again.
+        """
+
+    @abstractmethod
+    def best_tile_per_image(
+        self, queries: np.ndarray, limit: int, label: str | None = None,
+        image_ids: Sequence[str] | None = None, timeout: float | None = None,
+    ) -> list[dict[str, SearchHit]]:
+        """For each query (Q, D), the ``limit`` best images as {image id: its best tile}.
+
+        The engine groups by image id, so many similar tiles of one image never crowd the
+        others out; how the groups become a ranking is the domain's rule
+        (:func:`histoxplain_service.domain.ranking.rank_images`).
+
+        Args:
+            queries: (Q, D) float32 query vectors.
+            limit: at most this many images per query.
+            label: only tiles of this label.
+            image_ids: only these images (``None``: all).
+
+        Raises:
+            NotFound: missing or empty index.  FailedPrecondition: D is not the index's dimension.
+        """
+
+    @abstractmethod
+    def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
+        """The stored records and vectors (N, D) float32 of these tiles, in the given order.
+
+        Raises:
+            InvalidRequest: a point id that is not a UUID.  NotFound: one that is not in the index.
+        """
+
+    @abstractmethod
+    def image_tiles(self, image_id: str) -> tuple[list[TileRecord], np.ndarray]:
+        """Every tile of one image (in tile order) and its vectors (N, D).
+
+        Raises:
+            NotFound: no tile with this image id.
+        """
+
+    @abstractmethod
+    def load_tile(self, hit: SearchHit | str) -> np.ndarray:
+        """Pixels (H, W, 3) uint8 of a hit (or a point id), as they were embedded."""
+
+
+class IndexEngine(ABC):
+    """One vector store holding any number of named indexes.
+
+    The owner (whoever opened it: the CLI, the gateway's ``serve``, a test) closes it once;
+    indexes opened from it are valid until then.
+    """
+
+    @abstractmethod
+    def open_index(self, name: str) -> VectorIndex:
+        """The index ``name``, whether or not it exists yet (InvalidRequest: a bad name)."""
+
+    @abstractmethod
+    def list_indexes(self) -> list[IndexInfo]:
+        """Every histoxplain index in this store (other entries are left out), by name."""
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Readiness probe: True when the store answers; may raise when it does not."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store (connections, or the lock on a local folder)."""
