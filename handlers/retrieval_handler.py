@@ -35,8 +35,8 @@ from histoxplain_model.encoders import load_encoder
 from histoxplain_model.explain import explain_retrieval
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
 from histoxplain_model.wire import inputs as wire_inputs
-from histoxplain_model.wire.envelope import encode_envelope, encode_error
-from histoxplain_model.wire.outputs import encode_embeddings, encode_explanation
+from histoxplain_model.wire.envelope import encode_error
+from histoxplain_model.wire.outputs import encode_embeddings, encode_explanation, encode_info
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class RetrievalHandler(BaseHandler):
                 elif mode == wire_inputs.EXPLAIN:
                     responses[position] = self._explain(request, len(data))
                 else:
-                    responses[position] = encode_envelope(self._info(), {})
+                    responses[position] = encode_info(self.encoder.model_info("torchserve"))
             except Exception as error:  # one bad request fails only itself
                 responses[position] = self._failure(error)
         for position, response in self._embed(embed_items, len(data)):
@@ -154,19 +154,6 @@ class RetrievalHandler(BaseHandler):
         with torch.inference_mode(False), torch.enable_grad():
             explanation = explain_retrieval(self.encoder, explain_request, native_cams=True)
         return encode_explanation(explanation, explain_request.side, batch)
-
-    def _info(self) -> dict[str, Any]:
-        from histoxplain_model.saliency import METHODS
-
-        preset = self.encoder.preset
-        return {
-            "mode": wire_inputs.INFO,
-            "preset": preset.name,
-            "architecture": preset.architecture,
-            "embedding_dim": int(self.encoder.embedding_dim),
-            "input_size": [int(size) for size in self.encoder.input_size],
-            "methods": list(METHODS),
-        }
 
     @staticmethod
     def _failure(error: BaseException) -> bytes:

@@ -36,7 +36,8 @@ from . import checkpoints
 from .ctranspath import convert_ctranspath_state_dict, create_ctranspath
 from .devices import resolve_device
 from .errors import InvalidRequest, UnknownNameError
-from .vocabulary import DEFAULT_PRESET
+from .results import ModelInfo
+from .vocabulary import DEFAULT_PRESET, METHOD_NAMES
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -272,6 +273,17 @@ class Encoder:
     @property
     def embedding_dim(self) -> int:
         return int(self.preset.embedding_dim or 0)
+
+    def model_info(self, backend: str) -> ModelInfo:
+        """This encoder as served by ``backend`` (every registered explanation method)."""
+        return ModelInfo(
+            preset=self.preset.name,
+            architecture=self.preset.architecture,
+            embedding_dim=self.embedding_dim,
+            input_size=self.input_size,
+            methods=METHOD_NAMES,
+            backend=backend,
+        )
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(H, W, 3) uint8 RGB tiles -> (B, 3, h, w) float32 normalised pixels on the model's device.

@@ -1,4 +1,4 @@
-"""What a retrieval explanation returns: :class:`RetrievalExplanation`.
+"""What the model side returns: :class:`RetrievalExplanation`, and :class:`ModelInfo` (what it is).
 
 Torch-free (numpy only), so the gateway in front of TorchServe can receive, finish and convert
 explanations without loading torch; ``histoxplain_model.explain`` produces them with torch.
@@ -12,7 +12,23 @@ import numpy as np
 
 from histoxplain_model.wire.cams import finish_cams
 
-__all__ = ["RetrievalExplanation"]
+__all__ = ["ModelInfo", "RetrievalExplanation"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the served encoder is: enough for a client to interpret embeddings and heatmaps.
+
+    ``methods``: the explanation methods it serves; ``backend``: where it runs
+    (``embedded`` in-process, ``torchserve``).
+    """
+
+    preset: str
+    architecture: str
+    embedding_dim: int
+    input_size: tuple[int, int]
+    methods: tuple[str, ...]
+    backend: str
 
 
 @dataclass(frozen=True)

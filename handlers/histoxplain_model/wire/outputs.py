@@ -11,6 +11,7 @@ The request side is :mod:`histoxplain_model.wire.inputs`; the byte format is
               EfficientNet-Lite0; the receiver finishes them with numpy), SmoothGrad the
               finished maps (K, H, W) float16 in [0, 1] (rounding moves a value by at most
               2**-12 = 2.4e-4)
+    info      meta {"mode", "preset", "architecture", "embedding_dim", "input_size", "methods"}
 
 ``batch`` is the number of requests TorchServe batched with this one (benchmarks read it).
 Torch-free: the gateway imports it.
@@ -23,11 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from histoxplain_model.results import RetrievalExplanation
+from histoxplain_model.results import ModelInfo, RetrievalExplanation
 from histoxplain_model.wire.envelope import encode_envelope
-from histoxplain_model.wire.inputs import EMBED, EXPLAIN
+from histoxplain_model.wire.inputs import EMBED, EXPLAIN, INFO
 
-__all__ = ["decode_embeddings", "decode_explanation", "encode_embeddings", "encode_explanation"]
+__all__ = [
+    "decode_embeddings",
+    "decode_explanation",
+    "decode_info",
+    "encode_embeddings",
+    "encode_explanation",
+    "encode_info",
+]
 
 EMBEDDINGS = "embeddings"
 SCORES = "scores"
@@ -85,3 +93,31 @@ def decode_explanation(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 
 def _as_float32(heatmaps: np.ndarray | None) -> np.ndarray | None:
     return None if heatmaps is None else heatmaps.astype(np.float32)
+
+
+def encode_info(info: ModelInfo) -> bytes:
+    """The envelope of an info request: what the worker serves (its ``backend`` stays local)."""
+    return encode_envelope(
+        {
+            "mode": INFO,
+            "preset": info.preset,
+            "architecture": info.architecture,
+            "embedding_dim": int(info.embedding_dim),
+            "input_size": [int(size) for size in info.input_size],
+            "methods": list(info.methods),
+        },
+        {},
+    )
+
+
+def decode_info(meta: Mapping[str, Any], backend: str) -> ModelInfo:
+    """The :class:`ModelInfo` of an info envelope's ``meta``, as served through ``backend``."""
+    height, width = (int(size) for size in meta["input_size"])
+    return ModelInfo(
+        preset=str(meta["preset"]),
+        architecture=str(meta["architecture"]),
+        embedding_dim=int(meta["embedding_dim"]),
+        input_size=(height, width),
+        methods=tuple(str(method) for method in meta["methods"]),
+        backend=backend,
+    )

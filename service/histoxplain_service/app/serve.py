@@ -19,7 +19,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
 from histoxplain_model.errors import HistoxplainError

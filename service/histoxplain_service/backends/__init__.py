@@ -5,6 +5,6 @@ The CLI and the gateway depend only on :class:`ModelBackend`; :func:`create_back
 
 from __future__ import annotations
 
-from histoxplain_service.backends.base import ModelBackend, ModelInfo
+from histoxplain_service.backends.base import ModelBackend
 
-__all__ = ["ModelBackend", "ModelInfo"]
+__all__ = ["ModelBackend"]

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from histoxplain_model.requests import ExplainRequest
-from histoxplain_model.results import RetrievalExplanation
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the served encoder is: enough for a client to interpret embeddings and heatmaps."""
-
-    preset: str
-    architecture: str
-    embedding_dim: int
-    input_size: tuple[int, int]
-    methods: tuple[str, ...]
-    backend: str
+from histoxplain_model.results import ModelInfo, RetrievalExplanation
 
 
 class ModelBackend(Protocol):

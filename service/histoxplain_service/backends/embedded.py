@@ -12,8 +12,7 @@ import numpy as np
 
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
 from histoxplain_model.requests import ExplainRequest
-from histoxplain_model.results import RetrievalExplanation
-from histoxplain_service.backends.base import ModelInfo
+from histoxplain_model.results import ModelInfo, RetrievalExplanation
 
 if TYPE_CHECKING:
     from histoxplain_model.encoders import Encoder
@@ -50,17 +49,7 @@ class EmbeddedBackend:
         return self._encoder
 
     def info(self) -> ModelInfo:
-        from histoxplain_model.saliency import METHODS
-
-        preset = self._encoder.preset
-        return ModelInfo(
-            preset=preset.name,
-            architecture=preset.architecture,
-            embedding_dim=int(self._encoder.embedding_dim),
-            input_size=tuple(self._encoder.input_size),
-            methods=tuple(METHODS),
-            backend="embedded",
-        )
+        return self._encoder.model_info("embedded")
 
     def embed(self, images: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
         if len(images) == 0:

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
 from histoxplain_model.imageio import decode_image
+from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
 
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
@@ -337,9 +338,9 @@ class IndexedImage:
 
 
 #: Why an input was skipped: unreadable (corrupt, truncated, empty, unsupported), too_large
-#: (over the pixel limit), no_tissue (every tile is background), duplicate (same content as
-#: an earlier input of the run).
-SkipKind = Literal["unreadable", "too_large", "no_tissue", "duplicate"]
+#: (over the pixel limit), no_tissue (every tile is background), duplicate (same content or
+#: image id as an earlier input of the run), invalid_metadata (e.g. an image id over the limit).
+SkipKind = Literal["unreadable", "too_large", "no_tissue", "duplicate", "invalid_metadata"]
 
 
 @dataclass(frozen=True)
@@ -536,8 +537,27 @@ def index_images(
 
     ``image_id`` ``None`` uses :func:`bytes_id` of the data (re-sending the same bytes updates
     the image); a caller-given id makes re-sending under that id replace the image. Bad images
-    are skipped with their reason and position.
+    are skipped with their reason and position (their place in ``images``). A caller-given id
+    over ``MAX_IMAGE_ID_CHARS`` or given twice is skipped before its bytes are decoded; when no
+    image is left the index is not touched.
     """
+    kept: list[tuple[bytes, str, str | None, str | None]] = []
+    kept_positions: list[int] = []
+    refused: list[SkippedInput] = []
+    seen_ids: set[str] = set()
+    for position, (data, name, label, image_id) in enumerate(images):
+        if image_id and len(image_id) > MAX_IMAGE_ID_CHARS:
+            reason = f"image_id is longer than {MAX_IMAGE_ID_CHARS} characters"
+            refused.append(SkippedInput(name, reason, "invalid_metadata", position))
+        elif image_id and image_id in seen_ids:
+            reason = "this image_id came earlier in the stream; the first one was kept"
+            refused.append(SkippedInput(name, reason, "duplicate", position))
+        else:
+            seen_ids.add(image_id or "")
+            kept.append((data, name, label, image_id))
+            kept_positions.append(position)
+    if not kept:
+        return IndexSummary(index.name, (), tuple(refused))
 
     def opener(data: bytes, name: str, label: str | None, image_id: str | None) -> Callable[[], ImageSource]:
         def open_() -> ImageSource:
@@ -546,6 +566,8 @@ def index_images(
 
         return open_
 
-    items = [(name, opener(data, name, label, image_id)) for data, name, label, image_id in images]
-    return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
+    items = [(name, opener(data, name, label, image_id)) for data, name, label, image_id in kept]
+    summary = _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
+    skipped = [*refused, *(replace(item, position=kept_positions[item.position]) for item in summary.skipped)]
+    return replace(summary, skipped=tuple(sorted(skipped, key=lambda item: item.position)))
 

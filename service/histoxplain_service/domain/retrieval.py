@@ -18,13 +18,20 @@ from histoxplain_model.limits import MAX_K
 from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
 from histoxplain_model.options import SaliencyOptions
 from histoxplain_model.requests import ExplainRequest
-from histoxplain_service.backends import ModelBackend, ModelInfo
+from histoxplain_model.results import ModelInfo
+from histoxplain_service.backends import ModelBackend
 from histoxplain_service.domain.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.ranking import rank_images
-from histoxplain_service.domain.types import ExplainedHit, ExplainedSearch, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.types import (
+    DeleteSummary,
+    ExplainedHit,
+    ExplainedSearch,
+    ImageHit,
+    IndexInfo,
+    SearchHit,
+)
 from histoxplain_service.index.base import IndexEngine, VectorIndex
-
 
 
 def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
@@ -71,10 +78,16 @@ class Retrieval:
     def describe(self, name: str) -> IndexInfo:
         return self.index(name).describe()
 
-    def delete(self, name: str, image_ids: Sequence[str]) -> int:
-        if not image_ids:
+    def delete_images(self, name: str, image_ids: Sequence[str]) -> DeleteSummary:
+        """Delete images (all their tiles); ids given twice count once, unknown ids are reported."""
+        wanted = list(dict.fromkeys(image_ids))
+        if not wanted:
             raise InvalidRequest("no image ids to delete; give at least one")
-        return self.searchable(name).delete(list(image_ids))
+        index = self.searchable(name)
+        held = set(index.image_ids())
+        present = [image_id for image_id in wanted if image_id in held]
+        tiles = index.delete(present) if present else 0
+        return DeleteSummary(len(present), tiles, tuple(image_id for image_id in wanted if image_id not in held))
 
     def index_paths(
         self, name: str, paths: Iterable[str | os.PathLike[str]], label: str | None = None, show_progress: bool = True
@@ -85,9 +98,14 @@ class Retrieval:
         )
 
     def index_encoded(self, name: str, images: Iterable[tuple[bytes, str, str | None, str | None]]) -> IndexSummary:
-        """Index encoded images received in memory: ``(data, source, label, image_id or None)``."""
+        """Index encoded images received in memory: ``(data, source, label, image_id or None)``.
+
+        An empty stream leaves the index (and the model) untouched."""
+        items = list(images)
+        if not items:
+            return IndexSummary(name, (), ())
         return index_images(
-            images, self.index(name), self.backend.embed, self.settings,
+            items, self.index(name), self.backend.embed, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim,
         )
 
@@ -120,6 +138,18 @@ class Retrieval:
         index = self.searchable(name)
         vectors = self.backend.embed(self.query_tiles(image), timeout=timeout)
         return rank_images(index, vectors, k, label=label, timeout=timeout)
+
+    def search_images_and_explain(
+        self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
+        side: str = "both", timeout: float | None = None, options: SaliencyOptions | None = None,
+    ) -> tuple[list[ImageHit], ExplainedSearch]:
+        """:meth:`search_images`, then each image's best tile explained against the query.
+
+        Returns the image hits and the explanation, hit ``i`` explained by tile ``i``."""
+        self._check_explain_options(method, polarity, side)
+        image_hits = self.search_images(name, image, k, timeout=timeout)
+        tiles = [max(hit.tiles, key=lambda tile: tile.score) for hit in image_hits]
+        return image_hits, self.explain_hits(name, image, tiles, method, polarity, side, timeout, options)
 
     # -- explain -----------------------------------------------------------------------------------
 
@@ -239,6 +269,7 @@ class Retrieval:
         result = self.backend.explain(request, timeout=timeout)
         explained = tuple(
             ExplainedHit(
+                position=i,
                 hit=hit,
                 similarity=float(result.scores[i]),
                 image=references[i],

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "Box",
+    "DeleteSummary",
     "ExplainedHit",
     "ExplainedSearch",
     "ImageHit",
@@ -160,6 +161,8 @@ class ExplainedHit:
         image: the reference's pixels (H, W, 3) uint8.
         query_heatmap: (h, w) float32 in [0, 1]: where the query drives this (dis)similarity.
         hit_heatmap: (h, w) float32 in [0, 1]: where the reference drives it.
+        position: the reference's place among those explained (its rank in the search, or its
+            position in the request); kept when the hits are re-ranked.
     """
 
     hit: SearchHit | None
@@ -167,6 +170,7 @@ class ExplainedHit:
     image: np.ndarray
     query_heatmap: np.ndarray | None
     hit_heatmap: np.ndarray | None
+    position: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,3 +182,17 @@ class ExplainedSearch:
     side: str
     query_image: np.ndarray
     hits: tuple[ExplainedHit, ...]
+
+    def ranked(self, k: int = 0) -> ExplainedSearch:
+        """The hits most similar first (ties keep their order), cut to the best ``k`` (0: all)."""
+        hits = sorted(self.hits, key=lambda hit: -hit.similarity)
+        return replace(self, hits=tuple(hits[:k] if k else hits))
+
+
+@dataclass(frozen=True)
+class DeleteSummary:
+    """What deleting images from an index did: ``missing_image_ids`` were not in it."""
+
+    images_deleted: int
+    tiles_deleted: int
+    missing_image_ids: tuple[str, ...]

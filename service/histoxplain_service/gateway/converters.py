@@ -9,21 +9,23 @@ caller asks for float32) and as an overlay PNG drawn over the image at the image
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as service_pb2
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client import enums
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
 from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM, SMOOTHGRAD
 from histoxplain_model.limits import MAX_N_SAMPLES
 from histoxplain_model.options import SmoothGradOptions
-from histoxplain_service.domain.types import ExplainedSearch, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.types import DeleteSummary, ExplainedSearch, ImageHit, IndexInfo, SearchHit
 from histoxplain_service.domain.retrieval import Retrieval
 from histoxplain_service.config import Settings
 
@@ -205,28 +207,28 @@ def index_info_to_proto(info: IndexInfo) -> types_pb2.IndexInfo:
 def explained_references(
     explained: ExplainedSearch,
     choice: ExplainChoice,
-    order: Iterable[int],
-    shown_hits: Sequence[SearchHit | ImageHit | None],
+    image_hits: Sequence[ImageHit] | None = None,
 ) -> list[types_pb2.ExplainedReference]:
-    """``explained.hits[i]`` for i in ``order`` as messages, each with ``shown_hits`` (same
-    order) as its hit; ``reference_index`` is i (rank in the search / position in the request)."""
-    indices = list(order)
-    hits = list(shown_hits)
-    if len(indices) != len(hits):
-        raise ValueError(f"{len(indices)} references but {len(hits)} hits to show")
+    """``explained.hits`` as messages, in their order; ``reference_index`` is each hit's
+    ``position`` (rank in the search / position in the request). ``image_hits``: shown instead
+    of the explained tiles (image ranking: image ``i`` was explained by its best tile ``i``)."""
+    shown: Sequence[SearchHit | ImageHit | None] = (
+        [item.hit for item in explained.hits] if image_hits is None else image_hits
+    )
+    if len(shown) != len(explained.hits):
+        raise ValueError(f"{len(explained.hits)} references but {len(shown)} hits to show")
     # Drawing and PNG-encoding the overlays is most of the response's cost; numpy and zlib
     # release the GIL, so two threads render them side by side.
     jobs = [
-        (explained.query_image if side == "query" else explained.hits[i].image, heatmap)
-        for i in indices
-        for side, heatmap in (("query", explained.hits[i].query_heatmap), ("hit", explained.hits[i].hit_heatmap))
+        (explained.query_image if side == "query" else item.image, heatmap)
+        for item in explained.hits
+        for side, heatmap in (("query", item.query_heatmap), ("hit", item.hit_heatmap))
         if heatmap is not None
     ]
     rendered = iter(list(_OVERLAY_THREADS.map(lambda job: heatmap_to_proto(job[1], job[0], choice.heatmap_dtype), jobs)))
     references = []
-    for i, hit in zip(indices, hits):
-        item = explained.hits[i]
-        message = types_pb2.ExplainedReference(reference_index=i, similarity=float(item.similarity))
+    for item, hit in zip(explained.hits, shown):
+        message = types_pb2.ExplainedReference(reference_index=item.position, similarity=float(item.similarity))
         if hit is not None:
             message.hit.CopyFrom(search_hit_to_proto(hit))
         if item.query_heatmap is not None:
@@ -254,51 +256,41 @@ _SKIP_REASONS = {
     "too_large": types_pb2.SKIP_REASON_IMAGE_TOO_LARGE,
     "no_tissue": types_pb2.SKIP_REASON_NO_TISSUE,
     "duplicate": types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
+    "invalid_metadata": types_pb2.SKIP_REASON_INVALID_METADATA,
 }
 
 
-def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.ImageRecord]) -> Any:
+def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.ImageRecord]) -> service_pb2.IndexImagesResponse:
     """Index the streamed images with the domain and summarise as an ``IndexImagesResponse``.
 
     A caller's ``image_id`` names the image in the index (empty: the SHA-256 of its bytes);
     skipped images are reported by their position in the stream.
     """
-    from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as service_pb2
-
-    skipped: list[Any] = []
-    items: list[tuple[bytes, str, str | None, str | None]] = []
-    item_positions: list[int] = []
-    seen_ids: set[str] = set()
-    for position, record in enumerate(records):
-        if len(record.image_id) > 256:
-            skipped.append(service_pb2.SkippedImage(
-                position=position, image_id=record.image_id[:256], reason=types_pb2.SKIP_REASON_INVALID_METADATA,
-                message="image_id is longer than 256 characters",
-            ))
-            continue
-        if record.image_id and record.image_id in seen_ids:
-            skipped.append(service_pb2.SkippedImage(
-                position=position, image_id=record.image_id, reason=types_pb2.SKIP_REASON_DUPLICATE_IMAGE_ID,
-                message="this image_id came earlier in the stream; the first one was kept",
-            ))
-            continue
-        seen_ids.add(record.image_id)
-        source = record.source or record.image_id or f"image {position}"
-        items.append((bytes(record.content), source, record.label or None, record.image_id or None))
-        item_positions.append(position)
-    summary = retrieval.index_encoded(name, items) if items else None
-    if summary is not None:
-        for item in summary.skipped:
-            position = item_positions[item.position]
-            skipped.append(service_pb2.SkippedImage(
-                position=position, image_id=records[position].image_id, reason=_SKIP_REASONS[item.kind],
-                message=item.reason,
-            ))
-    skipped.sort(key=lambda entry: entry.position)
+    items = [
+        (bytes(record.content), record.source or record.image_id or f"image {position}",
+         record.label or None, record.image_id or None)
+        for position, record in enumerate(records)
+    ]
+    summary = retrieval.index_encoded(name, items)
     return service_pb2.IndexImagesResponse(
         index=name,
         images_received=len(records),
-        images_indexed=len(summary.images) if summary is not None else 0,
-        tiles_indexed=summary.tiles_indexed if summary is not None else 0,
-        skipped=skipped,
+        images_indexed=summary.images_indexed,
+        tiles_indexed=summary.tiles_indexed,
+        skipped=[
+            service_pb2.SkippedImage(
+                position=item.position, image_id=records[item.position].image_id[:MAX_IMAGE_ID_CHARS],
+                reason=_SKIP_REASONS[item.kind], message=item.reason,
+            )
+            for item in summary.skipped
+        ],
+    )
+
+
+def delete_summary_to_proto(summary: DeleteSummary) -> service_pb2.DeleteImagesResponse:
+    """What a deletion did, as the RPC's response."""
+    return service_pb2.DeleteImagesResponse(
+        images_deleted=summary.images_deleted,
+        tiles_deleted=summary.tiles_deleted,
+        missing_image_ids=list(summary.missing_image_ids),
     )

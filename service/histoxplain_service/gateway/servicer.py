@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, TypeVar
 
@@ -23,7 +23,6 @@ from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc 
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
 from histoxplain_model.imageio import decode_image
-from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
 from histoxplain_service.gateway import converters
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.domain.retrieval import Retrieval, check_k
@@ -113,21 +112,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def DeleteImages(self, request: pb.DeleteImagesRequest, context: aio.ServicerContext) -> pb.DeleteImagesResponse:
         name = _require_index(request.index)
-        image_ids = list(dict.fromkeys(request.image_ids))
-        if not image_ids:
-            raise InvalidRequest("no image ids to delete; give at least one")
-
-        def delete(_timeout: float) -> pb.DeleteImagesResponse:
-            held = set(self._retrieval.searchable(name).image_ids())
-            present = [image_id for image_id in image_ids if image_id in held]
-            tiles = self._retrieval.delete(name, present) if present else 0
-            return pb.DeleteImagesResponse(
-                images_deleted=len(present),
-                tiles_deleted=tiles,
-                missing_image_ids=[image_id for image_id in image_ids if image_id not in held],
-            )
-
-        return await self._run(context, delete)
+        image_ids = list(request.image_ids)
+        summary = await self._run(context, lambda _timeout: self._retrieval.delete_images(name, image_ids))
+        return converters.delete_summary_to_proto(summary)
 
     # -- search and explain ---------------------------------------------------------------------
 
@@ -156,21 +143,18 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
         def search_and_explain(timeout: float) -> pb.SearchAndExplainResponse:
             query = self._decode(request.image, "query image")
+            image_hits = None
             if image_ranking:
-                image_hits = self._retrieval.search_images(name, query, k, timeout=timeout)
-                tiles = [max(hit.tiles, key=lambda tile: tile.score) for hit in image_hits]
-                explained = self._retrieval.explain_hits(
-                    name, query, tiles, choice.method, choice.polarity, choice.side, timeout=timeout,
+                image_hits, explained = self._retrieval.search_images_and_explain(
+                    name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options,
                 )
-                shown_hits: Sequence[object] = image_hits
             else:
                 explained = self._retrieval.search_and_explain(
                     name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options,
                 )
-                shown_hits = [item.hit for item in explained.hits]
-            results = converters.explained_references(explained, choice, range(len(explained.hits)), shown_hits)
+            results = converters.explained_references(explained, choice, image_hits)
             return pb.SearchAndExplainResponse(options=converters.explain_choice_to_proto(choice), results=results)
 
         return await self._run(context, search_and_explain)
@@ -205,12 +189,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                     query, references, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options,
                 )
-            order = sorted(range(len(explained.hits)), key=lambda i: -explained.hits[i].similarity)
-            if request.k:
-                order = order[: request.k]
-            references = converters.explained_references(
-                explained, choice, order, [explained.hits[i].hit for i in order]
-            )
+            references = converters.explained_references(explained.ranked(request.k), choice)
             return pb.ExplainResponse(options=converters.explain_choice_to_proto(choice), references=references)
 
         return await self._run(context, explain)

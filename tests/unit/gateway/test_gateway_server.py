@@ -26,7 +26,7 @@ from qdrant_client import QdrantClient
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_model import errors
-from histoxplain_service.backends import ModelInfo
+from histoxplain_model.results import ModelInfo
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.gateway.server import Gateway
 from histoxplain_service.index.qdrant import QdrantEngine
@@ -247,7 +247,7 @@ DRAIN_SCRIPT = textwrap.dedent(
     """
     import asyncio, os, sys, time
     from qdrant_client import QdrantClient
-    from histoxplain_service.backends import ModelInfo
+    from histoxplain_model.results import ModelInfo
     from histoxplain_service.config import GatewaySettings
     from histoxplain_service.gateway.server import serve
     from histoxplain_service.index.qdrant import QdrantEngine

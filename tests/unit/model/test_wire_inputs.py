@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ import pytest
 from histoxplain_model.errors import ImageDecodeError, InvalidRequest, UnknownNameError
 from histoxplain_model.options import GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions
 from histoxplain_model.requests import ExplainRequest
-from histoxplain_model.results import RetrievalExplanation
+from histoxplain_model.results import ModelInfo, RetrievalExplanation
+from histoxplain_model.vocabulary import METHOD_NAMES
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
 from histoxplain_model.wire.inputs import (
+    INFO,
     decode_embed_images,
     decode_explain_request,
     decode_mode,
@@ -25,7 +28,14 @@ from histoxplain_model.wire.inputs import (
     options_from_inputs,
     options_to_inputs,
 )
-from histoxplain_model.wire.outputs import decode_embeddings, decode_explanation, encode_embeddings, encode_explanation
+from histoxplain_model.wire.outputs import (
+    decode_embeddings,
+    decode_explanation,
+    decode_info,
+    encode_embeddings,
+    encode_explanation,
+    encode_info,
+)
 
 MAX_PIXELS = 10_000
 
@@ -158,3 +168,10 @@ def test_request_and_wire_modules_do_not_import_torch() -> None:
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_model_info_round_trips_through_the_info_envelope() -> None:
+    info = ModelInfo("efficientnet-lite0-imagenet", "tf_efficientnet_lite0", 1280, (224, 224), METHOD_NAMES, "embedded")
+    meta, arrays = decode_envelope(encode_info(info))
+    assert arrays == {} and meta["mode"] == INFO
+    assert decode_info(meta, "torchserve") == replace(info, backend="torchserve")

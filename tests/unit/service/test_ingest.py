@@ -15,6 +15,7 @@ from PIL import Image
 from qdrant_client import QdrantClient
 
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
 from histoxplain_service.index.qdrant import QdrantIndex
 from histoxplain_service.domain.ingest import (
     ArraySource,
@@ -353,6 +354,35 @@ def test_index_images_with_caller_ids_and_skip_kinds(index: QdrantIndex, setting
                            preset="hist", dim=DIM)
     assert [(s.kind, s.position) for s in summary.skipped] == [("no_tissue", 0)]
     assert index.image_tiles("case-17/a")[0][0].source == "a"
+
+
+def test_caller_ids_over_the_limit_or_repeated_are_refused_before_decoding(
+    index: QdrantIndex, settings: Settings, tmp_path: Path
+) -> None:
+    data = write_png(tmp_path / "a.png", tissue_image(64, 64, 0)).read_bytes()
+    other = write_png(tmp_path / "b.png", tissue_image(64, 64, 1)).read_bytes()
+    long_id = "x" * (MAX_IMAGE_ID_CHARS + 1)
+    summary = index_images(
+        [(b"junk", "bad", None, None), (data, "a", None, "case-1"), (other, "b", None, "case-1"),
+         (data, "c", None, long_id), (b"junk", "d", None, "case-2")],
+        index, histogram_embed, settings, preset="hist", dim=DIM,
+    )
+    assert [i.image_id for i in summary.images] == ["case-1"]
+    assert [(s.kind, s.position) for s in summary.skipped] == [
+        ("unreadable", 0), ("duplicate", 2), ("invalid_metadata", 3), ("unreadable", 4),
+    ]
+    assert str(MAX_IMAGE_ID_CHARS) in summary.skipped[2].reason and long_id not in summary.skipped[2].reason
+
+
+def test_a_run_with_every_image_refused_leaves_the_index_alone(
+    client: QdrantClient, settings: Settings, tmp_path: Path
+) -> None:
+    untouched = QdrantIndex(client, "untouched", TileStore(settings.tiles_dir("untouched")))
+    data = write_png(tmp_path / "a.png", tissue_image(64, 64, 0)).read_bytes()
+    summary = index_images([(data, "a", None, "x" * (MAX_IMAGE_ID_CHARS + 1))], untouched, FailingEmbed(0), settings,
+                           preset="hist", dim=DIM)
+    assert summary.images == () and [s.kind for s in summary.skipped] == ["invalid_metadata"]
+    assert not client.collection_exists("untouched")
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
+from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import RetrievalExplanation
-from histoxplain_service.backends import ModelInfo
+from histoxplain_model.results import ModelInfo
 from histoxplain_service.domain.retrieval import Retrieval
 from histoxplain_service.domain.types import Box, TileRecord
 from histoxplain_service.index.qdrant import QdrantEngine
@@ -27,6 +28,7 @@ class SpyBackend:
     def __init__(self) -> None:
         self.explained: list[dict[str, object]] = []
         self.embedded = 0
+        self.scores: np.ndarray | None = None  # what explain answers (default: zeros)
 
     def info(self) -> ModelInfo:
         return ModelInfo("spy", "spy", DIM, (8, 8), ("gradcam",), "spy")
@@ -41,7 +43,8 @@ class SpyBackend:
             {"query_embedding": request.query_embedding, "reference_embeddings": request.reference_embeddings}
         )
         count = len(request.references)
-        return RetrievalExplanation(request.method, request.polarity, np.zeros(count, np.float32), None, None)
+        scores = self.scores if self.scores is not None else np.zeros(count, np.float32)
+        return RetrievalExplanation(request.method, request.polarity, scores, None, None)
 
     def ready(self) -> bool:
         return True
@@ -109,3 +112,28 @@ def test_references_given_as_images_have_no_stored_vectors(retrieval: Retrieval)
     retrieval.explain_images(image, [image, image], "gradcam")
     (call,) = retrieval.backend.explained
     assert call["query_embedding"] is None and call["reference_embeddings"] is None
+
+
+def test_delete_images_counts_each_id_once_and_reports_the_missing(retrieval: Retrieval) -> None:
+    summary = retrieval.delete_images(INDEX, ["img0", "nope", "img0"])
+    assert (summary.images_deleted, summary.tiles_deleted, summary.missing_image_ids) == (1, 3, ("nope",))
+    assert retrieval.index(INDEX).image_ids() == ["img1"]
+    with pytest.raises(InvalidRequest, match="at least one"):
+        retrieval.delete_images(INDEX, [])
+
+
+def test_explained_hits_rank_by_similarity_and_keep_their_positions(retrieval: Retrieval) -> None:
+    query = np.full((8, 8, 3), 200, np.uint8)
+    retrieval.backend.scores = np.array([0.1, 0.9, 0.5], np.float32)
+    explained = retrieval.explain_images(query, [query, query, query], "gradcam")
+    assert [hit.position for hit in explained.hits] == [0, 1, 2]
+    assert [hit.position for hit in explained.ranked().hits] == [1, 2, 0]
+    assert [hit.similarity for hit in explained.ranked(2).hits] == pytest.approx([0.9, 0.5])
+
+
+def test_image_ranking_explains_each_image_by_its_best_tile(retrieval: Retrieval) -> None:
+    query = np.full((8, 8, 3), 120, np.uint8)
+    image_hits, explained = retrieval.search_images_and_explain(INDEX, query, 2, "gradcam")
+    assert len(image_hits) == len(explained.hits) == 2
+    for image_hit, item in zip(image_hits, explained.hits):
+        assert item.hit == max(image_hit.tiles, key=lambda tile: tile.score)

@@ -77,6 +77,7 @@ def _to_search(explanation, query: np.ndarray, tiles: dict[str, tuple[str, np.nd
         hit = SearchHit(remote.score, remote.point_id, remote.image_id, remote.label or None, remote.source, box,
                         remote.level, remote.mpp, 0)
         hits.append(ExplainedHit(
+            position=reference.reference_index,
             hit=hit,
             similarity=reference.similarity,
             image=tiles[remote.source][1],

@@ -27,12 +27,11 @@ from google.protobuf import empty_pb2
 from histoxplain_model import errors
 from histoxplain_model.limits import MAX_MESSAGE_BYTES
 from histoxplain_model.requests import ExplainRequest
-from histoxplain_model.results import RetrievalExplanation
+from histoxplain_model.results import ModelInfo, RetrievalExplanation
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
 from histoxplain_model.wire.inputs import embed_inputs, explain_inputs, info_inputs
-from histoxplain_model.wire.outputs import decode_embeddings, decode_explanation
+from histoxplain_model.wire.outputs import decode_embeddings, decode_explanation, decode_info
 from histoxplain_service.backends.torchserve._proto import inference_pb2, inference_pb2_grpc
-from histoxplain_service.backends.base import ModelInfo
 
 __all__ = ["TorchServeBackend", "TorchServeConfig"]
 
@@ -116,14 +115,7 @@ class TorchServeBackend:
         with self._info_lock:
             if self._info is None:
                 meta, _ = self.predict(info_inputs(), timeout=timeout)
-                self._info = ModelInfo(
-                    preset=str(meta["preset"]),
-                    architecture=str(meta["architecture"]),
-                    embedding_dim=int(meta["embedding_dim"]),
-                    input_size=tuple(int(size) for size in meta["input_size"]),
-                    methods=tuple(str(method) for method in meta["methods"]),
-                    backend="torchserve",
-                )
+                self._info = decode_info(meta, "torchserve")
             return self._info
 
     def embed(self, images: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
