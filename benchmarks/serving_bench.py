@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import io
 import logging
 import os
@@ -204,13 +203,6 @@ def gateway_way(
     })
 
 
-def load_build_mar() -> Any:
-    spec = importlib.util.spec_from_file_location("histoxplain_build_mar", REPO / "model_store" / "build_mar.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def render(rows: list[Row], quick: bool) -> str:
     in_process = {(r.rpc, r.clients): r for r in rows if r.way == "in-process"}
     lines = [
@@ -288,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         model_backends: list[tuple[str, str, str, Any]] = [("gateway+embedded", "-", "embedded", backend)]
         if not args.no_torchserve:
             from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
+            from histoxplain_service.backends.torchserve.mar import build_mar
             from histoxplain_service.backends.torchserve.process import TorchServeProcess
 
             store = work / "model-store"
-            load_build_mar().build_mar(store, model_name="histoxplain", check=False)
+            build_mar(store, model_name="histoxplain", check=False)
             process = stack.enter_context(TorchServeProcess(store, work / "torchserve"))
             for label, batch_size in (("off", 1), ("on", 8)):
                 print(f"starting TorchServe model, batching {label} (batchSize {batch_size})", flush=True)
