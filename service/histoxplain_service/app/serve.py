@@ -7,12 +7,15 @@ for ``HISTOXPLAIN_MODEL`` when missing, starts a TorchServe of its own on free l
 (token authorization on, working folder ``<data>/torchserve``), registers the model, and points
 the gateway at it. With ``HISTOXPLAIN_BACKEND=embedded`` the model runs in the gateway. The
 gateway listens on ``HISTOXPLAIN_HOST:HISTOXPLAIN_PORT`` (127.0.0.1:50051). SIGTERM or Ctrl-C
-drains the gateway, then stops TorchServe; everything started here is stopped here.
+drains the gateway, then stops TorchServe; everything started here is stopped here, and
+TorchServe stops with this process even when it is SIGKILLed (``backends/torchserve/guard.py``).
+One serve per data folder: a second one exits with status 3 before touching the folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import asyncio
 import dataclasses
 import logging
@@ -27,7 +30,10 @@ from histoxplain_service.backends.torchserve.process import TorchServeProcess
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.gateway.server import serve
 
-__all__ = ["main"]
+__all__ = ["SERVE_LOCK", "main"]
+
+#: File in the data folder that one running serve holds an exclusive lock on.
+SERVE_LOCK = "serve.lock"
 
 logger = logging.getLogger("histoxplain_service.app.serve")
 
@@ -54,6 +60,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HistoxplainError as error:
         print(f"histoxplain serve: {error}", file=sys.stderr)
         return 2
+    data_dir = settings.core.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Held until this process exits (the kernel releases it even after SIGKILL). Taken before
+    # anything in the folder is touched: a second serve must not rewrite a running one's
+    # TorchServe configuration or remove its key file.
+    lock = (data_dir / SERVE_LOCK).open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(
+            "histoxplain serve: another serve is running on this data folder (HISTOXPLAIN_DATA); "
+            "stop it first, or give this one another folder",
+            file=sys.stderr,
+        )
+        return 3
 
     # Until the gateway's asyncio handlers take over, SIGTERM unwinds like Ctrl-C so that a
     # TorchServe that is still starting is stopped too.
@@ -61,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     torchserve = None
     try:
         if settings.backend == "torchserve":
-            data_dir = settings.core.data_dir.resolve()
             model_store = data_dir / "model-store"
             mar_name = ensure_mar(
                 model_store, settings.core.model, settings.core.weights, settings.torchserve_model,

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 
 from histoxplain_model.errors import DependencyUnavailable
+from histoxplain_service.backends.torchserve import guard
 
 __all__ = [
     "DEFAULT_TS_CONFIG",
@@ -135,6 +136,9 @@ class TorchServeProcess:
         refresh_keys: regenerate the inference and management keys (TorchServe's ``/token``
             API, with the API key) every half ``token_expiration_min``, so a long-running
             ``make serve`` keeps working; clients re-read ``key_file.json`` when it changes.
+        stop_grace_s: how long TorchServe may drain on stop before it is killed.
+
+    TorchServe runs under :mod:`.guard`, so it stops when this process dies, however it dies.
     """
 
     def __init__(
@@ -144,12 +148,14 @@ class TorchServeProcess:
         ts_config: Path = DEFAULT_TS_CONFIG,
         ports: TorchServePorts | None = None,
         refresh_keys: bool = True,
+        stop_grace_s: float = 30.0,
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.ts_config_template = Path(ts_config)
         self.ports = ports or TorchServePorts.free()
         self.refresh_keys_enabled = refresh_keys
+        self.stop_grace_s = stop_grace_s
         self._launcher: subprocess.Popen[bytes] | None = None
         self._refresher: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -235,15 +241,17 @@ class TorchServeProcess:
             str(self.model_store),
         )
         logger.info("starting TorchServe: %s (log %s)", " ".join(command), self.log_file)
+        # The guard stops TorchServe's whole process tree when this process dies, even by SIGKILL.
+        guarded = [sys.executable, "-m", guard.__name__, str(self.stop_grace_s), *command]
         with self.log_file.open("ab") as log:
             self._launcher = subprocess.Popen(
-                command,
+                guarded,
                 cwd=self.work_dir,
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # one process group: launcher, Java, workers
+                start_new_session=True,  # Ctrl-C in a terminal reaches serve, which stops it in order
             )
         try:
             self._wait_management(timeout)
@@ -301,34 +309,25 @@ class TorchServeProcess:
         )
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop TorchServe (``torchserve --stop --foreground``), then its whole process group."""
+        """Stop the TorchServe this object started: SIGTERM to its guard, which drains the
+        launcher's process group (SIGKILL after ``stop_grace_s``); SIGKILL to the guard itself
+        if it has not exited after ``timeout``."""
         self._stopping.set()
         if self._refresher is not None:
             self._refresher.join(timeout=15)
             self._refresher = None
-        launcher, self._launcher = self._launcher, None
-        if launcher is None:
+        guarded, self._launcher = self._launcher, None
+        if guarded is None:
             return
         try:
-            if launcher.poll() is None:
-                with self.log_file.open("ab") as log:
-                    subprocess.run(
-                        self._torchserve_command("--stop", "--foreground"),
-                        cwd=self.work_dir,
-                        env=self._env(),
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        timeout=timeout,
-                        check=False,
-                    )
-                launcher.wait(timeout=timeout)
+            if guarded.poll() is None:
+                guarded.send_signal(signal.SIGTERM)
+                guarded.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            logger.warning("TorchServe did not stop within %.0f s; killing its process group", timeout)
+            logger.error("TorchServe's guard did not stop within %.0f s; killing it", timeout)
+            guarded.kill()
+            guarded.wait(timeout=10)
         finally:
-            _kill_group(launcher.pid)
-            if launcher.poll() is None:
-                launcher.wait(timeout=10)
             self.key_file.unlink(missing_ok=True)
 
     def __enter__(self) -> TorchServeProcess:
@@ -432,19 +431,3 @@ def _token_expiration_min(config_file: Path) -> float:
             except ValueError:
                 break
     return 60.0
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGTERM, then SIGKILL, the process group we started (workers Java may have left)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
