@@ -32,6 +32,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HISTOXPLAIN_BACKEND=torchserve
 USER 10001:10001
 WORKDIR /data
+# Secure by default: on 0.0.0.0 the gateway starts only with TLS (HISTOXPLAIN_TLS_CERT/_KEY) and
+# authentication (HISTOXPLAIN_AUTH_TOKENS_FILE or HISTOXPLAIN_JWT_JWKS), as docker/k8s/ sets them
+# (its API on 50443, health-only on 50051); docs/SERVING.md "Security".
 EXPOSE 50051
 # Exec form: python is PID 1 and gets SIGTERM directly (the server installs its own handlers).
 ENTRYPOINT ["python", "-m", "histoxplain_service.gateway.server"]

@@ -33,7 +33,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from histoxplain_model import errors
 from histoxplain_model.encoders import load_encoder
 from histoxplain_model.explain import explain_retrieval
-from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
+from histoxplain_model.imageio import DEFAULT_MAX_REQUEST_PIXELS
 from histoxplain_model.wire import inputs as wire_inputs
 from histoxplain_model.wire.envelope import encode_error
 from histoxplain_model.wire.outputs import encode_embeddings, encode_explanation, encode_info
@@ -63,7 +63,8 @@ class RetrievalHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
         self.encoder = None
-        self.max_pixels = DEFAULT_MAX_PIXELS
+        # Request images only (queries, regions); never whole slides: the smaller request limit.
+        self.max_pixels = DEFAULT_MAX_REQUEST_PIXELS
         self.max_embed_batch = 32
 
     def initialize(self, context: Any) -> None:
@@ -73,7 +74,7 @@ class RetrievalHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         setup = json.loads((model_dir / SETUP_CONFIG).read_text())
         weights = setup.get("weights")
-        self.max_pixels = int(setup.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.max_pixels = int(setup.get("max_pixels", DEFAULT_MAX_REQUEST_PIXELS))
         self.max_embed_batch = int(setup.get("max_embed_batch", 32))
         device = _worker_device(context)
         self.encoder = load_encoder(setup["preset"], weights=model_dir / weights if weights else None, device=device)

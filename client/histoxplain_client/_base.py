@@ -8,7 +8,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from histoxplain_client._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ConnectionSettings
+from histoxplain_client._channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    ConnectionSettings,
+    PemSource,
+    TokenProvider,
+)
 from histoxplain_client.retry import RetryPolicy
 
 
@@ -34,6 +41,9 @@ class ClientBase:
         root_certificates: bytes | str | os.PathLike | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: tuple[tuple[str, int | str], ...] = (),
+        token_provider: TokenProvider | None = None,
+        client_certificate: PemSource | None = None,
+        client_key: PemSource | None = None,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
@@ -44,11 +54,19 @@ class ClientBase:
             token=token,
             max_message_bytes=max_message_bytes,
             extra_options=tuple(channel_options),
+            client_certificate=client_certificate,
+            client_key=client_key,
+            token_provider=token_provider,
         )
         self._timeout = timeout
         self._retry = retry if retry is not None else RetryPolicy()
-        self._metadata = self._settings.metadata()
         self._open_channel()
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of the call about to be made: read per call (and per retry) so that a
+        ``token_provider`` can hand out a fresh JWT before the old one expires."""
+        return self._settings.metadata()
 
     def _open_channel(self) -> None:
         raise NotImplementedError

@@ -29,13 +29,17 @@ class Client(ClientBase):
     """Synchronous client of the histoxplain gateway (``histoxplain.v1.RetrievalService``).
 
     ``Client(target="127.0.0.1:50051", *, timeout=60.0, retry=RetryPolicy(), token=None,
-    tls=False, root_certificates=None, max_message_bytes=64 MiB, channel_options=())``
+    tls=False, root_certificates=None, max_message_bytes=64 MiB, channel_options=(),
+    token_provider=None, client_certificate=None, client_key=None)``
 
     - ``timeout``: default seconds per call, retries included (None: no deadline); every method
       takes ``timeout=`` to override it.
     - ``retry``: UNAVAILABLE is retried with exponential backoff and jitter; nothing else is.
-    - ``token``: bearer token sent as ``authorization`` metadata; ``root_certificates`` (PEM
-      bytes or path) or ``tls=True`` for a TLS channel.
+    - ``token``: bearer token sent as ``authorization`` metadata; ``token_provider``: a
+      callable asked for the token before every call (a JWT that it refreshes before expiry;
+      keep it fast, it runs on the caller's thread or event loop); ``root_certificates`` (PEM
+      bytes or path) or ``tls=True`` for a TLS channel; ``client_certificate`` + ``client_key``
+      (PEM bytes or paths) for mutual TLS.
     - Images: paths, encoded bytes, (H, W, 3) uint8 arrays or PIL images.
 
     Failed calls raise :class:`histoxplain_client.errors.ApiError` subclasses that carry the

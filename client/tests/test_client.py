@@ -721,6 +721,8 @@ def test_readme_examples_run_as_written(address, fake, tmp_path, monkeypatch, ca
         (tmp_path / "tiles" / label / f"{label}.png").write_bytes(png(color))
     (tmp_path / "query.png").write_bytes(png(DARK_RED))
     (tmp_path / "ca.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    for placeholder in ("client.pem", "client-key.pem"):  # read when the client is built, never used
+        (tmp_path / placeholder).write_bytes(b"-----BEGIN PLACEHOLDER-----\n-----END PLACEHOLDER-----\n")
     monkeypatch.chdir(tmp_path)
     for number, block in enumerate(blocks):
         code = compile(block.replace("127.0.0.1:50051", address), f"README block {number}", "exec")

@@ -13,6 +13,7 @@ class                      ``status_code``       exit code
 ``FailedPrecondition``     FAILED_PRECONDITION   4
 ``DependencyUnavailable``  UNAVAILABLE           5
 ``DeadlineExceeded``       DEADLINE_EXCEEDED     6
+``ResourceExhausted``      RESOURCE_EXHAUSTED    7
 anything else              INTERNAL              1
 =========================  ====================  =========
 """
@@ -32,6 +33,7 @@ __all__ = [
     "FailedPrecondition",
     "DependencyUnavailable",
     "DeadlineExceeded",
+    "ResourceExhausted",
     "error_class_for_status",
 ]
 
@@ -126,10 +128,17 @@ class DeadlineExceeded(HistoxplainError):
     exit_code = 6
 
 
+class ResourceExhausted(HistoxplainError):
+    """Busy: the server is at its limit of concurrent work; the same call may succeed later."""
+
+    status_code = "RESOURCE_EXHAUSTED"
+    exit_code = 7
+
+
 #: The error class each status name stands for (the classes that set a ``status_code``).
 _BY_STATUS: dict[str, type[HistoxplainError]] = {
     cls.status_code: cls
-    for cls in (InvalidRequest, NotFound, FailedPrecondition, DependencyUnavailable, DeadlineExceeded)
+    for cls in (InvalidRequest, NotFound, FailedPrecondition, DependencyUnavailable, DeadlineExceeded, ResourceExhausted)
 }
 
 

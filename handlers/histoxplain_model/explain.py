@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoxplain_model.deadlines import check_deadline, deadline
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import RetrievalExplanation
@@ -66,13 +67,16 @@ def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: boo
     polarity, side = request.polarity, request.side
     query_heatmaps = reference_heatmaps = None
     native = False
-    if side in ("query", "both"):
-        result = explainer.explain(query_pixels, reference_vectors, polarity, native=native_cams)
-        query_heatmaps, native = result.heatmaps[0], result.native
-    if side in ("retrieved", "both"):
-        # (K, 1, H, W): reference k against the single query embedding.
-        result = explainer.explain(reference_pixels, query_vector, polarity, native=native_cams)
-        reference_heatmaps, native = result.heatmaps[:, 0], result.native
+    with deadline(request.deadline):
+        if side in ("query", "both"):
+            check_deadline()
+            result = explainer.explain(query_pixels, reference_vectors, polarity, native=native_cams)
+            query_heatmaps, native = result.heatmaps[0], result.native
+        if side in ("retrieved", "both"):
+            check_deadline()
+            # (K, 1, H, W): reference k against the single query embedding.
+            result = explainer.explain(reference_pixels, query_vector, polarity, native=native_cams)
+            reference_heatmaps, native = result.heatmaps[:, 0], result.native
     scores = torch.nn.functional.cosine_similarity(query_vector, reference_vectors, dim=1)
     return RetrievalExplanation(
         method=request.method,

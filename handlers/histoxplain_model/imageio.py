@@ -8,12 +8,28 @@ plugins are opened directly (not through ``Image.open``) so Pillow's process-wid
 and alpha images are converted to 8-bit RGB (alpha composited onto white, the slide
 background). Every failure is an :class:`ImageDecodeError` or :class:`ImageTooLargeError` with
 a one-line message saying what to do. This module does not import torch.
+
+Two pixel limits
+    ``HISTOXPLAIN_MAX_PIXELS`` (default 400 Mpx) bounds files the CLI reads from its own disk.
+    ``HISTOXPLAIN_MAX_REQUEST_PIXELS`` (default :data:`DEFAULT_MAX_REQUEST_PIXELS`, 16 Mpx =
+    4096 x 4096) bounds images sent as bytes: to the gateway over gRPC and from the gateway to
+    the TorchServe worker. Whole slides arrive by path (later from the PACS), never as bytes,
+    so a request image is a query or a region. The default is sized to the gateway's memory:
+    decoding a 16 Mpx image and encoding it for TorchServe peaks at about 240 MB over the
+    process (15 bytes per pixel, measured for PNG, JPEG and 1-bit PNG bombs), so the four
+    worker threads (``HISTOXPLAIN_WORKER_THREADS``) stay near 1 GB with every thread on such an
+    image, under the Kubernetes limit of 2 GiB with room for the received messages (64 MiB
+    each) and the process itself. A 100 Mpx bomb of 12 KB cost 2.6 GB before this limit.
+
+Messages name ``source`` as given: the CLI passes its own file paths, the gateway and the
+handler pass a word and a position (``"query image"``, ``"image 3"``), never the caller's text.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -22,13 +38,26 @@ from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, Tif
 
 from .errors import ImageDecodeError, ImageTooLargeError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "SUPPORTED_FORMATS", "decode_image", "read_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_REQUEST_PIXELS",
+    "MAX_PIXELS_ENV",
+    "MAX_REQUEST_PIXELS_ENV",
+    "SUPPORTED_FORMATS",
+    "decode_image",
+    "read_image",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 20_000 * 20_000
 """Default pixel limit (width * height); the service reads its own from HISTOXPLAIN_MAX_PIXELS."""
 MAX_PIXELS_ENV = "HISTOXPLAIN_MAX_PIXELS"
+DEFAULT_MAX_REQUEST_PIXELS = 4096 * 4096
+"""Default pixel limit of images sent as bytes (gateway, TorchServe worker); see the module docstring."""
+MAX_REQUEST_PIXELS_ENV = "HISTOXPLAIN_MAX_REQUEST_PIXELS"
+# Decoded samples per pixel we accept before allocating (RGBA); more is a bomb in another axis.
+_MAX_SAMPLES_PER_PIXEL = 4
 SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF")
 
 _PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
@@ -70,13 +99,13 @@ def _sniff_format(data: bytes) -> str:
     raise ImageDecodeError(f"not a recognised image (unknown format, starts with {data[:8]!r}); {_HINT}")
 
 
-def _check_size(width: int, height: int, max_pixels: int, source: str) -> None:
+def _check_size(width: int, height: int, max_pixels: int, source: str, setting: str) -> None:
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"{source} has an invalid size {width}x{height} px; the file is corrupt")
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"{source} is {width}x{height} px ({width * height:,} pixels); the limit is "
-            f"{max_pixels:,} pixels (set {MAX_PIXELS_ENV} to raise it, or tile the image first)"
+            f"{max_pixels:,} pixels (set {setting} to raise it, or tile the image first)"
         )
 
 
@@ -150,14 +179,14 @@ def _pillow_decodes_tiff_exactly(image: ImageFile.ImageFile) -> bool:
     return all(b in (1, 8) for b in bits) and all(f == 1 for f in sample_format)
 
 
-def _decode_with_pil(data: bytes, fmt: str, max_pixels: int, source: str) -> np.ndarray:
+def _decode_with_pil(data: bytes, fmt: str, max_pixels: int, source: str, setting: str) -> np.ndarray:
     try:
         image = _PLUGINS[fmt](io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"{source} is not a readable {fmt} file ({exc}); {_HINT} that opens in an image viewer") from exc
     with image:
         width, height = image.size
-        _check_size(width, height, max_pixels, source)
+        _check_size(width, height, max_pixels, source, setting)
         if fmt == "TIFF" and not _pillow_decodes_tiff_exactly(image):
             raise _PillowUnsuitable(f"{source}: {image.tag_v2.get(258)} bits per sample")
         try:
@@ -171,7 +200,7 @@ def _decode_with_pil(data: bytes, fmt: str, max_pixels: int, source: str) -> np.
         return _pil_to_rgb(image, source)
 
 
-def _decode_tiff_with_tifffile(data: bytes, max_pixels: int, source: str) -> np.ndarray:
+def _decode_tiff_with_tifffile(data: bytes, max_pixels: int, source: str, setting: str) -> np.ndarray:
     import tifffile  # optional fallback, imported only when Pillow cannot read the TIFF
 
     with tifffile.TiffFile(io.BytesIO(data)) as tiff:
@@ -180,7 +209,14 @@ def _decode_tiff_with_tifffile(data: bytes, max_pixels: int, source: str) -> np.
         page = tiff.pages.first
         axes = page.axes
         shape = dict(zip(axes, page.shape))
-        _check_size(int(shape.get("X", 0)), int(shape.get("Y", 0)), max_pixels, source)
+        width, height = int(shape.get("X", 0)), int(shape.get("Y", 0))
+        _check_size(width, height, max_pixels, source, setting)
+        # Every declared axis, not just Y and X: 65535 samples per pixel or a stack of planes
+        # would allocate thousands of times the pixel count before the layout check below.
+        if math.prod(int(size) for size in page.shape) > width * height * _MAX_SAMPLES_PER_PIXEL:
+            raise ImageDecodeError(
+                f"{source} is a TIFF of shape {tuple(page.shape)} ({axes}); {_HINT} with one 2-D RGB or greyscale image"
+            )
         array = page.asarray()
     # Bring the sample axis last and drop singleton axes other than Y, X, S.
     order = [axes.index(a) for a in "YXS" if a in axes]
@@ -191,13 +227,17 @@ def _decode_tiff_with_tifffile(data: bytes, max_pixels: int, source: str) -> np.
     return _array_to_rgb(array.reshape(array.shape[len(rest):]), source)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, source: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, source: str = "image", setting: str = MAX_PIXELS_ENV
+) -> np.ndarray:
     """Decode PNG, JPEG or TIFF bytes to an (H, W, 3) uint8 RGB array.
 
     Args:
         data: the encoded file.
         max_pixels: width * height limit, checked from the header before decoding.
-        source: how messages name the image (a file name or "image").
+        source: how messages name the image (a file name or "image"; see the module docstring).
+        setting: the variable that sets ``max_pixels``, named in the too-large message
+            (:data:`MAX_REQUEST_PIXELS_ENV` for images sent as bytes).
 
     Raises:
         ImageDecodeError: empty, truncated, corrupt or unsupported data.
@@ -210,13 +250,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, source: s
         raise ImageDecodeError(f"{source} is empty (0 bytes); {_HINT}")
     fmt = _sniff_format(data)
     try:
-        return _decode_with_pil(data, fmt, max_pixels, source)
+        return _decode_with_pil(data, fmt, max_pixels, source, setting)
     except (ImageDecodeError, _PillowUnsuitable) as pil_error:
         if fmt != "TIFF":
             raise
         log.debug("Pillow cannot read %s (%s); trying tifffile", source, pil_error)
         try:
-            return _decode_tiff_with_tifffile(data, max_pixels, source)
+            return _decode_tiff_with_tifffile(data, max_pixels, source, setting)
         except (ImageDecodeError, ImageTooLargeError):
             raise
         except Exception as exc:  # tifffile and its codecs raise many types for bad data

@@ -1,19 +1,150 @@
 """Hard limits on what one request may ask for, defined once (torch-free).
 
-Settings may lower them (``HISTOXPLAIN_MAX_K``, ``HISTOXPLAIN_MAX_EXPLAIN_K``,
+Settings may lower some of them (``HISTOXPLAIN_MAX_K``, ``HISTOXPLAIN_MAX_EXPLAIN_K``,
 ``HISTOXPLAIN_MAX_MESSAGE_MB``) but never raise them past these values: every layer (CLI,
-gateway, domain, TorchServe handler) checks against the same numbers.
+gateway, domain, TorchServe handler) checks against the same numbers, and the proto comments
+state the same numbers (``tests/unit/gateway/test_limits_contract.py`` reads both).
+
+Text fields
+    :data:`TEXT_LIMITS` is the one table of the text a caller may store or send: for each field,
+    its longest value in characters (Unicode code points, what ``len`` counts) and the proto
+    fields that carry it. Stored text comes back in every search hit, so these limits are also
+    what keeps a response of ``MAX_K`` hits far below the message limit (about 1.9 MB at worst
+    with 4-byte UTF-8 characters, against 64 MiB), where unbounded labels made every search of
+    an index fail with RESOURCE_EXHAUSTED.
+
+Echoing input
+    Error messages name the field, its length and the limit, never the value of a label, source
+    or image id (they may carry patient data and messages are logged). Where naming a value
+    helps (an index name, a point id, an enum spelling), :func:`shorten` repeats at most
+    :data:`ECHO_CHARS` characters of it, so a 10,000-character name cannot turn an
+    INVALID_ARGUMENT into a message over the client's metadata limit.
+
+Pixel limits live with the decoder (``histoxplain_model.imageio``): ``HISTOXPLAIN_MAX_PIXELS``
+for files read from disk, ``HISTOXPLAIN_MAX_REQUEST_PIXELS`` for images sent as bytes.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_IMAGE_ID_CHARS", "MAX_K", "MAX_MESSAGE_BYTES", "MAX_N_SAMPLES"]
+import math
+from dataclasses import dataclass
+
+from histoxplain_model.errors import InvalidRequest
+
+__all__ = [
+    "DETAIL",
+    "ECHO_CHARS",
+    "IMAGE_ID",
+    "INDEX_NAME",
+    "LABEL",
+    "MAX_IMAGE_ID_CHARS",
+    "MAX_INDEX_NAME_CHARS",
+    "MAX_K",
+    "MAX_MESSAGE_BYTES",
+    "MAX_MPP",
+    "MAX_N_SAMPLES",
+    "POINT_ID",
+    "SOURCE",
+    "TEXT_LIMITS",
+    "TextLimit",
+    "check_mpp",
+    "shorten",
+]
 
 #: The most hits (tiles or images) one search returns; each explained hit costs a backward pass.
 MAX_K = 100
-#: The longest image id a caller may give (ids are SHA-256 hex by default: 64 characters).
-MAX_IMAGE_ID_CHARS = 256
 #: The most noisy copies one SmoothGrad request may ask for (cost grows linearly with n).
 MAX_N_SAMPLES = 256
 #: Default largest gRPC message, both directions (gateway and gateway -> TorchServe).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Largest microns per pixel accepted (exclusive lower bound 0). Level-0 scans are 0.1-1 µm/px;
+#: 1000 (a millimetre per pixel) leaves room for deep pyramid levels and thumbnails while NaN,
+#: infinities, zero and negative values, which would poison any physical-size computation, are refused.
+MAX_MPP = 1000.0
+#: The longest prefix of caller text an error message repeats (:func:`shorten`).
+ECHO_CHARS = 24
+
+
+def shorten(value: object, chars: int = ECHO_CHARS) -> str:
+    """``repr`` of at most ``chars`` characters of ``value``, saying how many more there were.
+
+    For messages that name a value (an index name, a point id): the caller recognises it, and
+    the message stays short whatever was sent.
+    """
+    text = str(value)
+    if len(text) <= chars:
+        return repr(text)
+    return f"{text[:chars]!r}... ({len(text):,} characters)"
+
+
+@dataclass(frozen=True)
+class TextLimit:
+    """The longest value of one text field.
+
+    Attributes:
+        field: how messages name the field (its proto name).
+        max_chars: the most characters (code points) it may hold.
+        proto_fields: ``Message.field`` of every proto field that carries it; their comments
+            state ``at most <max_chars> characters``.
+    """
+
+    field: str
+    max_chars: int
+    proto_fields: tuple[str, ...]
+
+    def check(self, value: str, where: str = "") -> str:
+        """``value`` when it is short enough.
+
+        Args:
+            where: which one it is, e.g. ``"image 3"`` or ``"image_ids[2]"``.
+
+        Raises:
+            InvalidRequest: naming the field, ``where``, the length and the limit, never the value.
+        """
+        if len(value) > self.max_chars:
+            at = f" of {where}" if where else ""
+            raise InvalidRequest(
+                f"the {self.field}{at} is {len(value):,} characters long; the limit is {self.max_chars:,}"
+            )
+        return value
+
+
+INDEX_NAME = TextLimit(
+    "index", 64,
+    ("IndexImagesConfig.index", "IndexImagesResponse.index", "SearchRequest.index", "IndexedReferences.index",
+     "SearchAndExplainRequest.index", "DeleteImagesRequest.index", "DescribeIndexRequest.index", "IndexInfo.name"),
+)
+#: Image ids are SHA-256 hex by default (40 characters kept); callers may use their own.
+IMAGE_ID = TextLimit(
+    "image_id", 256,
+    ("ImageRecord.image_id", "SkippedImage.image_id", "IndexedReferences.image_ids", "DeleteImagesRequest.image_ids",
+     "DeleteImagesResponse.missing_image_ids", "SearchHit.image_id"),
+)
+#: A class label (tissue type, diagnosis): a short name, stored with every tile.
+LABEL = TextLimit("label", 256, ("ImageRecord.label", "SearchHit.label"))
+#: Provenance: 4096 is Linux's PATH_MAX, so any local path fits; DICOM UIDs are at most 64 each.
+SOURCE = TextLimit("source", 4096, ("ImageRecord.source", "SearchHit.source"))
+#: Point ids are UUIDs in their canonical 36-character form.
+POINT_ID = TextLimit("point_id", 36, ("IndexedReferences.point_ids", "SearchHit.point_id"))
+#: Text the server writes about one skipped input (cut to this length, never the caller's text).
+DETAIL = TextLimit("message", 1024, ("SkippedImage.message",))
+
+TEXT_LIMITS: tuple[TextLimit, ...] = (INDEX_NAME, IMAGE_ID, LABEL, SOURCE, POINT_ID, DETAIL)
+MAX_INDEX_NAME_CHARS = INDEX_NAME.max_chars
+MAX_IMAGE_ID_CHARS = IMAGE_ID.max_chars
+
+
+def check_mpp(mpp: float | None, where: str = "") -> float | None:
+    """Microns per pixel: ``None`` (unknown) or a finite number in (0, :data:`MAX_MPP`].
+
+    Raises:
+        InvalidRequest: NaN, an infinity, or a value out of range (the value is a number, so the
+            message repeats it).
+    """
+    if mpp is None:
+        return None
+    value = float(mpp)
+    if not (math.isfinite(value) and 0.0 < value <= MAX_MPP):
+        at = f" of {where}" if where else ""
+        raise InvalidRequest(f"mpp{at} is {value}; it must be a finite number in (0, {MAX_MPP:g}] µm/px, or unset")
+    return value

@@ -10,6 +10,7 @@ Torch-free: the gateway in front of TorchServe builds requests without loading a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ class ExplainRequest:
     query_embedding (D,) / reference_embeddings (K, D): stored L2-normalised vectors of these
         very images from the encoder that will explain them (e.g. the index's), so it does not
         embed them again; ``None``: that side is embedded. Kept as float32 arrays.
+    deadline: wall-clock time (``time.time()``) after which the explanation stops itself
+        (``histoxplain_model.deadlines``); ``None``: none.
 
     Raises (when built):
         UnknownNameError: an unknown method, polarity or side (the message lists the known ones).
@@ -49,6 +52,7 @@ class ExplainRequest:
     options: SaliencyOptions | None = None
     query_embedding: np.ndarray | None = None
     reference_embeddings: np.ndarray | None = None
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         # object.__setattr__: the documented way to normalise fields of a frozen dataclass.
@@ -58,6 +62,8 @@ class ExplainRequest:
         references = tuple(self.references)
         if not references:
             raise InvalidRequest("no reference images to explain against; give at least one")
+        if self.deadline is not None and not math.isfinite(self.deadline):
+            raise InvalidRequest("deadline must be a finite time in seconds since the epoch")
         object.__setattr__(self, "references", references)
         query_vector, reference_vectors = _checked_embeddings(
             self.query_embedding, self.reference_embeddings, len(references), None

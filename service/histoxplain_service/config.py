@@ -10,22 +10,23 @@ Core variables:
 One frozen :class:`Settings` object is built by :meth:`Settings.from_env` and passed down; no
 module reads ``os.environ`` on its own. Every field has one environment variable:
 
-===========================  ==================  ===============================  ==================================
-variable                     field               default                          allowed
-===========================  ==================  ===============================  ==================================
-``HISTOXPLAIN_DATA``         ``data_dir``        ``./histoxplain-data``           a folder path (created on use)
-``QDRANT_URL``               ``qdrant_url``      unset: embedded local mode       an ``http://`` or ``https://`` URL
-``QDRANT_API_KEY``           ``qdrant_api_key``  unset                            any string (server mode only)
-``HISTOXPLAIN_MAX_PIXELS``   ``max_pixels``      20000 * 20000                    integer >= 1 (width * height)
-``HISTOXPLAIN_MODEL``        ``model``           ``efficientnet-lite0-imagenet``  an encoder preset name
-``HISTOXPLAIN_WEIGHTS``      ``weights``         unset: the preset's own          path to a local state-dict file
-``HISTOXPLAIN_TILE_SIZE``    ``tile_size``       224                              integer 16..8192 (pixels)
-``HISTOXPLAIN_STRIDE``       ``stride``          unset: the tile size             integer 1..8192 (pixels)
-``HISTOXPLAIN_MIN_TISSUE``   ``min_tissue``      0.25                             number 0..1 (0 keeps every tile)
-``HISTOXPLAIN_SLIDE_LEVEL``  ``slide_level``     0                                integer >= 0 (pyramid level)
-``HISTOXPLAIN_BATCH_SIZE``   ``batch_size``      64                               integer 1..4096 (tiles per upsert)
-``HISTOXPLAIN_DEVICE``       ``device``          ``auto``: GPU 0, else the CPU    ``cpu``, ``cuda``, ``cuda:N``, ``auto``
-===========================  ==================  ===============================  ==================================
+==================================  ======================  ===============================  =======================================
+variable                            field                   default                          allowed
+==================================  ======================  ===============================  =======================================
+``HISTOXPLAIN_DATA``                ``data_dir``            ``./histoxplain-data``           a folder path (created on use)
+``QDRANT_URL``                      ``qdrant_url``          unset: embedded local mode       an ``http://`` or ``https://`` URL
+``QDRANT_API_KEY``                  ``qdrant_api_key``      unset                            any string (server mode only)
+``HISTOXPLAIN_MAX_PIXELS``          ``max_pixels``          20000 * 20000                    integer >= 1 (width * height)
+``HISTOXPLAIN_MAX_REQUEST_PIXELS``  ``max_request_pixels``  4096 * 4096                      integer >= 1 (width * height)
+``HISTOXPLAIN_MODEL``               ``model``               ``efficientnet-lite0-imagenet``  an encoder preset name
+``HISTOXPLAIN_WEIGHTS``             ``weights``             unset: the preset's own          path to a local state-dict file
+``HISTOXPLAIN_TILE_SIZE``           ``tile_size``           224                              integer 16..8192 (pixels)
+``HISTOXPLAIN_STRIDE``              ``stride``              unset: the tile size             integer 1..8192 (pixels)
+``HISTOXPLAIN_MIN_TISSUE``          ``min_tissue``          0.25                             number 0..1 (0 keeps every tile)
+``HISTOXPLAIN_SLIDE_LEVEL``         ``slide_level``         0                                integer >= 0 (pyramid level)
+``HISTOXPLAIN_BATCH_SIZE``          ``batch_size``          64                               integer 1..4096 (tiles per upsert)
+``HISTOXPLAIN_DEVICE``              ``device``              ``auto``: GPU 0, else the CPU    ``cpu``, ``cuda``, ``cuda:N``, ``auto``
+==================================  ======================  ===============================  =======================================
 
 ``device`` is where the in-process (embedded) encoder runs; its spelling is checked here,
 whether that GPU exists when the encoder is loaded. An empty value counts as unset. A bad value raises
@@ -44,7 +45,7 @@ from typing import Any, Literal
 
 from histoxplain_model.devices import check_device_name
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.imageio import DEFAULT_MAX_PIXELS
+from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 from histoxplain_model.limits import MAX_K, MAX_MESSAGE_BYTES
 from histoxplain_model.vocabulary import DEFAULT_PRESET
 
@@ -95,6 +96,8 @@ _VARIABLES: tuple[_Var, ...] = (
     _Var("qdrant_url", "QDRANT_URL", _url, None, "an http:// or https:// URL of a Qdrant server, or unset"),
     _Var("qdrant_api_key", "QDRANT_API_KEY", _optional_str),
     _Var("max_pixels", "HISTOXPLAIN_MAX_PIXELS", _int, lambda v: v >= 1, "an integer >= 1 (width * height)"),
+    _Var("max_request_pixels", "HISTOXPLAIN_MAX_REQUEST_PIXELS", _int, lambda v: v >= 1,
+         "an integer >= 1 (width * height)"),
     _Var("model", "HISTOXPLAIN_MODEL", str.strip, lambda v: v != "", "an encoder preset name"),
     _Var("weights", "HISTOXPLAIN_WEIGHTS", _optional_path, None, "a path to a weights file, or unset"),
     _Var("tile_size", "HISTOXPLAIN_TILE_SIZE", _int, lambda v: 16 <= v <= 8192, "an integer from 16 to 8192"),
@@ -118,6 +121,9 @@ class Settings:
         qdrant_url: a Qdrant server; ``None`` uses embedded local mode under ``data_dir``.
         qdrant_api_key: API key sent to the Qdrant server.
         max_pixels: largest plain image (width * height) decoded, a decompression-bomb guard.
+        max_request_pixels: largest image sent as bytes (gateway requests, TorchServe worker);
+            such images are held to the smaller of the two limits (``histoxplain_model.imageio``
+            says why 16 Mpx).
         model: encoder preset name.
         weights: local weights file for presets that need one.
         tile_size: tile edge in pixels at the read level.
@@ -133,6 +139,7 @@ class Settings:
     qdrant_url: str | None = None
     qdrant_api_key: str | None = field(default=None, repr=False)  # a secret: kept out of logs
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     model: str = DEFAULT_PRESET
     weights: Path | None = None
     tile_size: int = 224
@@ -211,6 +218,16 @@ def _positive(value: float) -> bool:
     return value > 0
 
 
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _flag(text: str) -> bool:
+    """An on/off switch; anything but the spellings in ``_FLAGS`` is refused, not read as off."""
+    if text.lower() not in _FLAGS:
+        raise ValueError(text)
+    return _FLAGS[text.lower()]
+
+
 _GATEWAY_VARIABLES: tuple[_Var, ...] = (
     _Var("host", "HISTOXPLAIN_HOST", str, lambda v: v != "", "a host name or address"),
     _Var("port", "HISTOXPLAIN_PORT", _int, lambda v: 0 <= v <= 65535, "a port number (0-65535)"),
@@ -225,9 +242,24 @@ _GATEWAY_VARIABLES: tuple[_Var, ...] = (
     _Var("max_k", "HISTOXPLAIN_MAX_K", _int, lambda v: 1 <= v <= MAX_K, f"an integer from 1 to {MAX_K}"),
     _Var("max_explain_k", "HISTOXPLAIN_MAX_EXPLAIN_K", _int, lambda v: 1 <= v <= MAX_K,
          f"an integer from 1 to {MAX_K}"),
+    _Var("max_explain_cost", "HISTOXPLAIN_MAX_EXPLAIN_COST", _int, _positive, "an integer > 0 (work units)"),
     _Var("worker_threads", "HISTOXPLAIN_WORKER_THREADS", _int, _positive, "an integer > 0"),
     _Var("grace_period_s", "HISTOXPLAIN_GRACE_PERIOD_S", float, lambda v: v >= 0, "seconds >= 0"),
     _Var("health_interval_s", "HISTOXPLAIN_HEALTH_INTERVAL_S", float, _positive, "seconds > 0"),
+    _Var("health_port", "HISTOXPLAIN_HEALTH_PORT", lambda t: _int(t) if t else None,
+         lambda v: v is None or 0 <= v <= 65535, "a port number (0-65535), or unset for none"),
+    _Var("tls_cert", "HISTOXPLAIN_TLS_CERT", _optional_path, None, "a path to a PEM certificate chain"),
+    _Var("tls_key", "HISTOXPLAIN_TLS_KEY", _optional_path, None, "a path to a PEM private key"),
+    _Var("tls_client_ca", "HISTOXPLAIN_TLS_CLIENT_CA", _optional_path, None, "a path to a PEM CA bundle"),
+    _Var("auth_tokens_file", "HISTOXPLAIN_AUTH_TOKENS_FILE", _optional_path, None, "a path to a token-hash file"),
+    _Var("jwt_jwks", "HISTOXPLAIN_JWT_JWKS", _optional_str, None, "a path to a JWKS file, or an https:// URL"),
+    _Var("jwt_issuer", "HISTOXPLAIN_JWT_ISSUER", _optional_str, None, "the issuer (iss) of accepted tokens"),
+    _Var("jwt_audience", "HISTOXPLAIN_JWT_AUDIENCE", _optional_str, None, "the audience (aud) of accepted tokens"),
+    _Var("jwt_roles_claim", "HISTOXPLAIN_JWT_ROLES_CLAIM", str.strip, lambda v: v != "",
+         "a dotted claim path, e.g. realm_access.roles"),
+    _Var("jwt_leeway_s", "HISTOXPLAIN_JWT_LEEWAY_S", float, lambda v: 0 <= v <= 300, "seconds from 0 to 300"),
+    _Var("reflection", "HISTOXPLAIN_REFLECTION", _flag, None, "1 or 0 (unset: on only on loopback)"),
+    _Var("allow_insecure_remote", "HISTOXPLAIN_ALLOW_INSECURE_REMOTE", _flag, None, "1 or 0"),
 )
 
 
@@ -250,9 +282,29 @@ class GatewaySettings:
             (the limit every layer checks).
         max_explain_k: largest number of references one Explain / SearchAndExplain explains
             (the API allows up to 100 for SearchAndExplain; each costs a backward pass).
+        max_explain_cost: explanation work in flight at once, in units of about one forward
+            pass (``gateway/admission.py``); beyond it calls get RESOURCE_EXHAUSTED at once.
         worker_threads: threads that run model and index calls off the event loop.
         grace_period_s: how long SIGTERM lets in-flight calls finish before cancelling them.
         health_interval_s: how often health re-checks the model backend and Qdrant.
+        health_port: a second, plaintext port that serves only ``grpc.health.v1`` (kubelet
+            gRPC probes cannot speak TLS); ``None``: no such port.
+        tls_cert: PEM certificate chain of the gateway; with ``tls_key`` it turns TLS on. Both
+            files are re-read when they change (rotation without a restart).
+        tls_key: PEM private key (unencrypted) matching ``tls_cert``.
+        tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed
+            (mutual TLS).
+        auth_tokens_file: static API tokens, one ``<sha256 hex> <role> <principal>`` per line;
+            with ``jwt_jwks`` either one turns authentication on.
+        jwt_jwks: the JWKS (a file path, or an ``https://`` URL) that signs accepted bearer JWTs.
+        jwt_issuer: the ``iss`` every accepted JWT carries (required with ``jwt_jwks``).
+        jwt_audience: the ``aud`` every accepted JWT carries (required with ``jwt_jwks``).
+        jwt_roles_claim: dotted path of the claim holding a JWT's roles (Keycloak:
+            ``realm_access.roles``).
+        jwt_leeway_s: clock skew tolerated on ``exp`` / ``nbf``.
+        reflection: serve gRPC reflection; ``None``: only when bound to loopback.
+        allow_insecure_remote: start on a non-loopback address without TLS or authentication
+            (refused otherwise); logged as a warning.
     """
 
     core: Settings
@@ -267,9 +319,22 @@ class GatewaySettings:
     max_deadline_s: float = 300.0
     max_k: int = 100
     max_explain_k: int = 100
+    max_explain_cost: int = 2000
     worker_threads: int = 4
     grace_period_s: float = 10.0
     health_interval_s: float = 5.0
+    health_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+    jwt_jwks: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_roles_claim: str = "realm_access.roles"
+    jwt_leeway_s: float = 30.0
+    reflection: bool | None = None
+    allow_insecure_remote: bool = False
 
     def __post_init__(self) -> None:
         _check(self, _GATEWAY_VARIABLES)

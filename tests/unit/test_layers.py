@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"config", "domain", "app.samples"},
     "app": {"config", "index", "backends", "domain", "bootstrap", "gateway", "evaluation"},
 }
-TORCH_FREE = ["errors", "vocabulary", "limits", "options", "requests", "results", "imageio", "overlay", "wire"]
+TORCH_FREE = ["errors", "vocabulary", "limits", "options", "requests", "results", "deadlines", "imageio", "overlay", "wire"]
 
 
 def _module_name(path: Path, package: str) -> str:

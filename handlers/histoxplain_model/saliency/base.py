@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histoxplain_model.deadlines import check_deadline
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.options import OptionsT, options_or_defaults
 from histoxplain_model.saliency.targets import (
@@ -252,10 +253,10 @@ class BaseCAM(Explainer, Generic[OptionsT]):
         n_refs = scores.shape[1]
         # Row b of the scores depends only on image b (eval mode), so the gradient of the
         # column sum gives every image's gradient at once.
-        grads = [
-            torch.autograd.grad(scores[:, k].sum(), leaf, retain_graph=k < n_refs - 1)[0]
-            for k in range(n_refs)
-        ]
+        grads = []
+        for k in range(n_refs):
+            check_deadline()
+            grads.append(torch.autograd.grad(scores[:, k].sum(), leaf, retain_graph=k < n_refs - 1)[0])
         activations = leaf.detach()
         if self.reshape_transform is not None:
             activations = self.reshape_transform(activations)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from histoxplain_model.deadlines import check_deadline
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.options import SmoothGradOptions, options_or_defaults
 from histoxplain_model.saliency.base import Explainer, ReshapeTransform, normalise_maps
@@ -30,10 +31,10 @@ class InputGradient(Explainer):
         inputs = pixels.detach().requires_grad_(True)
         scores = target(self.model(inputs))
         n_refs = scores.shape[1]
-        grads = [
-            torch.autograd.grad(scores[:, k].sum(), inputs, retain_graph=k < n_refs - 1)[0].abs_()
-            for k in range(n_refs)
-        ]
+        grads = []
+        for k in range(n_refs):
+            check_deadline()
+            grads.append(torch.autograd.grad(scores[:, k].sum(), inputs, retain_graph=k < n_refs - 1)[0].abs_())
         return torch.stack(grads, dim=1)
 
     def _heatmaps(
@@ -100,6 +101,7 @@ class SmoothGrad(Explainer):
             stdev = self.options.sigma * (image.amax() - image.amin())
             total: torch.Tensor | None = None
             for start in range(0, self.options.n_samples, self.options.chunk_size):
+                check_deadline()
                 noisy = image[None] + stdev * unit_noise[start : start + self.options.chunk_size]
                 summed = self.inner.attribute(noisy, target).sum(0)  # (K, 3, H, W)
                 total = summed if total is None else total.add_(summed)

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from histoxplain_model import errors
-from histoxplain_model.imageio import decode_image
+from histoxplain_model.imageio import MAX_REQUEST_PIXELS_ENV, decode_image
 
 __all__ = [
     "ENVELOPE_MAGIC",
@@ -119,12 +119,15 @@ def encode_request_image(image: np.ndarray, raw: bool = True) -> bytes:
 def decode_request_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndarray:
     """A request image (pixel envelope or encoded file) -> (H, W, 3) uint8 RGB.
 
+    ``max_pixels`` is the request limit (``HISTOXPLAIN_MAX_REQUEST_PIXELS``), checked before
+    any pixel is allocated; ``source`` names the image by its input key, never by caller text.
+
     Raises:
         ImageDecodeError: a malformed pixel envelope or image file.
         ImageTooLargeError: more than ``max_pixels`` pixels.
     """
     if not data.startswith(ENVELOPE_MAGIC):
-        return decode_image(data, max_pixels, source=source)
+        return decode_image(data, max_pixels, source=source, setting=MAX_REQUEST_PIXELS_ENV)
     try:
         _, arrays = decode_envelope(data)
     except (RuntimeError, errors.HistoxplainError, KeyError, TypeError, ValueError) as error:
@@ -138,7 +141,8 @@ def decode_request_image(data: bytes, max_pixels: int, source: str = "image") ->
         raise errors.ImageDecodeError(f"{source} is an empty {width}x{height} px image; send at least one pixel")
     if height * width > max_pixels:
         raise errors.ImageTooLargeError(
-            f"{source} is {width}x{height} px ({width * height:,} pixels); the limit is {max_pixels:,} pixels"
+            f"{source} is {width}x{height} px ({width * height:,} pixels); the limit is {max_pixels:,} pixels "
+            f"(set {MAX_REQUEST_PIXELS_ENV} to raise it)"
         )
     return pixels
 

@@ -17,6 +17,8 @@ the two cannot drift apart:
                    reference_embeddings   optional stored vectors of the references: K*D raw
                                           float32 LE, row-major. Given, that side is not embedded
                                           again.
+                   deadline               optional wall-clock time (seconds since the epoch, as
+                                          text) after which the worker stops the explanation
     mode=info      (nothing else)         the served encoder's description
 
 Text values are UTF-8. An image is an encoded file (PNG, JPEG, TIFF) or a pixel envelope
@@ -73,6 +75,7 @@ QUERY = "query"
 REFERENCE = "reference"  # numbered: reference.0, reference.1, ...
 METHOD, POLARITY, SIDE = "method", "polarity", "side"
 QUERY_EMBEDDING, REFERENCE_EMBEDDINGS = "query_embedding", "reference_embeddings"
+DEADLINE = "deadline"
 
 #: Options type -> {field name: input key}. The keys name their method, so a request's options
 #: read on their own say what they configure.
@@ -136,6 +139,8 @@ def explain_inputs(request: ExplainRequest, query: bytes, references: Sequence[b
         inputs[QUERY_EMBEDDING] = encode_float32(request.query_embedding)
     if request.reference_embeddings is not None:
         inputs[REFERENCE_EMBEDDINGS] = encode_float32(request.reference_embeddings)
+    if request.deadline is not None:
+        inputs[DEADLINE] = repr(request.deadline).encode("utf-8")
     return inputs
 
 
@@ -178,7 +183,18 @@ def decode_explain_request(inputs: Mapping[str, object], max_pixels: int, dim: i
         options=options,
         query_embedding=decode_float32(inputs, QUERY_EMBEDDING, None, dim),
         reference_embeddings=decode_float32(inputs, REFERENCE_EMBEDDINGS, len(references), dim),
+        deadline=_deadline(inputs),
     )
+
+
+def _deadline(inputs: Mapping[str, object]) -> float | None:
+    if DEADLINE not in inputs:
+        return None
+    text = _text(inputs, DEADLINE)
+    try:
+        return float(text)
+    except ValueError:
+        raise errors.InvalidRequest(f"input {DEADLINE!r} must be a number of seconds since the epoch") from None
 
 
 def options_from_inputs(method: str, inputs: Mapping[str, object]) -> SaliencyOptions:

@@ -28,6 +28,7 @@ from histoxplain_model.errors import HistoxplainError
 from histoxplain_service.backends.torchserve.mar import ensure_mar
 from histoxplain_service.backends.torchserve.process import TorchServeProcess
 from histoxplain_service.config import GatewaySettings
+from histoxplain_service.domain.checks import request_pixel_limit
 from histoxplain_service.gateway.server import serve
 
 __all__ = ["SERVE_LOCK", "main"]
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_store = data_dir / "model-store"
             mar_name = ensure_mar(
                 model_store, settings.core.model, settings.core.weights, settings.torchserve_model,
-                max_pixels=settings.core.max_pixels, rebuild=args.rebuild_mar,
+                max_pixels=request_pixel_limit(settings.core)[0], rebuild=args.rebuild_mar,
             )
             torchserve = TorchServeProcess(model_store, data_dir / "torchserve")
             logger.info("starting TorchServe (log: %s)", torchserve.log_file)

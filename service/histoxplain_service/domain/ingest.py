@@ -14,6 +14,15 @@ Image ids
     and last MiB), so the same file indexed again, from any path, gets the same id and the same
     point ids: it is updated, never duplicated. Two identical files in one run are indexed once.
 
+Limits and patient data
+    Labels, sources, image ids and mpp are checked against ``histoxplain_model.limits``
+    (:mod:`.checks`) before anything is stored: an explicit ``--label`` over the limit is a
+    usage error, an image sent as bytes with a field over its limit is skipped as
+    ``invalid_metadata``. Sources and labels may carry patient data, so the log names a skipped
+    input by its position and kind only; the reason (with the CLI's own file path, for files it
+    reads) goes to the caller in the summary. Images sent as bytes are named ``image <position>``
+    in every reason, never by their source, and decoded under the request pixel limit.
+
 Bad input
     A file that cannot be read (corrupt, truncated, empty, unsupported, over the pixel limit, a
     slide without the requested level) is skipped and its reason recorded in the summary; the
@@ -28,7 +37,7 @@ Resuming
     skipped, so an interrupted run re-run only embeds what is missing, and upserts by
     deterministic id never double anything.
 
-Why one module of about 550 lines: every source (files, folders, slides, bytes received by
+Why one module of about 600 lines: every source (files, folders, slides, bytes received by
 the gateway) feeds the same resumable embed-and-upsert loop and its record and state checks;
 it splits by source when a second remote source (DICOMweb) lands.
 """
@@ -48,9 +57,10 @@ from tqdm.auto import tqdm
 
 from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
 from histoxplain_model.imageio import decode_image
-from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
+from histoxplain_model.limits import LABEL, SOURCE, check_mpp
 
 from histoxplain_service.config import Settings
+from histoxplain_service.domain.checks import EncodedImage, check_image_metadata, decode_request_image
 from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
 from histoxplain_service.domain.types import Box, TileRecord
 from histoxplain_service.index.base import VectorIndex
@@ -113,8 +123,11 @@ def discover_inputs(paths: Iterable[str | os.PathLike[str]], label: str | None =
         label: label of explicitly named files (folders label by sub-folder name).
 
     Raises:
-        InvalidRequest: a PATH that does not exist, or a file with an unsupported extension.
+        InvalidRequest: a PATH that does not exist, a file with an unsupported extension, or a
+            label or path over its limit (``histoxplain_model.limits``).
     """
+    if label:
+        LABEL.check(label, "--label")
     found: list[InputFile] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -133,6 +146,10 @@ def discover_inputs(paths: Iterable[str | os.PathLike[str]], label: str | None =
             found.append(InputFile(path, label))
         else:
             raise InvalidRequest(f"{str(path)!r} does not exist; give image files or folders of images")
+    for item in found:  # the user's own paths: naming them helps and reveals nothing new
+        SOURCE.check(str(item.path), repr(str(item.path)[:64]))
+        if item.label:
+            LABEL.check(item.label, f"folder {item.path.parent.name[:64]!r}")
     return found
 
 
@@ -236,7 +253,11 @@ class SlideSource:
         self.width, self.height = (int(v) for v in self._slide.level_dimensions[level])
         self.downsample = float(self._slide.level_downsamples[level])
         mpp = self._slide.properties.get("tiffslide.mpp-x")
-        self.mpp = float(mpp) * self.downsample if mpp else None
+        try:  # a slide with a broken mpp is still a slide: store its pixel size as unknown
+            self.mpp = check_mpp(float(mpp) * self.downsample) if mpp else None
+        except (InvalidRequest, ValueError):
+            log.warning("a slide declares an invalid mpp %r; stored as unknown", mpp)
+            self.mpp = None
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert("RGB"), dtype=np.uint8)
@@ -354,8 +375,9 @@ class SkippedInput:
 
 
 def _skipped(name: str, error: InvalidRequest, position: int) -> SkippedInput:
-    log.warning("skipping %s: %s", name, error)
+    """The caller gets the reason; the log gets the position and kind (no source, no message)."""
     kind: SkipKind = "too_large" if isinstance(error, ImageTooLargeError) else "unreadable"
+    log.warning("skipping input %d: %s", position, kind)
     return SkippedInput(name, str(error), kind, position)
 
 
@@ -446,7 +468,7 @@ class _Indexer:
 
 
 def _run(
-    items: Iterable[tuple[str, Callable[[], ImageSource]]],
+    items: Iterable[tuple[int, str, Callable[[], ImageSource]]],
     index: VectorIndex,
     embed_fn: EmbedFn,
     settings: Settings,
@@ -454,26 +476,33 @@ def _run(
     dim: int,
     show_progress: bool,
     total: int | None,
+    *,
+    named_inputs: bool,
 ) -> IndexSummary:
+    """The embed-and-upsert loop over ``(position, name, opener)`` items.
+
+    ``named_inputs``: reasons may name an earlier input by its name (the CLI's own file paths);
+    otherwise by its position (images sent as bytes, whose source is the caller's text).
+    """
     index.ensure(preset, dim)
     images: list[IndexedImage] = []
     skipped: list[SkippedInput] = []
-    first_source: dict[str, str] = {}
+    first_seen: dict[str, str] = {}
     with tqdm(total=None, unit="tile", desc=f"indexing {index.name}", disable=not show_progress) as bar:
         indexer = _Indexer(index, embed_fn, settings, dim, bar)
         inputs = tqdm(items, total=total, unit="image", disable=not show_progress, leave=False)
-        for position, (name, opener) in enumerate(inputs):
+        for position, name, opener in inputs:
             try:
                 source = opener()
             except InvalidRequest as exc:
                 skipped.append(_skipped(name, exc, position))
                 continue
             try:
-                if source.image_id in first_source:
-                    reason = f"same image as {first_source[source.image_id]} (same content or image id)"
+                if source.image_id in first_seen:
+                    reason = f"same image as {first_seen[source.image_id]} (same content or image id)"
                     skipped.append(SkippedInput(name, reason, "duplicate", position))
                     continue
-                first_source[source.image_id] = source.source
+                first_seen[source.image_id] = name if named_inputs else f"image {position}"
                 result = indexer.add(source)
             except InvalidRequest as exc:
                 result = _skipped(name, exc, position)
@@ -519,12 +548,15 @@ def index_paths(
         FailedPrecondition: the index was built with another encoder.
     """
     inputs = discover_inputs(paths, label)
-    items = [(str(item.path), lambda item=item: open_source(item, settings)) for item in inputs]
-    return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
+    items = [
+        (position, str(item.path), lambda item=item: open_source(item, settings))
+        for position, item in enumerate(inputs)
+    ]
+    return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items), named_inputs=True)
 
 
 def index_images(
-    images: Iterable[tuple[bytes, str, str | None, str | None]],
+    images: Iterable[EncodedImage],
     index: VectorIndex,
     embed_fn: EmbedFn,
     settings: Settings,
@@ -533,41 +565,43 @@ def index_images(
     dim: int,
     show_progress: bool = False,
 ) -> IndexSummary:
-    """Index encoded images received in memory (e.g. over gRPC): ``(data, source, label, image_id)``.
+    """Index encoded images received in memory (e.g. over gRPC), :class:`EncodedImage` each.
 
     ``image_id`` ``None`` uses :func:`bytes_id` of the data (re-sending the same bytes updates
     the image); a caller-given id makes re-sending under that id replace the image. Bad images
-    are skipped with their reason and position (their place in ``images``). A caller-given id
-    over ``MAX_IMAGE_ID_CHARS`` or given twice is skipped before its bytes are decoded; when no
-    image is left the index is not touched.
+    are skipped with their reason and position (their place in ``images``). An image whose id,
+    label, source or mpp is over its limit, or whose id came earlier, is skipped before its
+    bytes are decoded; when no image is left the index is not touched. Reasons name an image
+    by its position, never by its source (see the module docstring); images are decoded under
+    the request pixel limit (``HISTOXPLAIN_MAX_REQUEST_PIXELS``).
     """
-    kept: list[tuple[bytes, str, str | None, str | None]] = []
-    kept_positions: list[int] = []
+    kept: list[tuple[int, EncodedImage]] = []
     refused: list[SkippedInput] = []
     seen_ids: set[str] = set()
-    for position, (data, name, label, image_id) in enumerate(images):
-        if image_id and len(image_id) > MAX_IMAGE_ID_CHARS:
-            reason = f"image_id is longer than {MAX_IMAGE_ID_CHARS} characters"
-            refused.append(SkippedInput(name, reason, "invalid_metadata", position))
-        elif image_id and image_id in seen_ids:
+    for position, item in enumerate(images):
+        image = EncodedImage(*item)
+        try:
+            check_image_metadata(image, f"image {position}")
+        except InvalidRequest as exc:
+            refused.append(SkippedInput(image.source, str(exc), "invalid_metadata", position))
+            continue
+        if image.image_id and image.image_id in seen_ids:
             reason = "this image_id came earlier in the stream; the first one was kept"
-            refused.append(SkippedInput(name, reason, "duplicate", position))
-        else:
-            seen_ids.add(image_id or "")
-            kept.append((data, name, label, image_id))
-            kept_positions.append(position)
+            refused.append(SkippedInput(image.source, reason, "duplicate", position))
+            continue
+        seen_ids.add(image.image_id or "")
+        kept.append((position, image))
     if not kept:
         return IndexSummary(index.name, (), tuple(refused))
 
-    def opener(data: bytes, name: str, label: str | None, image_id: str | None) -> Callable[[], ImageSource]:
+    def opener(position: int, image: EncodedImage) -> Callable[[], ImageSource]:
         def open_() -> ImageSource:
-            image = decode_image(data, settings.max_pixels, source=repr(name))
-            return ArraySource(image, image_id or bytes_id(data), name, label)
+            pixels = decode_request_image(image.data, settings, f"image {position}")
+            return ArraySource(pixels, image.image_id or bytes_id(image.data), image.source, image.label, image.mpp)
 
         return open_
 
-    items = [(name, opener(data, name, label, image_id)) for data, name, label, image_id in kept]
-    summary = _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items))
-    skipped = [*refused, *(replace(item, position=kept_positions[item.position]) for item in summary.skipped)]
-    return replace(summary, skipped=tuple(sorted(skipped, key=lambda item: item.position)))
-
+    items = [(position, image.source, opener(position, image)) for position, image in kept]
+    summary = _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items), named_inputs=False)
+    skipped = sorted([*refused, *summary.skipped], key=lambda item: item.position)
+    return replace(summary, skipped=tuple(skipped))

@@ -9,12 +9,13 @@ index side any :class:`~histoxplain_service.index.base.IndexEngine`; both are ch
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.limits import MAX_K
+from histoxplain_model.errors import InvalidRequest, NotFound
+from histoxplain_model.limits import IMAGE_ID, MAX_K, POINT_ID
 from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
 from histoxplain_model.options import SaliencyOptions
 from histoxplain_model.requests import ExplainRequest
@@ -22,6 +23,7 @@ from histoxplain_model.results import ModelInfo
 from histoxplain_service.backends import ModelBackend
 from histoxplain_service.domain.ingest import ArraySource, IndexSummary, index_images, index_paths, iter_tiles, plan_tiles
 from histoxplain_service.config import Settings
+from histoxplain_service.domain.checks import EncodedImage, check_texts
 from histoxplain_service.domain.ranking import rank_images
 from histoxplain_service.domain.types import (
     DeleteSummary,
@@ -80,7 +82,7 @@ class Retrieval:
 
     def delete_images(self, name: str, image_ids: Sequence[str]) -> DeleteSummary:
         """Delete images (all their tiles); ids given twice count once, unknown ids are reported."""
-        wanted = list(dict.fromkeys(image_ids))
+        wanted = list(dict.fromkeys(check_texts(image_ids, IMAGE_ID, "image_ids")))
         if not wanted:
             raise InvalidRequest("no image ids to delete; give at least one")
         index = self.searchable(name)
@@ -97,8 +99,8 @@ class Retrieval:
             preset=self.model.preset, dim=self.model.embedding_dim, label=label, show_progress=show_progress,
         )
 
-    def index_encoded(self, name: str, images: Iterable[tuple[bytes, str, str | None, str | None]]) -> IndexSummary:
-        """Index encoded images received in memory: ``(data, source, label, image_id or None)``.
+    def index_encoded(self, name: str, images: Iterable[EncodedImage]) -> IndexSummary:
+        """Index encoded images received in memory (:class:`~.checks.EncodedImage` each).
 
         An empty stream leaves the index (and the model) untouched."""
         items = list(images)
@@ -207,14 +209,23 @@ class Retrieval:
         """Indexed references as hits scored against the query: each image id becomes its tile
         most similar to the query, each point id its own tile (image ids first, in the given order).
 
-        ``query_embedding``: the query's vector when the caller has it (else it is embedded)."""
+        ``query_embedding``: the query's vector when the caller has it (else it is embedded).
+        An unknown image id is named by its position (``image_ids[i]``): ids may carry patient
+        data and error messages are logged."""
         if not image_ids and not point_ids:
             raise InvalidRequest("no image ids or point ids given; name at least one indexed image or tile")
+        check_texts(image_ids, IMAGE_ID, "image_ids")
+        check_texts(point_ids, POINT_ID, "point_ids")
         index = self.searchable(name)
         query = self.embed_query(image, timeout) if query_embedding is None else query_embedding
         hits = []
-        for image_id in image_ids:
-            records, vectors = index.image_tiles(image_id)
+        for position, image_id in enumerate(image_ids):
+            try:
+                records, vectors = index.image_tiles(image_id)
+            except NotFound:
+                raise NotFound(
+                    f"image_ids[{position}] is not in index {name!r}; use image ids from a search"
+                ) from None
             scores = vectors @ query
             best = int(np.argmax(scores))
             hits.append(SearchHit.from_record(records[best], float(scores[best])))
@@ -262,9 +273,12 @@ class Retrieval:
         method: str, polarity: str, side: str, timeout: float | None, options: SaliencyOptions | None,
         query_embedding: np.ndarray | None = None, reference_embeddings: np.ndarray | None = None,
     ) -> ExplainedSearch:
+        # The deadline travels with the request, so the explanation stops itself once its
+        # caller has given up, also inside a TorchServe worker (histoxplain_model.deadlines).
         request = ExplainRequest(
             image, references, method, polarity, side, options,
             query_embedding=query_embedding, reference_embeddings=reference_embeddings,
+            deadline=None if timeout is None else time.time() + timeout,
         )
         result = self.backend.explain(request, timeout=timeout)
         explained = tuple(

@@ -4,7 +4,10 @@ the server that knows ``histoxplain.v1`` messages).
 Requests become plain values (names, numbers, numpy arrays); domain results (frozen
 dataclasses from :mod:`histoxplain_service.domain.retrieval` and :mod:`histoxplain_service.index.qdrant`)
 become response messages. Heatmaps travel twice: as a compact ``RawArray`` (float16 unless the
-caller asks for float32) and as an overlay PNG drawn over the image at the image's own size.
+caller asks for float32) and as an overlay PNG drawn over the image at the image's own size,
+rendered within the message limit (:func:`_render_within`). About 340 lines: every message
+type of the API passes through here, and splitting requests from responses would split pairs
+that change together.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client import enums
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.limits import MAX_IMAGE_ID_CHARS
+from histoxplain_model.limits import DETAIL, MAX_IMAGE_ID_CHARS
 from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM, SMOOTHGRAD
 from histoxplain_model.limits import MAX_N_SAMPLES
 from histoxplain_model.options import SmoothGradOptions
 from histoxplain_service.domain.types import DeleteSummary, ExplainedSearch, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.checks import EncodedImage
 from histoxplain_service.domain.retrieval import Retrieval
 from histoxplain_service.config import Settings
+from histoxplain_service.gateway.admission import explain_cost
 
 _OVERLAY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
 
@@ -84,6 +89,11 @@ class ExplainChoice:
             n_samples=defaults.n_samples if self.smoothgrad_samples is None else self.smoothgrad_samples,
             sigma=defaults.sigma if self.smoothgrad_noise is None else self.smoothgrad_noise,
         )
+
+    def cost(self, references: int) -> int:
+        """Admission units of explaining against ``references`` (``gateway/admission.py``)."""
+        samples = (self.method_options or SmoothGradOptions()).n_samples
+        return explain_cost(self.method, references, self.side, samples)
 
 
 def _enum_name(enum_type: Any, value: int) -> str:
@@ -208,6 +218,7 @@ def explained_references(
     explained: ExplainedSearch,
     choice: ExplainChoice,
     image_hits: Sequence[ImageHit] | None = None,
+    max_bytes: int | None = None,
 ) -> list[types_pb2.ExplainedReference]:
     """``explained.hits`` as messages, in their order; ``reference_index`` is each hit's
     ``position`` (rank in the search / position in the request). ``image_hits``: shown instead
@@ -225,7 +236,7 @@ def explained_references(
         for side, heatmap in (("query", item.query_heatmap), ("hit", item.hit_heatmap))
         if heatmap is not None
     ]
-    rendered = iter(list(_OVERLAY_THREADS.map(lambda job: heatmap_to_proto(job[1], job[0], choice.heatmap_dtype), jobs)))
+    rendered = iter(_render_within(jobs, choice.heatmap_dtype, max_bytes))
     references = []
     for item, hit in zip(explained.hits, shown):
         message = types_pb2.ExplainedReference(reference_index=item.position, similarity=float(item.similarity))
@@ -239,6 +250,35 @@ def explained_references(
     return references
 
 
+def _render_within(
+    jobs: Sequence[tuple[np.ndarray, np.ndarray]], dtype: int, max_bytes: int | None
+) -> list[types_pb2.Heatmap]:
+    """The heatmaps of ``(image, heatmap)`` jobs, refused once they pass ``max_bytes``.
+
+    Query overlays are drawn at the query's own size, once per reference: a 4096 px query at
+    k=100 would be about 5 GB of PNG (49 MB each, measured) for a response the message limit
+    refuses anyway. Stopping at the limit bounds a call's memory by the message size plus the
+    two overlays in flight; closing the map's iterator cancels the overlays not yet started.
+    """
+    results = _OVERLAY_THREADS.map(lambda job: heatmap_to_proto(job[1], job[0], dtype), jobs)
+    heatmaps: list[types_pb2.Heatmap] = []
+    total = 0
+    try:
+        for heatmap in results:
+            total += heatmap.ByteSize()
+            if max_bytes is not None and total > max_bytes:
+                height, width = jobs[0][0].shape[:2]
+                raise InvalidRequest(
+                    f"the explanation is larger than the message limit of {max_bytes:,} bytes (overlays are "
+                    f"drawn at each image's size, {width}x{height} px for the first); lower k, explain one side, "
+                    "or send a smaller query image"
+                )
+            heatmaps.append(heatmap)
+    finally:
+        results.close()  # type: ignore[attr-defined]  # Executor.map returns a generator
+    return heatmaps
+
+
 def tiling_settings(core: Settings, tiling: types_pb2.TilingOptions) -> Settings:
     """The core settings with a request's tiling options applied (0 / unset: the server's)."""
     changes: dict[str, Any] = {}
@@ -247,7 +287,10 @@ def tiling_settings(core: Settings, tiling: types_pb2.TilingOptions) -> Settings
     if tiling.stride:
         changes["stride"] = tiling.stride
     if tiling.HasField("min_tissue_fraction"):
-        changes["min_tissue"] = float(tiling.min_tissue_fraction)
+        fraction = float(tiling.min_tissue_fraction)
+        if not (np.isfinite(fraction) and 0.0 <= fraction <= 1.0):  # NaN fails every comparison
+            raise InvalidRequest(f"min_tissue_fraction={fraction} is out of range; use a number from 0 to 1")
+        changes["min_tissue"] = fraction
     return core.with_changes(**changes) if changes else core
 
 
@@ -264,11 +307,14 @@ def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.Im
     """Index the streamed images with the domain and summarise as an ``IndexImagesResponse``.
 
     A caller's ``image_id`` names the image in the index (empty: the SHA-256 of its bytes);
-    skipped images are reported by their position in the stream.
+    skipped images are reported by their position in the stream, with the domain's reason
+    (which names the image by position, never by its source), cut to ``DETAIL.max_chars``.
     """
     items = [
-        (bytes(record.content), record.source or record.image_id or f"image {position}",
-         record.label or None, record.image_id or None)
+        EncodedImage(
+            bytes(record.content), record.source or record.image_id or f"image {position}",
+            record.label or None, record.image_id or None, record.mpp if record.HasField("mpp") else None,
+        )
         for position, record in enumerate(records)
     ]
     summary = retrieval.index_encoded(name, items)
@@ -280,7 +326,7 @@ def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.Im
         skipped=[
             service_pb2.SkippedImage(
                 position=item.position, image_id=records[item.position].image_id[:MAX_IMAGE_ID_CHARS],
-                reason=_SKIP_REASONS[item.kind], message=item.reason,
+                reason=_SKIP_REASONS[item.kind], message=item.reason[: DETAIL.max_chars],
             )
             for item in summary.skipped
         ],

@@ -1,9 +1,13 @@
-"""The one place where errors become gRPC status codes.
+"""The one place where errors become gRPC status codes, and where callers are authenticated.
 
 Servicer methods raise :mod:`histoxplain_model.errors` classes (or let the domain raise them);
 :class:`ErrorMappingInterceptor` turns each into its status code with the error's message.
 Anything else is a bug: the caller gets ``INTERNAL`` with a generic message and an incident id,
 the log gets the traceback under the same id.
+
+:class:`AuthInterceptor` runs first: every call but health needs a principal holding the role
+the RPC requires (:mod:`histoxplain_service.gateway.roles`), else the call is refused before a
+request message is even parsed.
 """
 
 from __future__ import annotations
@@ -19,12 +23,21 @@ import grpc
 from grpc import aio
 
 from histoxplain_model import errors
+from histoxplain_service.gateway.auth import AuthenticationFailed, Authenticator
+from histoxplain_service.gateway.roles import HEALTH_SERVICE, Principal, required_role, service_of
 
-__all__ = ["ErrorMappingInterceptor", "status_for"]
+__all__ = ["AuthInterceptor", "ErrorMappingInterceptor", "status_for"]
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error in the histoxplain gateway (incident {incident}); see the gateway log"
+#: The same words whatever was wrong (missing, unknown, expired, badly signed...): telling them
+#: apart would help someone guessing credentials. The gateway log has the reason.
+UNAUTHENTICATED_MESSAGE = (
+    "missing or invalid credentials: send 'authorization: Bearer <API token or JWT>' "
+    "(histoxplain_client: Client(token=...) or token_provider=...)"
+)
+PERMISSION_DENIED_MESSAGE = "this principal may not call {rpc} (it needs the role '{role}'); ask the gateway's administrator"
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -101,3 +114,70 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
 def _is_async_gen(function: Callable[..., Any]) -> bool:
     return inspect.isasyncgenfunction(function)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Authenticates every call except ``grpc.health.v1`` and checks the RPC's role.
+
+    A missing or bad credential gets UNAUTHENTICATED, a principal without the role
+    PERMISSION_DENIED; refused calls never reach the servicer. Unknown methods are
+    UNAUTHENTICATED for anonymous callers and UNIMPLEMENTED for authenticated ones, so the
+    service's shape is not probed without credentials.
+    """
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if service_of(method) == HEALTH_SERVICE:
+            return handler
+        try:
+            principal = await self._authenticate(handler_call_details.invocation_metadata)
+        except AuthenticationFailed as reason:
+            logger.warning("UNAUTHENTICATED %s: %s", method, reason)
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        except Exception as error:  # noqa: BLE001 -- e.g. the JWKS URL is down: mapped like a handler's error
+            code, message = status_for(error)
+            logger.warning("%s %s: %s", code.name, method, message)
+            return _refusal(handler, code, message)
+        if handler is None:
+            return handler
+        role = required_role(method)
+        if not principal.has_role(role):
+            logger.warning("PERMISSION_DENIED %s for %s %r (roles %s)", method, principal.mechanism,
+                           principal.name, ", ".join(sorted(principal.roles)) or "none")
+            rpc = method.rpartition("/")[2]
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE.format(rpc=rpc, role=role))
+        logger.debug("%s by %s %r", method, principal.mechanism, principal.name)
+        return handler
+
+    async def _authenticate(self, metadata: Any) -> Principal:
+        if self._authenticator.blocking:  # a JWKS URL may be fetched: keep the event loop free
+            return await asyncio.to_thread(self._authenticator.authenticate, metadata)
+        return self._authenticator.authenticate(metadata)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that only aborts; requests are left
+    as raw bytes (no deserializer), so a refused caller costs no parsing."""
+
+    async def refuse_unary(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def refuse_stream(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover -- makes this an async generator; abort always raises
+
+    if handler is None or handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse_unary)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse_unary)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream)

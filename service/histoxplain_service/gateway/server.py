@@ -1,8 +1,11 @@
 """The grpc.aio gateway server: build it, serve it, shut it down gracefully.
 
 :class:`Gateway` owns the server, the worker threads and the health monitor. It registers the
-retrieval service, the standard health service and server reflection, and applies the message
-size limits and the error-mapping interceptor. :func:`serve` runs a gateway until SIGTERM or
+retrieval service, the standard health service and (unless switched off) server reflection,
+and applies the message size limits, the authentication interceptor (when authentication is
+configured) and the error-mapping one. The port is TLS (optionally mutual) when certificates
+are configured; a non-loopback address without TLS and authentication is refused
+(:mod:`histoxplain_service.gateway.security`). :func:`serve` runs a gateway until SIGTERM or
 SIGINT, installing the signal handlers explicitly so that draining also works as PID 1 (where
 the kernel ignores a SIGTERM that has no handler).
 """
@@ -12,33 +15,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from histoxplain_service.config import GatewaySettings
+from histoxplain_model.errors import InvalidRequest
 from histoxplain_service.bootstrap import create_backend, open_gateway_index
-from histoxplain_service.gateway.interceptors import ErrorMappingInterceptor
+from histoxplain_service.config import GatewaySettings
+from histoxplain_service.gateway.auth import build_authenticator
+from histoxplain_service.gateway.health import HealthMonitor, backend_probe, health_server, index_probe
+from histoxplain_service.gateway.interceptors import AuthInterceptor, ErrorMappingInterceptor
+from histoxplain_service.gateway.security import check_exposure, reflection_enabled
 from histoxplain_service.gateway.servicer import RetrievalServicer, add_servicer_to_server, service_name
+from histoxplain_service.gateway.tls import server_credentials
 
 if TYPE_CHECKING:
     from histoxplain_service.backends import ModelBackend
     from histoxplain_service.index.base import IndexEngine
 
-__all__ = ["Gateway", "HealthMonitor", "Probe", "serve", "grpc_options"]
+__all__ = ["Gateway", "grpc_options", "serve"]
 
 logger = logging.getLogger(__name__)
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-#: Health service name that is SERVING while the server answers at all, whatever the
-#: dependencies do (Kubernetes liveness); "" and the retrieval service follow the dependencies.
-LIVENESS_SERVICE = "liveness"
 
 
 def grpc_options(settings: GatewaySettings) -> list[tuple[str, int]]:
@@ -50,133 +51,39 @@ def grpc_options(settings: GatewaySettings) -> list[tuple[str, int]]:
     ]
 
 
-@dataclass(frozen=True)
-class Probe:
-    """One dependency check: ``check()`` returns True when the dependency answered."""
-
-    name: str
-    check: Callable[[], bool]
-
-
-class HealthMonitor:
-    """Keeps the ``grpc.health.v1`` status in line with the dependencies.
-
-    Starts NOT_SERVING; every ``interval_s`` it runs each probe in a worker thread (bounded by
-    ``probe_timeout_s``) and reports SERVING only while all of them answer, so the status
-    flips back when TorchServe or the index engine (a Qdrant server) goes away.
-    """
-
-    def __init__(
-        self,
-        servicer: health.aio.HealthServicer,
-        probes: Sequence[Probe],
-        service_names: Sequence[str],
-        interval_s: float,
-        probe_timeout_s: float = 5.0,
-        executor: Executor | None = None,
-    ) -> None:
-        self._servicer = servicer
-        self._probes = tuple(probes)
-        self._service_names = ("", *service_names)
-        self._interval_s = interval_s
-        self._probe_timeout_s = probe_timeout_s
-        self._executor = executor
-        self._serving: bool | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False
-
-    @property
-    def serving(self) -> bool:
-        return bool(self._serving)
-
-    async def start(self) -> None:
-        """Report NOT_SERVING, then probe in the background until :meth:`stop`."""
-        await self._servicer.set(LIVENESS_SERVICE, SERVING)
-        await self._publish(False)
-        self._task = asyncio.create_task(self._run(), name="histoxplain-health")
-
-    async def check_now(self) -> bool:
-        """Probe every dependency once and publish the result; True when all answered."""
-        results = await asyncio.gather(*(self._probe(probe) for probe in self._probes))
-        healthy = all(results)
-        if not self._stopped:
-            await self._publish(healthy)
-        return healthy
-
-    async def stop(self) -> None:
-        """Stop probing and report NOT_SERVING for good (graceful shutdown)."""
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        self._serving = False
-        await self._servicer.enter_graceful_shutdown()
-
-    async def _run(self) -> None:
-        while not self._stopped:
-            await self.check_now()
-            await asyncio.sleep(self._interval_s)
-
-    async def _probe(self, probe: Probe) -> bool:
-        loop = asyncio.get_running_loop()
-        try:
-            answered = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, probe.check), self._probe_timeout_s
-            )
-        except TimeoutError:
-            logger.warning("health: %s did not answer within %.1f s", probe.name, self._probe_timeout_s)
-            return False
-        except Exception as error:  # noqa: BLE001 -- any failure means "not healthy"; logged
-            logger.warning("health: %s check failed: %s", probe.name, error)
-            return False
-        if not answered:
-            logger.info("health: %s is not ready", probe.name)
-        return bool(answered)
-
-    async def _publish(self, healthy: bool) -> None:
-        if healthy == self._serving:
-            return
-        self._serving = healthy
-        logger.info("health: %s", "SERVING" if healthy else "NOT_SERVING")
-        for name in self._service_names:
-            await self._servicer.set(name, SERVING if healthy else NOT_SERVING)
-
-
-def index_probe(index_engine: IndexEngine) -> Probe:
-    """The index engine answers (a Qdrant server is reachable, a local folder is open)."""
-    return Probe(f"index engine ({type(index_engine).__name__})", index_engine.ready)
-
-
-def backend_probe(backend: ModelBackend) -> Probe:
-    return Probe(f"model backend ({type(backend).__name__})", backend.ready)
-
-
 class Gateway:
-    """One gateway server: retrieval service + health + reflection on ``settings.address``.
+    """One gateway server: retrieval service + health (+ reflection) on ``settings.address``.
 
     Args:
-        settings: the gateway settings (address, limits, deadlines, threads).
+        settings: the gateway settings (address, limits, deadlines, threads, TLS, auth).
         backend: the model backend (TorchServe or embedded); the gateway does not close it.
         index_engine: where the indexes live (e.g. Qdrant); the gateway does not close it.
 
+    Raises:
+        InvalidRequest: unusable TLS or authentication settings or files, or a non-loopback
+            address without TLS and authentication (the message names the settings to fix).
+
     Use ``await gateway.start()`` (returns once the port is bound; :attr:`port` is the bound
-    port, useful with port 0), then ``await gateway.stop()``.
+    port, useful with port 0; :attr:`health_port` the health-only one), then
+    ``await gateway.stop()``.
     """
 
     def __init__(self, settings: GatewaySettings, backend: ModelBackend, index_engine: IndexEngine) -> None:
         self.settings = settings
         self.backend = backend
         self.index_engine = index_engine
+        # Credentials first: a gateway that would be exposed must fail before it holds anything.
+        self.credentials = server_credentials(settings)
+        self.authenticator = build_authenticator(settings)
+        check_exposure(settings, tls=self.credentials is not None, authentication=self.authenticator is not None)
         self.executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="histoxplain-worker")
         # Probes get threads of their own: behind a queue of long explanations they would time
         # out and turn a busy but healthy gateway NOT_SERVING.
         self.health_executor = ThreadPoolExecutor(2, thread_name_prefix="histoxplain-health")
+        # The first interceptor is the outermost: refused calls never reach the error mapping.
+        auth = [AuthInterceptor(self.authenticator)] if self.authenticator is not None else []
         self.server = aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[*auth, ErrorMappingInterceptor()],
             options=grpc_options(settings),
             maximum_concurrent_rpcs=None,
         )
@@ -184,9 +91,11 @@ class Gateway:
         add_servicer_to_server(self.servicer, self.server)
         self.health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
-        reflection.enable_server_reflection(
-            (service_name(), health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        if reflection_enabled(settings):
+            reflection.enable_server_reflection(
+                (service_name(), health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
+        self.health_only = health_server(self.health_servicer) if settings.health_port is not None else None
         self.health = HealthMonitor(
             self.health_servicer,
             (backend_probe(backend), index_probe(index_engine)),
@@ -196,16 +105,30 @@ class Gateway:
             executor=self.health_executor,
         )
         self.port: int = 0
+        self.health_port: int | None = None
 
     async def start(self) -> None:
         """Bind, start serving, and start the health monitor (NOT_SERVING until ready)."""
-        self.port = self.server.add_insecure_port(self.settings.address)
+        address = self.settings.address
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"could not bind {self.settings.address}; set HISTOXPLAIN_PORT to a free port")
+            raise OSError(f"could not bind {address}; set HISTOXPLAIN_PORT to a free port")
+        if self.health_only is not None:
+            health_address = address.rpartition(":")[0] + f":{self.settings.health_port}"
+            self.health_port = self.health_only.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"could not bind {health_address}; set HISTOXPLAIN_HEALTH_PORT to a free port")
+            await self.health_only.start()
         await self.server.start()
         await self.health.start()
         logger.info(
-            "gateway listening on %s:%d (backend %s)", self.settings.host, self.port, self.settings.backend
+            "gateway listening on %s:%d (backend %s, %s, %s%s)", self.settings.host, self.port,
+            self.settings.backend, "TLS" if self.credentials is not None else "plaintext",
+            "authentication on" if self.authenticator is not None else "authentication OFF",
+            f", health only on :{self.health_port}" if self.health_port is not None else "",
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -215,6 +138,8 @@ class Gateway:
         logger.info("gateway draining (grace %.1f s)", grace)
         await self.health.stop()
         await self.server.stop(grace)
+        if self.health_only is not None:  # last: probes see NOT_SERVING during the drain
+            await self.health_only.stop(0)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.health_executor.shutdown(wait=False, cancel_futures=True)
         logger.info("gateway stopped")
@@ -271,8 +196,11 @@ async def serve(
 def main() -> None:
     """``python -m histoxplain_service.gateway.server``: the gateway alone (TorchServe runs elsewhere)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = GatewaySettings.from_env()
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(GatewaySettings.from_env()))
+    except InvalidRequest as error:  # a setting to fix: its message, without a traceback
+        logger.error("gateway not started: %s", error)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the interceptor maps them to status codes.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, TypeVar
@@ -22,9 +21,10 @@ from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
-from histoxplain_model.imageio import decode_image
 from histoxplain_service.gateway import converters
+from histoxplain_service.gateway.admission import Admission
 from histoxplain_service.config import GatewaySettings
+from histoxplain_service.domain.checks import decode_request_image, decode_request_images
 from histoxplain_service.domain.retrieval import Retrieval, check_k
 
 if TYPE_CHECKING:
@@ -56,15 +56,26 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self._settings = settings
         self._retrieval = Retrieval(settings.core, backend, index_engine)
         self._executor = executor
+        self._admission = Admission(settings.max_explain_cost)
 
-    async def _run(self, context: aio.ServicerContext, work: Callable[[float], T]) -> T:
-        """Run ``work(timeout_s)`` on a worker thread, bounded by the call's deadline."""
+    async def _run(self, context: aio.ServicerContext, work: Callable[[float], T], cost: int = 0) -> T:
+        """Run ``work(timeout_s)`` on a worker thread, bounded by the call's deadline.
+
+        ``cost``: admission units (``gateway/admission.py``) held until the work itself ends.
+        """
         timeout = self._settings.deadline_for(context.time_remaining())
         if timeout <= 0:
             raise DeadlineExceeded("the request's deadline had passed when it reached the gateway")
         loop = asyncio.get_running_loop()
+        self._admission.take(cost)
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._executor, functools.partial(work, timeout)), timeout)
+            future = self._executor.submit(work, timeout)
+        except BaseException:
+            self._admission.give_back(cost)
+            raise
+        future.add_done_callback(lambda _: self._admission.give_back(cost))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), timeout)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the request did not finish within its deadline of {timeout:.1f} s; retry with a "
@@ -154,10 +165,12 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                     name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options,
                 )
-            results = converters.explained_references(explained, choice, image_hits)
+            results = converters.explained_references(
+                explained, choice, image_hits, max_bytes=self._settings.max_message_bytes
+            )
             return pb.SearchAndExplainResponse(options=converters.explain_choice_to_proto(choice), results=results)
 
-        return await self._run(context, search_and_explain)
+        return await self._run(context, search_and_explain, cost=choice.cost(k))
 
     async def Explain(self, request: pb.ExplainRequest, context: aio.ServicerContext) -> pb.ExplainResponse:
         choice = converters.explain_choice_from_proto(request.options)
@@ -182,24 +195,23 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                     timeout=timeout, options=choice.method_options,
                 )
             else:
-                references = [
-                    self._decode(data, f"reference image {position}") for position, data in enumerate(request.images.images)
-                ]
+                references = decode_request_images(list(request.images.images), self._settings.core, "reference image")
                 explained = self._retrieval.explain_images(
                     query, references, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options,
                 )
-            references = converters.explained_references(explained.ranked(request.k), choice)
+            references = converters.explained_references(
+                explained.ranked(request.k), choice, max_bytes=self._settings.max_message_bytes
+            )
             return pb.ExplainResponse(options=converters.explain_choice_to_proto(choice), references=references)
 
-        return await self._run(context, explain)
+        return await self._run(context, explain, cost=choice.cost(count))
 
     # -- helpers --------------------------------------------------------------------------------
 
     def _decode(self, data: bytes, what: str) -> np.ndarray:
-        if not data:
-            raise InvalidRequest(f"the {what} is empty; send PNG, JPEG or TIFF bytes")
-        return decode_image(data, self._settings.core.max_pixels, source=what)
+        """Request bytes under the request pixel limit (``HISTOXPLAIN_MAX_REQUEST_PIXELS``)."""
+        return decode_request_image(data, self._settings.core, what)
 
 
 

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest
+from histoxplain_model.limits import INDEX_NAME, shorten
 from histoxplain_service.domain.types import IndexInfo, SearchHit, TileRecord
 
 __all__ = [
@@ -41,19 +42,24 @@ __all__ = [
     "validate_k",
 ]
 
-#: Index names: 1-63 letters, digits, ``-`` and ``_``, starting with a letter or digit (safe as a
-#: collection name and as a folder name for the tile pixels).
-INDEX_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+#: Index names: 1 to ``INDEX_NAME.max_chars`` (64) letters, digits, ``-`` and ``_``, starting with a
+#: letter or digit (safe as a collection name and as a folder name for the tile pixels).
+INDEX_NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{INDEX_NAME.max_chars - 1}}}")
 
 #: Whether an image's planned tiles are indexed (see :meth:`VectorIndex.image_state`).
 ImageState = Literal["complete", "metadata", "incomplete"]
 
 
 def validate_index_name(name: str) -> str:
-    """Index names are 1-63 letters, digits, ``-`` and ``_``, starting with a letter or digit."""
+    """Index names are 1-64 letters, digits, ``-`` and ``_``, starting with a letter or digit.
+
+    The message repeats a short prefix of a refused name (:func:`~histoxplain_model.limits.shorten`),
+    so a huge name cannot make the error itself too large to deliver.
+    """
     if not isinstance(name, str) or not INDEX_NAME_PATTERN.fullmatch(name):
         raise InvalidRequest(
-            f"invalid index name {name!r}; use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+            f"invalid index name {shorten(name)}; use 1-{INDEX_NAME.max_chars} letters, digits, '-' or '_', "
+            "starting with a letter or digit"
         )
     return name
 

@@ -24,7 +24,9 @@ Points
 
 Errors
     Connection failures and server errors become ``DependencyUnavailable`` naming what was being
-    done (:func:`_qdrant_errors`), so callers never see qdrant-client's exception types.
+    done (:func:`_qdrant_errors`), so callers never see qdrant-client's exception types. Messages
+    reach gateway clients and the log, so they name neither the Qdrant address, nor a folder, nor
+    an image id (caller text that may carry patient data); the log gets the client's error.
 
 Nothing here ever drops or recreates an existing collection. The module is longer than most:
 it is the whole adapter (client, error mapping, collection logic), and each method is a few
@@ -52,6 +54,7 @@ from histoxplain_model.errors import (
     InvalidRequest,
     NotFound,
 )
+from histoxplain_model.limits import POINT_ID, shorten
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.types import IndexInfo, SearchHit, TileRecord
 from histoxplain_service.index.base import (
@@ -97,9 +100,9 @@ def open_qdrant(settings: Settings, timeout_s: int | None = None) -> QdrantClien
             raise
         holder = lock_holder(path / ".lock") or "another process"
         raise FailedPrecondition(
-            f"the index folder {path} is in use by {holder}; embedded Qdrant allows one process at a "
-            "time: stop that process (a running gateway or `histoxplain` command) and retry, or run a "
-            "Qdrant server and set QDRANT_URL"
+            f"the embedded index store (qdrant/ in the data folder, HISTOXPLAIN_DATA or --data-dir) is in use "
+            f"by {holder}; embedded Qdrant allows one process at a time: stop that process (a running gateway "
+            "or `histoxplain` command) and retry, or run a Qdrant server and set QDRANT_URL"
         ) from None
 
 
@@ -109,8 +112,10 @@ def _qdrant_errors(action: str) -> Iterator[None]:
     try:
         yield
     except ResponseHandlingException as exc:
-        raise DependencyUnavailable(f"Qdrant is unreachable while {action}: {exc}; check QDRANT_URL") from exc
+        log.warning("Qdrant is unreachable while %s: %s", action, exc)
+        raise DependencyUnavailable(f"Qdrant is unreachable while {action}; check QDRANT_URL") from exc
     except UnexpectedResponse as exc:
+        log.warning("Qdrant answered HTTP %s while %s", exc.status_code, action)
         hint = "check QDRANT_API_KEY" if exc.status_code in (401, 403) else "check the Qdrant server log"
         raise DependencyUnavailable(
             f"Qdrant answered HTTP {exc.status_code} while {action}; {hint}"
@@ -265,7 +270,7 @@ class QdrantIndex(VectorIndex):
             return "incomplete"
         image_id = records[0].image_id
         ids = [record.point_id for record in records]
-        with _qdrant_errors(f"checking image {image_id} in {self.name!r}"):
+        with _qdrant_errors(f"checking an image in {self.name!r}"):
             found = self.client.retrieve(self.name, ids=ids, with_payload=["label", "source", "tiles_in_image"])
             total = self.client.count(self.name, count_filter=_image_filter([image_id]), exact=True).count
         if len(found) != len(ids) or total != len(ids):
@@ -280,7 +285,7 @@ class QdrantIndex(VectorIndex):
         return "complete"
 
     def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
-        with _qdrant_errors(f"updating image {image_id} in {self.name!r}"):
+        with _qdrant_errors(f"updating an image in {self.name!r}"):
             self.client.set_payload(
                 self.name, payload={"label": label, "source": source}, points=_image_filter([image_id]), wait=True
             )
@@ -289,11 +294,11 @@ class QdrantIndex(VectorIndex):
         keep = set(point_ids)
         stale = [pid for pid in self._point_ids(_image_filter([image_id])) if pid not in keep]
         if stale:
-            with _qdrant_errors(f"removing stale tiles of {image_id} from {self.name!r}"):
+            with _qdrant_errors(f"removing stale tiles from {self.name!r}"):
                 self.client.delete(self.name, points_selector=qm.PointIdsList(points=stale), wait=True)
             if self.tile_store is not None:
                 self.tile_store.delete(stale)
-            log.info("removed %d stale tiles of image %s", len(stale), image_id)
+            log.info("removed %d stale tiles of one image from index %s", len(stale), self.name)
         return len(stale)
 
     def delete(self, image_ids: Sequence[str]) -> int:
@@ -381,18 +386,21 @@ class QdrantIndex(VectorIndex):
         return best
 
     def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
-        for point_id in point_ids:
+        for position, point_id in enumerate(point_ids):
             try:
+                POINT_ID.check(point_id, f"point_ids[{position}]")
                 uuid.UUID(point_id)
             except ValueError:
-                raise InvalidRequest(f"point id {point_id!r} is not a UUID; use point ids from a search") from None
+                # named by position: a value that is not a point id may be anything the caller had
+                raise InvalidRequest(f"point_ids[{position}] is not a UUID; use point ids from a search") from None
         _, dim = self.encoder()
         with _qdrant_errors(f"reading tiles from {self.name!r}"):
             found = self.client.retrieve(self.name, ids=list(point_ids), with_payload=True, with_vectors=True)
         by_id = {str(point.id): point for point in found}
         missing = [pid for pid in point_ids if pid not in by_id]
         if missing:
-            raise NotFound(f"tile(s) {', '.join(missing[:5])} not in index {self.name!r}; use point ids from a search")
+            named = ", ".join(shorten(point_id, POINT_ID.max_chars) for point_id in missing[:5])
+            raise NotFound(f"tile(s) {named} not in index {self.name!r}; use point ids from a search")
         records = [TileRecord.from_payload(by_id[pid].payload or {}) for pid in point_ids]
         vectors = np.asarray([by_id[pid].vector for pid in point_ids], dtype=np.float32).reshape(len(point_ids), dim)
         return records, vectors
@@ -401,7 +409,7 @@ class QdrantIndex(VectorIndex):
         _, dim = self.encoder()
         records: list[tuple[TileRecord, list[float]]] = []
         offset: Any = None
-        with _qdrant_errors(f"reading image {image_id} from {self.name!r}"):
+        with _qdrant_errors(f"reading an image from {self.name!r}"):
             while True:
                 points, offset = self.client.scroll(
                     self.name, scroll_filter=_image_filter([image_id]), limit=_SCROLL_PAGE, offset=offset,
@@ -410,8 +418,8 @@ class QdrantIndex(VectorIndex):
                 records.extend((TileRecord.from_payload(p.payload or {}), p.vector) for p in points)
                 if offset is None:
                     break
-        if not records:
-            raise NotFound(f"image {image_id!r} is not in index {self.name!r}")
+        if not records:  # the id is caller text (see the module docstring): not repeated here
+            raise NotFound(f"the image id is not in index {self.name!r}; use image ids from a search")
         records.sort(key=lambda item: item[0].tile_index)
         return [r for r, _ in records], np.asarray([v for _, v in records], dtype=np.float32).reshape(-1, dim)
 

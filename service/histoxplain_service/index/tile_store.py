@@ -64,16 +64,18 @@ class TileStore:
         """The tile of ``point_id`` as (H, W, 3) uint8 RGB.
 
         Raises:
-            NotFound: no copy of that tile (the index folder was moved without its tiles).
+            NotFound: no copy of that tile (the index folder was moved without its tiles). The
+                message reaches gateway clients, so it names no server path; the log does.
         """
         path = self.path(point_id)
         try:
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
         except FileNotFoundError:
+            log.warning("tile %s has no stored pixels at %s", point_id, path)
             raise NotFound(
-                f"no stored pixels for tile {point_id} under {self.root}; re-run `histoxplain index` "
-                "on its image (keep the tiles/ folder next to qdrant/ when moving a data folder)"
+                f"no stored pixels for tile {point_id}; re-index its image (keep the tiles/ folder next to "
+                "qdrant/ in the data folder when moving it)"
             ) from None
 
     def delete(self, point_ids: Iterable[str]) -> int:

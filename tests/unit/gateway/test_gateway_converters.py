@@ -13,7 +13,7 @@ from histoxplain_client.arrays import decode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
 from histoxplain_model.options import SmoothGradOptions
 from histoxplain_service.gateway import converters
-from histoxplain_service.domain.types import Box, ImageHit, IndexInfo, SearchHit
+from histoxplain_service.domain.types import Box, ExplainedHit, ExplainedSearch, ImageHit, IndexInfo, SearchHit
 from histoxplain_service.config import Settings
 
 
@@ -120,3 +120,22 @@ def test_tiling_options_override_only_what_is_set() -> None:
     assert (changed.tile_size, changed.stride, changed.min_tissue) == (256, None, 0.0)
     with pytest.raises(InvalidRequest, match="HISTOXPLAIN_TILE_SIZE"):
         converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=8))
+
+
+@pytest.mark.parametrize("fraction", [float("nan"), float("inf"), -0.1, 1.5])
+def test_a_min_tissue_fraction_out_of_range_is_refused_by_its_field_name(fraction: float) -> None:
+    with pytest.raises(InvalidRequest, match="min_tissue_fraction=.* use a number from 0 to 1"):
+        converters.tiling_settings(Settings(), types_pb2.TilingOptions(min_tissue_fraction=fraction))
+
+
+def test_explanations_stop_at_the_message_limit_instead_of_drawing_every_overlay() -> None:
+    query = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    heatmap = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    hits = tuple(ExplainedHit(None, 0.5, query[:64, :64], heatmap, None, position) for position in range(8))
+    explained = ExplainedSearch("gradcam", "similar", "query", query, hits)
+    choice = converters.ExplainChoice(side="query")
+    assert len(converters.explained_references(explained, choice)) == 8
+    one_overlay = len(converters.heatmap_to_proto(heatmap, query, choice.heatmap_dtype).SerializeToString())
+    assert len(converters.explained_references(explained, choice, max_bytes=8 * one_overlay + 1000)) == 8
+    with pytest.raises(InvalidRequest, match=r"larger than the message limit .* 512x512 px"):
+        converters.explained_references(explained, choice, max_bytes=3 * one_overlay)

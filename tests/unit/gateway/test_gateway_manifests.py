@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from histoxplain_service.config import GatewaySettings, Settings
+from histoxplain_service.gateway.security import check_exposure
+from histoxplain_service.gateway.tls import tls_enabled
+
 REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "docker" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
@@ -90,3 +94,42 @@ def test_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
         [str(HADOLINT), "--failure-threshold", "error", str(dockerfile)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _gateway_container() -> dict[str, Any]:
+    pod = _kind("Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "gateway")
+
+
+def test_network_policy_admits_only_the_gateway_api_port() -> None:
+    policy = _kind("NetworkPolicy")["spec"]
+    pod_labels = _kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (port,) = rule["ports"]
+    api_port = next(p for p in _gateway_container()["ports"] if p["name"] == "grpc")
+    assert port["port"] in (api_port["name"], api_port["containerPort"]) and port["protocol"] == "TCP"
+    assert _kind("Service")["spec"]["ports"][0]["targetPort"] in (api_port["name"], api_port["containerPort"])
+    config = _kind("ConfigMap")["data"]
+    assert api_port["containerPort"] == int(config["HISTOXPLAIN_PORT"])
+    # The probes use the plaintext health-only port, which the policy does not open to pods.
+    assert int(config["HISTOXPLAIN_HEALTH_PORT"]) == _gateway_container()["readinessProbe"]["grpc"]["port"]
+    assert int(config["HISTOXPLAIN_HEALTH_PORT"]) != api_port["containerPort"]
+
+
+def test_gateway_serves_tls_and_auth_from_mounted_secrets() -> None:
+    config = _kind("ConfigMap")["data"]
+    settings = GatewaySettings.from_env(config, core=Settings.from_env(config))
+    assert settings.host == "0.0.0.0" and not settings.allow_insecure_remote
+    assert tls_enabled(settings) and settings.auth_tokens_file is not None
+    check_exposure(settings, tls=tls_enabled(settings), authentication=True)  # would refuse otherwise
+    pod = _kind("Deployment")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m for m in _gateway_container()["volumeMounts"] if m["name"] in secrets}
+    for path in (settings.tls_cert, settings.tls_key, settings.auth_tokens_file):
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True and "subPath" not in mount  # subPath mounts never see rotation
+        secret = secrets[mount["name"]]
+        assert secret.get("optional", False) is False and secret["defaultMode"] & 0o007 == 0
+    assert {secret["secretName"] for secret in secrets.values()} == {"histoxplain-tls", "histoxplain-auth"}

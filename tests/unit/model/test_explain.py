@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -12,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.errors import DeadlineExceeded, InvalidRequest, UnknownNameError
 from histoxplain_model.explain import explain_retrieval
 from histoxplain_model.options import SmoothGradOptions
 from histoxplain_model.requests import ExplainRequest
@@ -138,3 +139,32 @@ def test_native_cams_finish_to_the_same_maps(encoder, method):
     np.testing.assert_allclose(again.query_heatmaps, finished.query_heatmaps, atol=1e-5)
     np.testing.assert_allclose(again.reference_heatmaps, finished.reference_heatmaps, atol=1e-5)
     np.testing.assert_array_equal(again.scores, finished.scores)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "smoothgrad"])
+def test_an_explanation_past_its_deadline_stops_itself(encoder, method):
+    query, *references = images(5, seed=4)
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        explain_retrieval(encoder, ExplainRequest(query, references, method, deadline=time.time() - 1))
+
+
+def test_a_long_smoothgrad_stops_within_one_chunk_of_its_deadline(encoder):
+    query, *references = images(5, seed=5)
+    long_run = SmoothGradOptions(n_samples=256, chunk_size=1)  # 256 noisy chunks x 4 backward passes
+    one_chunk = time.perf_counter()
+    explain_retrieval(encoder, ExplainRequest(query, references, "smoothgrad", side="query",
+                                              options=SmoothGradOptions(n_samples=1, chunk_size=1)))
+    one_chunk = time.perf_counter() - one_chunk
+    started = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        explain_retrieval(encoder, ExplainRequest(query, references, "smoothgrad", side="query", options=long_run,
+                                                  deadline=time.time() + 3 * one_chunk))
+    # Stopped after a few chunks, far from the 256 the request asked for.
+    assert time.perf_counter() - started < 40 * one_chunk
+
+
+def test_the_deadline_is_per_explanation_not_per_thread(encoder):
+    query, *references = images(3, seed=6)
+    with pytest.raises(DeadlineExceeded):
+        explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", deadline=time.time() - 1))
+    explain_retrieval(encoder, ExplainRequest(query, references, "gradcam"))  # no deadline left behind

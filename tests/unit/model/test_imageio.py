@@ -14,7 +14,14 @@ import tifffile
 from PIL import Image
 
 from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
-from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, decode_image, read_image
+from histoxplain_model.imageio import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    MAX_PIXELS_ENV,
+    MAX_REQUEST_PIXELS_ENV,
+    decode_image,
+    read_image,
+)
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
@@ -214,3 +221,19 @@ def test_imageio_errors_and_options_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_tiff_declaring_thousands_of_samples_per_pixel_is_refused_before_decoding() -> None:
+    """Within the pixel limit, but 60000 samples per pixel: 60 GB if the page were read."""
+    data = bytearray(_tiff_bomb(1000, 1000, 8, 1))
+    entry = data.index(struct.pack("<HHI", 277, 3, 1))  # SamplesPerPixel = 1
+    data[entry + 8 : entry + 10] = struct.pack("<H", 60_000)
+    with pytest.raises(ImageDecodeError, match=r"shape \(.*60000.*\).*one 2-D RGB or greyscale image"):
+        decode_image(bytes(data), max_pixels=DEFAULT_MAX_PIXELS)
+
+
+def test_request_images_name_the_request_pixel_setting() -> None:
+    with pytest.raises(ImageTooLargeError, match=f"query image is 100000x100000.*{MAX_REQUEST_PIXELS_ENV}"):
+        decode_image(_png_bomb(100_000, 100_000), DEFAULT_MAX_REQUEST_PIXELS, source="query image",
+                     setting=MAX_REQUEST_PIXELS_ENV)
+    assert DEFAULT_MAX_REQUEST_PIXELS == 4096 * 4096 < DEFAULT_MAX_PIXELS

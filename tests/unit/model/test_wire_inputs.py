@@ -86,7 +86,7 @@ def test_an_explain_request_round_trips() -> None:
     vectors = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
     request = ExplainRequest(
         query, references, "smoothgrad", "dissimilar", "query", SmoothGradOptions(n_samples=3),
-        query_embedding=vectors[0], reference_embeddings=vectors[1:],
+        query_embedding=vectors[0], reference_embeddings=vectors[1:], deadline=1_790_000_000.125,
     )
     encoded = [encode_request_image(image) for image in (query, *references)]
     inputs = explain_inputs(request, encoded[0], encoded[1:])
@@ -99,12 +99,16 @@ def test_an_explain_request_round_trips() -> None:
         np.testing.assert_array_equal(got, sent)
     np.testing.assert_array_equal(again.query_embedding, vectors[0])
     np.testing.assert_array_equal(again.reference_embeddings, vectors[1:])
-    optional = ("polarity", "side", "smoothgrad_samples", "query_embedding", "reference_embeddings")
+    assert again.deadline == request.deadline
+    optional = ("polarity", "side", "smoothgrad_samples", "query_embedding", "reference_embeddings", "deadline")
     defaults = decode_explain_request(
         {key: value for key, value in inputs.items() if key not in optional}, MAX_PIXELS, dim=4
     )
     assert (defaults.polarity, defaults.side, defaults.options) == ("similar", "both", SmoothGradOptions())
     assert defaults.query_embedding is None and defaults.reference_embeddings is None
+    assert defaults.deadline is None
+    with pytest.raises(InvalidRequest, match="deadline"):
+        decode_explain_request({**inputs, "deadline": b"soon"}, MAX_PIXELS, dim=4)
 
 
 def test_embed_and_info_inputs() -> None:

@@ -15,6 +15,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest, NotFound
+from histoxplain_model.limits import MAX_INDEX_NAME_CHARS
 from histoxplain_service.domain.ranking import rank_images
 from histoxplain_service.domain.types import Box, TileRecord, point_id_for
 from histoxplain_service.index.base import validate_index_name
@@ -241,8 +242,9 @@ def test_delete_removes_points_and_tile_pixels(index: QdrantIndex) -> None:
     assert index.tile_store is not None
     assert not any(index.tile_store.has(r.point_id) for r in a)
     assert all(index.tile_store.has(r.point_id) for r in b)
-    with pytest.raises(NotFound, match="no stored pixels"):
+    with pytest.raises(NotFound, match="no stored pixels") as missing:
         index.load_tile(a[0].point_id)
+    assert str(index.tile_store.root) not in str(missing.value)  # no server path to the client
     assert index.delete([]) == 0
 
 
@@ -316,10 +318,18 @@ def test_upsert_rejects_mismatched_or_invalid_vectors(index: QdrantIndex) -> Non
     assert index.describe().n_points == 0
 
 
-@pytest.mark.parametrize("name", ["", "a b", "../etc", "x" * 64, "-lead", "naïve", "a/b"])
+@pytest.mark.parametrize("name", ["", "a b", "../etc", "x" * 65, "-lead", "naïve", "a/b"])
 def test_invalid_index_names(name: str) -> None:
     with pytest.raises(InvalidRequest, match="invalid index name"):
         validate_index_name(name)
+
+
+def test_index_names_up_to_the_contract_limit_are_valid_and_long_ones_are_not_echoed() -> None:
+    assert validate_index_name("x" * MAX_INDEX_NAME_CHARS) == "x" * MAX_INDEX_NAME_CHARS
+    with pytest.raises(InvalidRequest) as caught:
+        validate_index_name("y" * 10_000)
+    message = str(caught.value)
+    assert len(message) < 200 and "10,000 characters" in message and f"1-{MAX_INDEX_NAME_CHARS}" in message
 
 
 def test_list_indexes(client: QdrantClient, tmp_path: Path) -> None:
@@ -344,6 +354,8 @@ def test_a_locked_local_folder_names_the_holder(tmp_path: Path) -> None:
             open_qdrant(settings)
         message = str(excinfo.value)
         assert f"pid {holder.pid}" in message and "QDRANT_URL" in message
+        # neither the folder nor the holder's command line (its arguments may name patients)
+        assert str(tmp_path) not in message and "QdrantClient" not in message
     finally:
         assert holder.stdin is not None
         holder.stdin.close()

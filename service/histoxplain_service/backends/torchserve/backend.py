@@ -8,6 +8,10 @@ the raw pixels would take over half of the message limit), so TorchServe sees ex
 spends time on PNG. Every call carries ``authorization: Bearer <inference key>``
 from TorchServe's ``key_file.json``; the file is re-read when it changes and once more after a
 PERMISSION_DENIED (TorchServe rewrites it when keys are regenerated).
+
+Error messages reach gateway clients (and the gateway logs them), so they say "the model
+server" and name neither TorchServe's internal address nor the key file's path; the gateway
+log gets those with gRPC's own details, which can name addresses too.
 """
 
 from __future__ import annotations
@@ -75,16 +79,19 @@ class _KeyFile:
             try:
                 stat = self._path.stat()
             except FileNotFoundError:
+                logger.warning("TorchServe key file %s does not exist", self._path)
                 raise errors.DependencyUnavailable(
-                    f"TorchServe key file {self._path} does not exist; is TorchServe running there?"
+                    "the model server's key file (HISTOXPLAIN_TORCHSERVE_KEY_FILE) does not exist; "
+                    "is TorchServe running?"
                 ) from None
             stamp = (stat.st_mtime_ns, stat.st_size)
             if force or stamp != self._stamp or self._key is None:
                 try:
                     self._key = json.loads(self._path.read_text())["inference"]["key"]
                 except (KeyError, TypeError, json.JSONDecodeError) as error:
+                    logger.warning("TorchServe key file %s has no inference key: %s", self._path, error)
                     raise errors.DependencyUnavailable(
-                        f"TorchServe key file {self._path} has no inference key: {error}"
+                        "the model server's key file has no inference key (HISTOXPLAIN_TORCHSERVE_KEY_FILE)"
                     ) from None
                 self._stamp = stamp
             return self._key
@@ -194,21 +201,31 @@ class TorchServeBackend:
         return (("authorization", f"Bearer {key}"),) if key is not None else None
 
     def _map_rpc_error(self, error: grpc.RpcError) -> Exception:
+        """A TorchServe status as a histoxplain error whose message names no address or path
+        (see the module docstring); the details go to the log with the address."""
         code, details = error.code(), error.details() or ""
-        where = f"TorchServe at {self.config.target} (model {self.config.model_name!r})"
+        # A stopped TorchServe fails every health probe: those common cases are logged at DEBUG.
+        routine = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        logger.log(
+            logging.DEBUG if routine else logging.WARNING, "TorchServe at %s (model %s) answered %s: %s",
+            self.config.target, self.config.model_name, code.name, details,
+        )
+        where = "the model server (TorchServe)"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return errors.DeadlineExceeded(f"{where} did not answer before the deadline; retry with a longer one")
         if code == grpc.StatusCode.UNAVAILABLE:
-            return errors.DependencyUnavailable(f"{where} is unavailable: {details}")
+            return errors.DependencyUnavailable(f"{where} is unavailable; retry later")
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return errors.DependencyUnavailable(
-                f"{where} refused the inference key from {self.config.key_file}: {details}"
+                f"{where} refused the inference key of the gateway; check HISTOXPLAIN_TORCHSERVE_KEY_FILE"
             )
         if code == grpc.StatusCode.NOT_FOUND:
-            return errors.DependencyUnavailable(f"{where} does not serve this model: {details}")
+            return errors.DependencyUnavailable(
+                f"{where} does not serve model {self.config.model_name!r}; check HISTOXPLAIN_TORCHSERVE_MODEL"
+            )
         if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            return RuntimeError(f"{where} failed: {details}")
+            return RuntimeError(f"{where} failed ({code.name}): {details}")  # INTERNAL to the caller, generic
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return errors.InvalidRequest(f"the request is too large for {where}: {details}")
-        return errors.DependencyUnavailable(f"{where} failed ({code.name}): {details}")
+            return errors.InvalidRequest(f"the request is too large for {where}; send a smaller image or fewer")
+        return errors.DependencyUnavailable(f"{where} failed ({code.name}); the gateway log has the details")
 

@@ -5,7 +5,8 @@ The archive holds everything the TorchServe worker needs, nothing downloaded at 
     retrieval_handler.py      the handler (handlers/retrieval_handler.py, installed as a module)
     histoxplain_model/        the model library (handlers/histoxplain_model, no __pycache__)
     <weights file>            the preset's weights (from its package, or --weights)
-    setup_config.json         {"preset", "weights", "max_pixels", "max_embed_batch"}
+    setup_config.json         {"preset", "weights", "max_pixels", "max_embed_batch"}; max_pixels is the
+                              request pixel limit (HISTOXPLAIN_MAX_REQUEST_PIXELS, 16 Mpx by default)
     model-config.yaml         worker and batching defaults (registration parameters override them)
 
 Usage (from the repository root; ``model_store/build_mar.py`` runs this module's ``main``):
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="archive and model name (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("model_store"), help="output folder (default model_store/)")
     parser.add_argument("--version", default="1.0", help="model version (default %(default)s)")
-    parser.add_argument("--max-pixels", type=int, help="largest decoded image (width * height) in the worker")
+    parser.add_argument("--max-pixels", type=int,
+                        help="largest request image (width * height) the worker decodes (default 4096 * 4096)")
     parser.add_argument("--max-embed-batch", type=int, default=32, help="images per forward pass (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="default TorchServe batchSize (default %(default)s)")
     parser.add_argument(

@@ -98,7 +98,7 @@ class IndexImagesResponse(_message.Message):
     BACKGROUND_TILES_SKIPPED_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     index: _builtins.str
-    """The index written to."""
+    """The index written to (at most 64 characters)."""
     images_received: _builtins.int
     """Number of image messages received."""
     images_indexed: _builtins.int
@@ -142,11 +142,13 @@ class SkippedImage(_message.Message):
     position: _builtins.int
     """0-based position of the image among the stream's image messages."""
     image_id: _builtins.str
-    """The image's image_id as sent (may be empty)."""
+    """The image's image_id as sent (may be empty), cut to at most 256 characters."""
     reason: _types_pb2.SkipReason.ValueType
     """Why it was skipped."""
     message: _builtins.str
-    """Human-readable detail (for example the decoder's error or the pixel limit)."""
+    """Human-readable detail (for example the decoder's error or the pixel limit), at most 1024
+    characters. It names the image by its position, never by its label or source.
+    """
     def __init__(
         self,
         *,
@@ -174,11 +176,14 @@ class SearchRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     RANKING_FIELD_NUMBER: _builtins.int
     index: _builtins.str
-    """Index to search."""
+    """Index to search (at most 64 characters)."""
     image: _builtins.bytes
-    """Query image: PNG, JPEG or TIFF bytes, embedded whole (resized to the model input)."""
+    """Query image: PNG, JPEG or TIFF bytes, embedded whole (resized to the model input). At most
+    the server's request pixel limit (default 4096 x 4096 = 16,777,216 pixels), checked from
+    the header before decoding.
+    """
     k: _builtins.int
-    """Number of hits to return, 1 to 1000."""
+    """Number of hits to return, 1 to 100."""
     ranking: _types_pb2.RankingLevel.ValueType
     """Rank tiles or whole images. Unspecified: tiles."""
     def __init__(
@@ -231,16 +236,16 @@ class IndexedReferences(_message.Message):
     IMAGE_IDS_FIELD_NUMBER: _builtins.int
     POINT_IDS_FIELD_NUMBER: _builtins.int
     index: _builtins.str
-    """Index the references live in."""
+    """Index the references live in (at most 64 characters)."""
     @_builtins.property
     def image_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Images of the index; for an image stored as several tiles, its tile most similar to the
-        query is used.
+        """Images of the index (each at most 256 characters); for an image stored as several tiles,
+        its tile most similar to the query is used.
         """
 
     @_builtins.property
     def point_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Tiles of the index (SearchHit.point_id values)."""
+        """Tiles of the index (SearchHit.point_id values, UUIDs of at most 36 characters)."""
 
     def __init__(
         self,
@@ -266,7 +271,7 @@ class ReferenceImages(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """PNG, JPEG or TIFF bytes of each reference image."""
+        """PNG, JPEG or TIFF bytes of each reference image (each within the request pixel limit)."""
 
     def __init__(
         self,
@@ -293,7 +298,7 @@ class ExplainRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     query_image: _builtins.bytes
-    """Query image: PNG, JPEG or TIFF bytes."""
+    """Query image: PNG, JPEG or TIFF bytes (within the request pixel limit)."""
     k: _builtins.int
     """Explain only the k references most similar to the query. 0: all of them."""
     @_builtins.property
@@ -369,9 +374,9 @@ class SearchAndExplainRequest(_message.Message):
     RANKING_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     index: _builtins.str
-    """Index to search."""
+    """Index to search (at most 64 characters)."""
     image: _builtins.bytes
-    """Query image: PNG, JPEG or TIFF bytes."""
+    """Query image: PNG, JPEG or TIFF bytes (within the request pixel limit)."""
     k: _builtins.int
     """Number of hits to return and explain, 1 to 100."""
     ranking: _types_pb2.RankingLevel.ValueType
@@ -436,10 +441,10 @@ class DeleteImagesRequest(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     IMAGE_IDS_FIELD_NUMBER: _builtins.int
     index: _builtins.str
-    """Index to delete from."""
+    """Index to delete from (at most 64 characters)."""
     @_builtins.property
     def image_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Images to delete with all their tiles (at least one)."""
+        """Images to delete with all their tiles (at least one; each at most 256 characters)."""
 
     def __init__(
         self,
@@ -470,7 +475,9 @@ class DeleteImagesResponse(_message.Message):
     """Number of tiles (points) deleted."""
     @_builtins.property
     def missing_image_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Requested image ids the index did not hold (not an error: deletion is idempotent)."""
+        """Requested image ids the index did not hold (not an error: deletion is idempotent); each at
+        most 256 characters.
+        """
 
     def __init__(
         self,
@@ -495,7 +502,7 @@ class DescribeIndexRequest(_message.Message):
 
     INDEX_FIELD_NUMBER: _builtins.int
     index: _builtins.str
-    """Index name."""
+    """Index name (at most 64 characters)."""
     def __init__(
         self,
         *,
@@ -600,7 +607,7 @@ class GetModelInfoResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
-    """Version of the server software."""
+    """Version of the server software (set by the server)."""
     @_builtins.property
     def model(self) -> _types_pb2.ModelInfo:
         """The served model."""

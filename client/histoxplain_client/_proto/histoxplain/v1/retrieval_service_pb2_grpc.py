@@ -30,7 +30,8 @@ class RetrievalServiceStub:
     """Explainable similar-image search over indexes of histology tiles.
 
     Errors are gRPC status codes with a message that says what to do: INVALID_ARGUMENT (bad
-    image, k out of range, unknown method), NOT_FOUND (unknown index, image or point id),
+    image, k out of range, unknown method, a text field over its stated length, which the message
+    names by field and position without repeating its value), NOT_FOUND (unknown index, image or point id),
     FAILED_PRECONDITION (index built with another encoder), UNAVAILABLE (model server or Qdrant
     down; safe to retry), DEADLINE_EXCEEDED, INTERNAL (unexpected; details in the server log).
     """
@@ -87,7 +88,8 @@ class RetrievalServiceServicer:
     """Explainable similar-image search over indexes of histology tiles.
 
     Errors are gRPC status codes with a message that says what to do: INVALID_ARGUMENT (bad
-    image, k out of range, unknown method), NOT_FOUND (unknown index, image or point id),
+    image, k out of range, unknown method, a text field over its stated length, which the message
+    names by field and position without repeating its value), NOT_FOUND (unknown index, image or point id),
     FAILED_PRECONDITION (index built with another encoder), UNAVAILABLE (model server or Qdrant
     down; safe to retry), DEADLINE_EXCEEDED, INTERNAL (unexpected; details in the server log).
     """
@@ -205,7 +207,8 @@ class RetrievalService:
     """Explainable similar-image search over indexes of histology tiles.
 
     Errors are gRPC status codes with a message that says what to do: INVALID_ARGUMENT (bad
-    image, k out of range, unknown method), NOT_FOUND (unknown index, image or point id),
+    image, k out of range, unknown method, a text field over its stated length, which the message
+    names by field and position without repeating its value), NOT_FOUND (unknown index, image or point id),
     FAILED_PRECONDITION (index built with another encoder), UNAVAILABLE (model server or Qdrant
     down; safe to retry), DEADLINE_EXCEEDED, INTERNAL (unexpected; details in the server log).
     """

@@ -169,7 +169,9 @@ class _SkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SkipReason
     SKIP_REASON_DUPLICATE_IMAGE_ID: _SkipReason.ValueType  # 4
     """The same image_id already came earlier in this stream; the first one was kept."""
     SKIP_REASON_INVALID_METADATA: _SkipReason.ValueType  # 5
-    """The image message is invalid (for example an image_id that is too long)."""
+    """The image message is invalid (an image_id, label or source over its length, or an mpp
+    that is not a finite number in range).
+    """
 
 class SkipReason(_SkipReason, metaclass=_SkipReasonEnumTypeWrapper):
     """Why an image sent to IndexImages was not indexed."""
@@ -185,7 +187,9 @@ SKIP_REASON_NO_TISSUE: SkipReason.ValueType  # 3
 SKIP_REASON_DUPLICATE_IMAGE_ID: SkipReason.ValueType  # 4
 """The same image_id already came earlier in this stream; the first one was kept."""
 SKIP_REASON_INVALID_METADATA: SkipReason.ValueType  # 5
-"""The image message is invalid (for example an image_id that is too long)."""
+"""The image message is invalid (an image_id, label or source over its length, or an mpp
+that is not a finite number in range).
+"""
 Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
 
 @_typing.final
@@ -271,13 +275,19 @@ class ImageRecord(_message.Message):
     hex digest of `content`.
     """
     content: _builtins.bytes
-    """Encoded image: PNG, JPEG or TIFF bytes (the format is detected from the content)."""
+    """Encoded image: PNG, JPEG or TIFF bytes (the format is detected from the content), within
+    the server's request pixel limit (default 4096 x 4096 = 16,777,216 pixels).
+    """
     label: _builtins.str
-    """Optional class label (for example a tissue type or diagnosis), stored with every tile."""
+    """Optional class label (for example a tissue type or diagnosis), stored with every tile
+    (at most 256 characters).
+    """
     source: _builtins.str
-    """Optional provenance (file path, PACS study/series UID, URL), stored with every tile."""
+    """Optional provenance (file path, PACS study/series UID, URL), stored with every tile
+    (at most 4096 characters).
+    """
     mpp: _builtins.float
-    """Microns per pixel of `content`, when known."""
+    """Microns per pixel of `content`, when known: a finite number in (0, 1000]."""
     def __init__(
         self,
         *,
@@ -353,17 +363,19 @@ class SearchHit(_message.Message):
     image-level ranking the image's combined score.
     """
     image_id: _builtins.str
-    """Identifier of the image the tile comes from."""
+    """Identifier of the image the tile comes from (at most 256 characters)."""
     point_id: _builtins.str
-    """Identifier of the tile in the index (a UUID); valid as a reference for Explain."""
+    """Identifier of the tile in the index (a UUID, at most 36 characters); valid as a reference
+    for Explain.
+    """
     label: _builtins.str
-    """Label stored with the image (empty when none)."""
+    """Label stored with the image (empty when none; at most 256 characters)."""
     source: _builtins.str
-    """Source stored with the image (empty when none)."""
+    """Source stored with the image (empty when none; at most 4096 characters)."""
     level: _builtins.int
     """Pyramid level the tile was read at (0 = full resolution)."""
     mpp: _builtins.float
-    """Microns per pixel of the tile, when known."""
+    """Microns per pixel of the tile, when known: a finite number in (0, 1000]."""
     matched_tiles: _builtins.int
     """Image-level ranking only: how many of the image's tiles were among the candidates."""
     @_builtins.property
@@ -528,9 +540,9 @@ class IndexInfo(_message.Message):
     TILE_COUNT_FIELD_NUMBER: _builtins.int
     IMAGE_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Index name."""
+    """Index name (at most 64 characters)."""
     encoder_preset: _builtins.str
-    """Encoder preset whose embeddings the index holds."""
+    """Encoder preset whose embeddings the index holds (set by the server)."""
     embedding_dim: _builtins.int
     """Embedding dimension."""
     tile_count: _builtins.int
@@ -568,9 +580,9 @@ class ModelInfo(_message.Message):
     METHODS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     preset: _builtins.str
-    """Encoder preset name (for example "efficientnet-lite0-imagenet")."""
+    """Encoder preset name (for example "efficientnet-lite0-imagenet"; set by the server)."""
     architecture: _builtins.str
-    """timm architecture name."""
+    """timm architecture name (set by the server)."""
     embedding_dim: _builtins.int
     """Embedding dimension."""
     input_height: _builtins.int
@@ -578,7 +590,7 @@ class ModelInfo(_message.Message):
     input_width: _builtins.int
     """Model input width in pixels (the width of returned heatmap arrays)."""
     backend: _builtins.str
-    """Model backend: "torchserve" or "embedded"."""
+    """Model backend: "torchserve" or "embedded" (set by the server)."""
     @_builtins.property
     def methods(self) -> _containers.RepeatedScalarFieldContainer[Global___ExplanationMethod.ValueType]:
         """Explanation methods the server supports."""
