@@ -12,10 +12,15 @@ Congruence: TorchServe and the in-process EmbeddedBackend give
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import grpc
@@ -31,6 +36,7 @@ from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.wire.inputs import encode_float32
 from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
 from histoxplain_service.backends.torchserve.mar import stage_weights
+from histoxplain_service.backends.torchserve.process import TorchServeProcess
 
 torch.set_num_threads(1)
 
@@ -415,3 +421,65 @@ def test_backend_follows_regenerated_keys(torchserve, torchserve_backend, tiles)
     assert new.inference != old.inference and new.management != old.management
     assert torchserve_backend.embed(tiles[:1], timeout=60).shape == (1, 1280)
     assert torchserve.process.model_status(torchserve.model_name)[0]["batchSize"] == torchserve.batch_size
+
+
+def _worker_pids(root: int) -> list[int]:
+    """TorchServe's Python worker processes below ``root`` (by their command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"model_service_worker" in command:
+            found.append(int(entry.name))
+    return [pid for pid in found if _has_ancestor(pid, root)]
+
+
+def _has_ancestor(pid: int, root: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == root:
+            return True
+    return False
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_killed_mid_call_gives_unavailable_and_the_backend_recovers(
+    torchserve_model_store, tmp_path_factory, tiles
+) -> None:
+    """Its own TorchServe (killing the shared one's worker would disturb other tests)."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.fail("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless (.ci/run does this)")
+    process = TorchServeProcess(torchserve_model_store, tmp_path_factory.mktemp("torchserve-kill"))
+    process.start()
+    try:
+        name = process.register_model("histoxplain.mar", "histoxplain")
+        backend = TorchServeBackend(TorchServeConfig(process.grpc_target, name, process.key_file))
+        try:
+            assert backend.ready()
+            (worker,) = _worker_pids(process.pid)
+            slow = ExplainRequest(tiles[0], tiles[1:4], "smoothgrad", options=SmoothGradOptions(n_samples=64))
+            with ThreadPoolExecutor(1) as pool:
+                call = pool.submit(backend.explain, slow, 120)
+                time.sleep(3.0)  # the worker is busy with the explanation
+                os.kill(worker, signal.SIGKILL)
+                with pytest.raises(errors.DependencyUnavailable) as lost:
+                    call.result(timeout=120)
+            message = str(lost.value)
+            assert "retry" in message and "127.0.0.1" not in message and "Exception" not in message
+            process.wait_model_ready(name, timeout=180)  # TorchServe restarts the worker
+            deadline = time.monotonic() + 60
+            while not backend.ready() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert backend.embed(tiles[:1], timeout=60).shape == (1, 1280)
+        finally:
+            backend.close()
+    finally:
+        process.stop()

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 _Response = TypeVar("_Response")
 
 
+#: What TorchServe says when the worker serving a call died.
+_WORKER_LOST = "Worker died"
+
+
 @dataclass(frozen=True)
 class TorchServeConfig:
     """Where TorchServe's gRPC inference API is and how to authenticate.
@@ -211,6 +215,10 @@ class TorchServeBackend:
             self.config.target, self.config.model_name, code.name, details,
         )
         where = "the model server (TorchServe)"
+        if _WORKER_LOST in details and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            # A worker that died mid-call (killed, out of memory) comes back as RESOURCE_EXHAUSTED
+            # or INTERNAL with this text; TorchServe restarts it, so the call is worth retrying.
+            return errors.DependencyUnavailable(f"{where} lost its worker; retry in a few seconds")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return errors.DeadlineExceeded(f"{where} did not answer before the deadline; retry with a longer one")
         if code == grpc.StatusCode.UNAVAILABLE:

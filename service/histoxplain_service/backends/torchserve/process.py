@@ -190,6 +190,11 @@ class TorchServeProcess:
         return self.work_dir / "torchserve.out"
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the root of this TorchServe's process tree (its guard), while started."""
+        return None if self._launcher is None else self._launcher.pid
+
+    @property
     def running(self) -> bool:
         return self._launcher is not None and self._launcher.poll() is None
 
