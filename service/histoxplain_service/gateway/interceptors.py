@@ -23,6 +23,7 @@ import grpc
 from grpc import aio
 
 from histoxplain_model import errors
+from histoxplain_service.gateway.audit import PRINCIPAL
 from histoxplain_service.gateway.auth import AuthenticationFailed, Authenticator
 from histoxplain_service.gateway.roles import HEALTH_SERVICE, Principal, required_role, service_of
 
@@ -155,12 +156,30 @@ class AuthInterceptor(aio.ServerInterceptor):
             rpc = method.rpartition("/")[2]
             return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE.format(rpc=rpc, role=role))
         logger.debug("%s by %s %r", method, principal.mechanism, principal.name)
-        return handler
+        return _as_principal(handler, principal)
 
     async def _authenticate(self, metadata: Any) -> Principal:
         if self._authenticator.blocking:  # a JWKS URL may be fetched: keep the event loop free
             return await asyncio.to_thread(self._authenticator.authenticate, metadata)
         return self._authenticator.authenticate(metadata)
+
+
+def _as_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+    """``handler`` with :data:`~histoxplain_service.gateway.audit.PRINCIPAL` set while it runs
+    (the audit line names the caller); the API's methods all answer with one message."""
+
+    def bind(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def as_principal(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
+            PRINCIPAL.set(principal)
+            return await behavior(request_or_iterator, context)
+
+        return as_principal
+
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=bind(handler.unary_unary))
+    if handler.stream_unary is not None:
+        return handler._replace(stream_unary=bind(handler.stream_unary))
+    return handler
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -27,6 +27,7 @@ from histoxplain_model.errors import InvalidRequest
 from histoxplain_service.bootstrap import create_backend, open_gateway_index
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.gateway.auth import build_authenticator
+from histoxplain_service.gateway.audit import AuditInterceptor
 from histoxplain_service.gateway.health import HealthMonitor, backend_probe, health_server, index_probe
 from histoxplain_service.gateway.interceptors import AuthInterceptor, ErrorMappingInterceptor
 from histoxplain_service.gateway.security import check_exposure, reflection_enabled
@@ -80,10 +81,11 @@ class Gateway:
         # Probes get threads of their own: behind a queue of long explanations they would time
         # out and turn a busy but healthy gateway NOT_SERVING.
         self.health_executor = ThreadPoolExecutor(2, thread_name_prefix="histoxplain-health")
-        # The first interceptor is the outermost: refused calls never reach the error mapping.
+        # The first interceptor is the outermost: every call is audited, refused calls never
+        # reach the error mapping.
         auth = [AuthInterceptor(self.authenticator)] if self.authenticator is not None else []
         self.server = aio.server(
-            interceptors=[*auth, ErrorMappingInterceptor()],
+            interceptors=[AuditInterceptor(authenticated=bool(auth)), *auth, ErrorMappingInterceptor()],
             options=grpc_options(settings),
             maximum_concurrent_rpcs=None,
         )
