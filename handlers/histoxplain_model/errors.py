@@ -14,6 +14,7 @@ class                      ``status_code``       exit code
 ``DependencyUnavailable``  UNAVAILABLE           5
 ``DeadlineExceeded``       DEADLINE_EXCEEDED     6
 ``ResourceExhausted``      RESOURCE_EXHAUSTED    7
+``Cancelled``              CANCELLED             130
 anything else              INTERNAL              1
 =========================  ====================  =========
 """
@@ -34,6 +35,7 @@ __all__ = [
     "DependencyUnavailable",
     "DeadlineExceeded",
     "ResourceExhausted",
+    "Cancelled",
     "error_class_for_status",
 ]
 
@@ -135,10 +137,22 @@ class ResourceExhausted(HistoxplainError):
     exit_code = 7
 
 
+class Cancelled(HistoxplainError):
+    """The caller cancelled the request (or the server is shutting down) and its work stopped.
+
+    Exit code 130, what a shell reports for Ctrl-C."""
+
+    status_code = "CANCELLED"
+    exit_code = 130
+
+
 #: The error class each status name stands for (the classes that set a ``status_code``).
 _BY_STATUS: dict[str, type[HistoxplainError]] = {
     cls.status_code: cls
-    for cls in (InvalidRequest, NotFound, FailedPrecondition, DependencyUnavailable, DeadlineExceeded, ResourceExhausted)
+    for cls in (
+        InvalidRequest, NotFound, FailedPrecondition, DependencyUnavailable, DeadlineExceeded, ResourceExhausted,
+        Cancelled,
+    )
 }
 
 

@@ -244,6 +244,9 @@ _GATEWAY_VARIABLES: tuple[_Var, ...] = (
          f"an integer from 1 to {MAX_K}"),
     _Var("max_explain_cost", "HISTOXPLAIN_MAX_EXPLAIN_COST", _int, _positive, "an integer > 0 (work units)"),
     _Var("worker_threads", "HISTOXPLAIN_WORKER_THREADS", _int, _positive, "an integer > 0"),
+    _Var("index_buffer_images", "HISTOXPLAIN_INDEX_BUFFER_IMAGES", _int, _positive, "an integer > 0"),
+    _Var("index_buffer_bytes", "HISTOXPLAIN_INDEX_BUFFER_MB", lambda t: int(float(t) * _MIB), _positive,
+         "a number of MiB > 0"),
     _Var("grace_period_s", "HISTOXPLAIN_GRACE_PERIOD_S", float, lambda v: v >= 0, "seconds >= 0"),
     _Var("health_interval_s", "HISTOXPLAIN_HEALTH_INTERVAL_S", float, _positive, "seconds > 0"),
     _Var("health_port", "HISTOXPLAIN_HEALTH_PORT", lambda t: _int(t) if t else None,
@@ -285,6 +288,10 @@ class GatewaySettings:
         max_explain_cost: explanation work in flight at once, in units of about one forward
             pass (``gateway/admission.py``); beyond it calls get RESOURCE_EXHAUSTED at once.
         worker_threads: threads that run model and index calls off the event loop.
+        index_buffer_images: images of one IndexImages stream that may wait in memory for the
+            indexing thread; beyond it the gateway stops reading (flow control holds the client).
+        index_buffer_bytes: bytes that may wait likewise (one image is always admitted, so the
+            bound per stream is this, or one message, plus the image being indexed).
         grace_period_s: how long SIGTERM lets in-flight calls finish before cancelling them.
         health_interval_s: how often health re-checks the model backend and Qdrant.
         health_port: a second, plaintext port that serves only ``grpc.health.v1`` (kubelet
@@ -321,6 +328,8 @@ class GatewaySettings:
     max_explain_k: int = 100
     max_explain_cost: int = 2000
     worker_threads: int = 4
+    index_buffer_images: int = 4
+    index_buffer_bytes: int = 64 * _MIB
     grace_period_s: float = 10.0
     health_interval_s: float = 5.0
     health_port: int | None = None

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
+from histoxplain_model.deadlines import check_deadline, deadline
+from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import ModelInfo, RetrievalExplanation
 
@@ -54,16 +55,16 @@ class EmbeddedBackend:
     def embed(self, images: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
         if len(images) == 0:
             raise InvalidRequest("no images to embed; send at least one image")
-        deadline = _deadline(timeout)
         chunks = []
-        for start in range(0, len(images), self._embed_batch_size):
-            _check_deadline(deadline)
-            pixels = self._encoder.preprocess(list(images[start : start + self._embed_batch_size]))
-            # preprocess puts the pixels on the encoder's device (maybe a GPU): numpy needs the CPU.
-            if self._pixel_embedder is not None:
-                chunks.append(self._pixel_embedder(pixels.cpu().numpy()))
-            else:
-                chunks.append(self._encoder.embed(pixels).cpu().numpy())
+        with deadline(_at(timeout)):
+            for start in range(0, len(images), self._embed_batch_size):
+                check_deadline()
+                pixels = self._encoder.preprocess(list(images[start : start + self._embed_batch_size]))
+                # preprocess puts the pixels on the encoder's device (maybe a GPU): numpy needs the CPU.
+                if self._pixel_embedder is not None:
+                    chunks.append(self._pixel_embedder(pixels.cpu().numpy()))
+                else:
+                    chunks.append(self._encoder.embed(pixels).cpu().numpy())
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
     def explain(self, request: ExplainRequest, timeout: float | None = None) -> RetrievalExplanation:
@@ -71,11 +72,11 @@ class EmbeddedBackend:
         from histoxplain_model.explain import explain_retrieval
 
         request.check_embedding_dim(int(self._encoder.embedding_dim))
-        deadline = _deadline(timeout)
-        if self._pixel_embedder is not None:
-            request = self._with_embeddings(request, timeout)
-        _check_deadline(deadline)
-        return explain_retrieval(self._encoder, request)
+        with deadline(_at(timeout)):
+            if self._pixel_embedder is not None:
+                request = self._with_embeddings(request, timeout)
+            check_deadline()
+            return explain_retrieval(self._encoder, request)
 
     def _with_embeddings(self, request: ExplainRequest, timeout: float | None) -> ExplainRequest:
         """``request`` with both sides' embeddings, the missing ones from ONNX Runtime: it embeds
@@ -98,13 +99,9 @@ class EmbeddedBackend:
         """Nothing to release: the encoder lives as long as the process."""
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded("the request ran out of time before the model started; retry with a longer deadline")
+def _at(timeout: float | None) -> float | None:
+    """The wall-clock deadline of a call with ``timeout`` seconds (``histoxplain_model.deadlines``)."""
+    return None if timeout is None else time.time() + timeout
 
 
 def create_embedded_backend(settings: Settings) -> EmbeddedBackend:

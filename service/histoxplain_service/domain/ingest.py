@@ -31,6 +31,13 @@ Bad input
     not exist or has an unsupported extension is a usage error raised before anything is
     written. Failures of the embedder or of Qdrant stop the run; re-running it finishes the job.
 
+Stopping
+    The loop calls :func:`histoxplain_model.deadlines.check_deadline` between images and before
+    each embedding batch, so a run whose caller cancelled it, or whose deadline passed, stops
+    within one batch. It commits whole images only: the images not finished when it stopped are
+    removed (no partial image is left behind), and :attr:`IndexSummary.stopped` says why it
+    stopped while :attr:`IndexSummary.images` lists exactly the images that were committed.
+
 Resuming
     Before tiling an image, its planned point ids are checked against the index
     (:meth:`~histoxplain_service.index.base.VectorIndex.image_state`): complete images are
@@ -55,7 +62,8 @@ from typing import Literal, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from histoxplain_model.errors import ImageDecodeError, ImageTooLargeError, InvalidRequest
+from histoxplain_model.deadlines import check_deadline
+from histoxplain_model.errors import Cancelled, DeadlineExceeded, ImageDecodeError, ImageTooLargeError, InvalidRequest
 from histoxplain_model.imageio import decode_image
 from histoxplain_model.limits import LABEL, SOURCE, check_mpp
 
@@ -383,9 +391,14 @@ def _skipped(name: str, error: InvalidRequest, position: int) -> SkippedInput:
 
 @dataclass(frozen=True)
 class IndexSummary:
+    """What a run did. ``images``: the images committed (complete in the index) or found
+    complete; ``stopped``: why the run stopped before its last input (its caller cancelled it,
+    or its deadline passed), ``None`` when it ran to the end."""
+
     index: str
     images: tuple[IndexedImage, ...]
     skipped: tuple[SkippedInput, ...]
+    stopped: Cancelled | DeadlineExceeded | None = None
 
     @property
     def images_indexed(self) -> int:
@@ -442,15 +455,23 @@ class _Indexer:
                     self.flush()
         except InvalidRequest:
             # A tile that cannot be read (a corrupt slide region): leave no partial image behind.
-            self.batch = [(record, tile) for record, tile in self.batch if record.image_id != source.image_id]
-            del self.pending[source.image_id]
-            self.index.delete([source.image_id])
+            self.abandon([source.image_id])
             raise
         return IndexedImage(source.image_id, source.source, source.label, len(records), "indexed")
+
+    def abandon(self, image_ids: Sequence[str]) -> None:
+        """Drop unfinished images: their queued tiles, and whatever of them reached the index."""
+        dropped = set(image_ids)
+        self.batch = [(record, tile) for record, tile in self.batch if record.image_id not in dropped]
+        for image_id in dropped:
+            del self.pending[image_id]
+        if dropped:
+            self.index.delete(sorted(dropped))
 
     def flush(self) -> None:
         if not self.batch:
             return
+        check_deadline()
         records = [record for record, _ in self.batch]
         tiles = [tile for _, tile in self.batch]
         vectors = np.asarray(self.embed_fn(tiles), dtype=np.float32)
@@ -484,39 +505,51 @@ def _run(
     ``named_inputs``: reasons may name an earlier input by its name (the CLI's own file paths);
     otherwise by its position (images sent as bytes, whose source is the caller's text).
     """
-    index.ensure(preset, dim)
     images: list[IndexedImage] = []
     skipped: list[SkippedInput] = []
     first_seen: dict[str, str] = {}
+    stopped: Cancelled | DeadlineExceeded | None = None
+    ensured = False
     with tqdm(total=None, unit="tile", desc=f"indexing {index.name}", disable=not show_progress) as bar:
         indexer = _Indexer(index, embed_fn, settings, dim, bar)
         inputs = tqdm(items, total=total, unit="image", disable=not show_progress, leave=False)
-        for position, name, opener in inputs:
-            try:
-                source = opener()
-            except InvalidRequest as exc:
-                skipped.append(_skipped(name, exc, position))
-                continue
-            try:
-                if source.image_id in first_seen:
-                    reason = f"same image as {first_seen[source.image_id]} (same content or image id)"
-                    skipped.append(SkippedInput(name, reason, "duplicate", position))
+        try:
+            for position, name, opener in inputs:
+                check_deadline()
+                if not ensured:  # an input stream that brings no image leaves the index untouched
+                    index.ensure(preset, dim)
+                    ensured = True
+                try:
+                    source = opener()
+                except InvalidRequest as exc:
+                    skipped.append(_skipped(name, exc, position))
                     continue
-                first_seen[source.image_id] = name if named_inputs else f"image {position}"
-                result = indexer.add(source)
-            except InvalidRequest as exc:
-                result = _skipped(name, exc, position)
-            finally:
-                source.close()
-            if isinstance(result, IndexedImage):
-                images.append(result)
-            else:
-                skipped.append(replace(result, position=position))
-        indexer.flush()
-    summary = IndexSummary(index.name, tuple(images), tuple(skipped))
+                try:
+                    if source.image_id in first_seen:
+                        reason = f"same image as {first_seen[source.image_id]} (same content or image id)"
+                        skipped.append(SkippedInput(name, reason, "duplicate", position))
+                        continue
+                    first_seen[source.image_id] = name if named_inputs else f"image {position}"
+                    result = indexer.add(source)
+                except InvalidRequest as exc:
+                    result = _skipped(name, exc, position)
+                finally:
+                    source.close()
+                if isinstance(result, IndexedImage):
+                    images.append(result)
+                else:
+                    skipped.append(replace(result, position=position))
+            indexer.flush()
+        except (Cancelled, DeadlineExceeded) as stop:
+            stopped = stop
+            unfinished = set(indexer.pending)
+            indexer.abandon(sorted(unfinished))
+            images = [image for image in images if image.image_id not in unfinished]
+    summary = IndexSummary(index.name, tuple(images), tuple(skipped), stopped)
     log.info(
-        "index %s: %d images indexed (%d tiles), %d already indexed, %d skipped",
+        "index %s: %d images indexed (%d tiles), %d already indexed, %d skipped%s",
         index.name, summary.images_indexed, summary.tiles_indexed, summary.images_unchanged, len(skipped),
+        f"; stopped early ({stopped.status_code})" if stopped is not None else "",
     )
     return summary
 
@@ -565,7 +598,8 @@ def index_images(
     dim: int,
     show_progress: bool = False,
 ) -> IndexSummary:
-    """Index encoded images received in memory (e.g. over gRPC), :class:`EncodedImage` each.
+    """Index encoded images received in memory (e.g. over gRPC), :class:`EncodedImage` each,
+    one at a time as ``images`` yields them (a stream is never held whole).
 
     ``image_id`` ``None`` uses :func:`bytes_id` of the data (re-sending the same bytes updates
     the image); a caller-given id makes re-sending under that id replace the image. Bad images
@@ -575,24 +609,7 @@ def index_images(
     by its position, never by its source (see the module docstring); images are decoded under
     the request pixel limit (``HISTOXPLAIN_MAX_REQUEST_PIXELS``).
     """
-    kept: list[tuple[int, EncodedImage]] = []
     refused: list[SkippedInput] = []
-    seen_ids: set[str] = set()
-    for position, item in enumerate(images):
-        image = EncodedImage(*item)
-        try:
-            check_image_metadata(image, f"image {position}")
-        except InvalidRequest as exc:
-            refused.append(SkippedInput(image.source, str(exc), "invalid_metadata", position))
-            continue
-        if image.image_id and image.image_id in seen_ids:
-            reason = "this image_id came earlier in the stream; the first one was kept"
-            refused.append(SkippedInput(image.source, reason, "duplicate", position))
-            continue
-        seen_ids.add(image.image_id or "")
-        kept.append((position, image))
-    if not kept:
-        return IndexSummary(index.name, (), tuple(refused))
 
     def opener(position: int, image: EncodedImage) -> Callable[[], ImageSource]:
         def open_() -> ImageSource:
@@ -601,7 +618,23 @@ def index_images(
 
         return open_
 
-    items = [(position, image.source, opener(position, image)) for position, image in kept]
-    summary = _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items), named_inputs=False)
+    def items() -> Iterator[tuple[int, str, Callable[[], ImageSource]]]:
+        """The images worth opening, one at a time as they arrive; the others go to ``refused``."""
+        seen_ids: set[str] = set()
+        for position, item in enumerate(images):
+            image = EncodedImage(*item)
+            try:
+                check_image_metadata(image, f"image {position}")
+            except InvalidRequest as exc:
+                refused.append(SkippedInput(image.source, str(exc), "invalid_metadata", position))
+                continue
+            if image.image_id and image.image_id in seen_ids:
+                reason = "this image_id came earlier in the stream; the first one was kept"
+                refused.append(SkippedInput(image.source, reason, "duplicate", position))
+                continue
+            seen_ids.add(image.image_id or "")
+            yield position, image.source, opener(position, image)
+
+    summary = _run(items(), index, embed_fn, settings, preset, dim, show_progress, None, named_inputs=False)
     skipped = sorted([*refused, *summary.skipped], key=lambda item: item.position)
     return replace(summary, skipped=tuple(skipped))

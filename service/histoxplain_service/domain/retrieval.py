@@ -8,12 +8,14 @@ index side any :class:`~histoxplain_service.index.base.IndexEngine`; both are ch
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from histoxplain_model.deadlines import time_left
 from histoxplain_model.errors import InvalidRequest, NotFound
 from histoxplain_model.limits import IMAGE_ID, MAX_K, POINT_ID
 from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
@@ -95,21 +97,28 @@ class Retrieval:
         self, name: str, paths: Iterable[str | os.PathLike[str]], label: str | None = None, show_progress: bool = True
     ) -> IndexSummary:
         return index_paths(
-            paths, self.index(name), self.backend.embed, self.settings,
+            paths, self.index(name), self._embed_tiles, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim, label=label, show_progress=show_progress,
         )
 
     def index_encoded(self, name: str, images: Iterable[EncodedImage]) -> IndexSummary:
-        """Index encoded images received in memory (:class:`~.checks.EncodedImage` each).
+        """Index encoded images (:class:`~.checks.EncodedImage` each) as ``images`` yields them.
 
-        An empty stream leaves the index (and the model) untouched."""
-        items = list(images)
-        if not items:
+        An empty stream leaves the index (and the model) untouched. Under
+        ``histoxplain_model.deadlines.deadline`` the run stops between batches when its caller
+        cancels or its deadline passes (:attr:`IndexSummary.stopped`)."""
+        stream = iter(images)
+        first = next(stream, None)
+        if first is None:
             return IndexSummary(name, (), ())
         return index_images(
-            items, self.index(name), self.backend.embed, self.settings,
+            itertools.chain([first], stream), self.index(name), self._embed_tiles, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim,
         )
+
+    def _embed_tiles(self, tiles: Sequence[np.ndarray]) -> np.ndarray:
+        """One embedding batch of an indexing run, within the run's deadline, if it has one."""
+        return self.backend.embed(tiles, timeout=time_left())
 
     # -- search ------------------------------------------------------------------------------------
 

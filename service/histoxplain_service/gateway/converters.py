@@ -12,7 +12,7 @@ that change together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from histoxplain_model.limits import MAX_N_SAMPLES
 from histoxplain_model.options import SmoothGradOptions
 from histoxplain_service.domain.types import DeleteSummary, ExplainedSearch, ImageHit, IndexInfo, SearchHit
 from histoxplain_service.domain.checks import EncodedImage
-from histoxplain_service.domain.retrieval import Retrieval
+from histoxplain_service.domain.ingest import IndexSummary
 from histoxplain_service.config import Settings
 from histoxplain_service.gateway.admission import explain_cost
 
@@ -303,29 +303,31 @@ _SKIP_REASONS = {
 }
 
 
-def index_images(retrieval: Retrieval, name: str, records: Sequence[types_pb2.ImageRecord]) -> service_pb2.IndexImagesResponse:
-    """Index the streamed images with the domain and summarise as an ``IndexImagesResponse``.
+def encoded_image(position: int, record: types_pb2.ImageRecord) -> EncodedImage:
+    """A streamed ``ImageRecord`` for the domain. A caller's ``image_id`` names the image in the
+    index (empty: the SHA-256 of its bytes); an image without a source is named by its id or its
+    position in the stream."""
+    return EncodedImage(
+        bytes(record.content), record.source or record.image_id or f"image {position}",
+        record.label or None, record.image_id or None, record.mpp if record.HasField("mpp") else None,
+    )
 
-    A caller's ``image_id`` names the image in the index (empty: the SHA-256 of its bytes);
-    skipped images are reported by their position in the stream, with the domain's reason
-    (which names the image by position, never by its source), cut to ``DETAIL.max_chars``.
-    """
-    items = [
-        EncodedImage(
-            bytes(record.content), record.source or record.image_id or f"image {position}",
-            record.label or None, record.image_id or None, record.mpp if record.HasField("mpp") else None,
-        )
-        for position, record in enumerate(records)
-    ]
-    summary = retrieval.index_encoded(name, items)
+
+def index_response(
+    name: str, received: int, image_ids: Mapping[int, str], summary: IndexSummary
+) -> service_pb2.IndexImagesResponse:
+    """An indexing run as an ``IndexImagesResponse``: skipped images are reported by their
+    position in the stream (with the caller's image id, ``image_ids`` by position) and the
+    domain's reason, which names the image by position, never by its source, cut to
+    ``DETAIL.max_chars``."""
     return service_pb2.IndexImagesResponse(
         index=name,
-        images_received=len(records),
+        images_received=received,
         images_indexed=summary.images_indexed,
         tiles_indexed=summary.tiles_indexed,
         skipped=[
             service_pb2.SkippedImage(
-                position=item.position, image_id=records[item.position].image_id[:MAX_IMAGE_ID_CHARS],
+                position=item.position, image_id=image_ids.get(item.position, "")[:MAX_IMAGE_ID_CHARS],
                 reason=_SKIP_REASONS[item.kind], message=item.reason[: DETAIL.max_chars],
             )
             for item in summary.skipped

@@ -140,6 +140,9 @@ class Gateway:
         logger.info("gateway draining (grace %.1f s)", grace)
         await self.health.stop()
         await self.server.stop(grace)
+        # The calls are cancelled now; their work stops at its next check (one backward pass,
+        # chunk or batch), so the worker threads the interpreter joins at exit end promptly.
+        self.servicer.cancel_all()
         if self.health_only is not None:  # last: probes see NOT_SERVING during the drain
             await self.health_only.stop(0)
         self.executor.shutdown(wait=False, cancel_futures=True)

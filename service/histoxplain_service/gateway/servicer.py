@@ -5,12 +5,26 @@ calls, Qdrant, overlays) runs on the gateway's worker threads under the call's d
 smaller of the client's remaining time and ``HISTOXPLAIN_MAX_DEADLINE_S``, passed on to the
 model backend as its timeout. Errors are raised as :mod:`histoxplain_model.errors` classes;
 the interceptor maps them to status codes.
+
+Work stops with its caller: each call's work runs under ``histoxplain_model.deadlines.deadline``
+with a stop signal that is set when the client cancels, when the deadline passes, and when the
+gateway shuts down (:meth:`RetrievalServicer.cancel_all`); the work checks it between its units
+(backward passes, SmoothGrad chunks, embedding batches), so a worker thread is free again within
+one unit.
+
+IndexImages indexes images as they arrive (``gateway/streams.py`` bounds what waits in memory)
+and commits whole images only. When it stops early (cancelled, deadline, a malformed message)
+the images not finished are rolled back, and the trailing metadata ``histoxplain-images-committed``
+and ``histoxplain-tiles-committed`` say exactly what the index kept, with the error status.
+Re-sending the same stream is safe: committed images come back unchanged, not duplicated.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,9 +34,13 @@ from grpc import aio
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
-from histoxplain_model.errors import DeadlineExceeded, InvalidRequest
+from histoxplain_model.deadlines import deadline
+from histoxplain_model.errors import Cancelled, DeadlineExceeded, InvalidRequest
+from histoxplain_service.domain.checks import EncodedImage
+from histoxplain_service.domain.ingest import IndexSummary
 from histoxplain_service.gateway import converters
 from histoxplain_service.gateway.admission import Admission
+from histoxplain_service.gateway.streams import Inbox
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.domain.checks import decode_request_image, decode_request_images
 from histoxplain_service.domain.retrieval import Retrieval, check_k
@@ -31,11 +49,19 @@ if TYPE_CHECKING:
     from histoxplain_service.backends import ModelBackend
     from histoxplain_service.index.base import IndexEngine
 
-__all__ = ["RetrievalServicer", "add_servicer_to_server", "service_name"]
+__all__ = ["COMMITTED_IMAGES_KEY", "COMMITTED_TILES_KEY", "RetrievalServicer", "add_servicer_to_server", "service_name"]
 
 T = TypeVar("T")
 
 SERVER_VERSION = "0.1.0"
+
+#: Trailing metadata of an IndexImages call that stopped early: what the index kept.
+COMMITTED_IMAGES_KEY = "histoxplain-images-committed"
+COMMITTED_TILES_KEY = "histoxplain-tiles-committed"
+
+#: Part of an IndexImages deadline kept back so the gateway can report what it committed
+#: before the client gives up: the work stops this much earlier (at most a tenth of the deadline).
+_REPORT_MARGIN_S = 1.0
 
 
 def service_name() -> str:
@@ -57,31 +83,70 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self._retrieval = Retrieval(settings.core, backend, index_engine)
         self._executor = executor
         self._admission = Admission(settings.max_explain_cost)
+        self._in_flight: set[threading.Event] = set()
+        self._in_flight_lock = threading.Lock()
 
-    async def _run(self, context: aio.ServicerContext, work: Callable[[float], T], cost: int = 0) -> T:
-        """Run ``work(timeout_s)`` on a worker thread, bounded by the call's deadline.
+    @property
+    def work_in_flight(self) -> int:
+        """Calls whose work is still running on a worker thread (their callers may have gone)."""
+        with self._in_flight_lock:
+            return len(self._in_flight)
+
+    def cancel_all(self) -> None:
+        """Stop the work of every call in flight (the gateway's shutdown, after its grace period)."""
+        with self._in_flight_lock:
+            stops = list(self._in_flight)
+        for stop in stops:
+            stop.set()
+
+    async def _run(
+        self, context: aio.ServicerContext, work: Callable[[float], T], cost: int = 0, report_margin: bool = False
+    ) -> T:
+        """Run ``work(timeout_s)`` on a worker thread, bounded by the call's deadline, under a
+        stop signal set when the call is cancelled or times out (see the module docstring).
 
         ``cost``: admission units (``gateway/admission.py``) held until the work itself ends.
+        ``report_margin``: the work's own deadline is :data:`_REPORT_MARGIN_S` earlier than the
+        call's, so that what it returns on stopping still reaches the client.
         """
         timeout = self._settings.deadline_for(context.time_remaining())
         if timeout <= 0:
             raise DeadlineExceeded("the request's deadline had passed when it reached the gateway")
+        margin = min(_REPORT_MARGIN_S, timeout / 10) if report_margin else 0.0
+        stops_at = time.time() + timeout - margin
+        stop = threading.Event()
+
+        def run() -> T:
+            with deadline(stops_at, stop):
+                return work(timeout - margin)
+
+        def done(_: object) -> None:
+            self._admission.give_back(cost)
+            with self._in_flight_lock:
+                self._in_flight.discard(stop)
+
         loop = asyncio.get_running_loop()
         self._admission.take(cost)
+        with self._in_flight_lock:
+            self._in_flight.add(stop)
         try:
-            future = self._executor.submit(work, timeout)
+            future = self._executor.submit(run)
         except BaseException:
-            self._admission.give_back(cost)
+            done(None)
             raise
-        future.add_done_callback(lambda _: self._admission.give_back(cost))
+        future.add_done_callback(done)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), timeout)
         except TimeoutError:
+            stop.set()
             raise DeadlineExceeded(
                 f"the request did not finish within its deadline of {timeout:.1f} s; retry with a "
                 f"longer deadline (the gateway allows up to {self._settings.max_deadline_s:g} s, "
                 "HISTOXPLAIN_MAX_DEADLINE_S)"
             ) from None
+        except asyncio.CancelledError:  # the client cancelled, or the server stopped the call
+            stop.set()
+            raise
 
     # -- descriptions ---------------------------------------------------------------------------
 
@@ -103,23 +168,37 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     async def IndexImages(
         self, request_iterator: AsyncIterator[pb.IndexImagesRequest], context: aio.ServicerContext
     ) -> pb.IndexImagesResponse:
-        config: pb.IndexImagesConfig | None = None
-        records: list[types_pb2.ImageRecord] = []
-        async for message in request_iterator:
-            if config is None:
-                if message.WhichOneof("content") != "config":
-                    raise InvalidRequest("the first IndexImages message must be `config` (the index and tiling)")
-                config = message.config
-            elif message.WhichOneof("content") == "image":
-                records.append(message.image)
-            else:
-                raise InvalidRequest("only the first IndexImages message may be `config`; send `image` after it")
-        if config is None:
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None:
             raise InvalidRequest("empty IndexImages stream; send a `config` message, then images")
-        name = _require_index(config.index)
-        settings = converters.tiling_settings(self._settings.core, config.tiling)
+        if first.WhichOneof("content") != "config":
+            raise InvalidRequest("the first IndexImages message must be `config` (the index and tiling)")
+        name = _require_index(first.config.index)
+        settings = converters.tiling_settings(self._settings.core, first.config.tiling)
         retrieval = Retrieval(settings, self._retrieval.backend, self._retrieval.index_engine)
-        return await self._run(context, lambda _timeout: converters.index_images(retrieval, name, records))
+        inbox: Inbox[EncodedImage] = Inbox(
+            asyncio.get_running_loop(), self._settings.index_buffer_images, self._settings.index_buffer_bytes
+        )
+        stream = _StreamRecord()
+        reader = asyncio.ensure_future(_read_images(messages, inbox, stream))
+        try:
+            summary = await self._run(
+                context, lambda _timeout: retrieval.index_encoded(name, inbox.drain()), report_margin=True
+            )
+        except (Cancelled, DeadlineExceeded) as stop:  # stopped while waiting for the first image
+            summary = IndexSummary(name, (), (), stop)
+        finally:
+            reader.cancel()
+        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        if failure is not None or summary.stopped is not None:
+            context.set_trailing_metadata((
+                *context.trailing_metadata(),
+                (COMMITTED_IMAGES_KEY, str(summary.images_indexed)),
+                (COMMITTED_TILES_KEY, str(summary.tiles_indexed)),
+            ))
+            raise failure or summary.stopped
+        return converters.index_response(name, stream.received, stream.image_ids, summary)
 
     async def DeleteImages(self, request: pb.DeleteImagesRequest, context: aio.ServicerContext) -> pb.DeleteImagesResponse:
         name = _require_index(request.index)
@@ -213,6 +292,33 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         """Request bytes under the request pixel limit (``HISTOXPLAIN_MAX_REQUEST_PIXELS``)."""
         return decode_request_image(data, self._settings.core, what)
 
+
+
+class _StreamRecord:
+    """What the IndexImages reader saw: images received, and the caller's image ids by position."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.image_ids: dict[int, str] = {}
+
+
+async def _read_images(messages: AsyncIterator[pb.IndexImagesRequest], inbox: Inbox[EncodedImage], stream: _StreamRecord) -> None:
+    """Hand the stream's images to the indexing thread as they arrive; a malformed message
+    abandons the inbox (the indexing rolls back what it had not finished) and is raised."""
+    try:
+        async for message in messages:
+            if message.WhichOneof("content") != "image":
+                raise InvalidRequest("only the first IndexImages message may be `config`; send `image` after it")
+            record = message.image
+            position = stream.received
+            stream.received += 1
+            if record.image_id:
+                stream.image_ids[position] = record.image_id
+            await inbox.put(converters.encoded_image(position, record), record.ByteSize())
+    except BaseException:
+        inbox.abandon()
+        raise
+    inbox.close()
 
 
 def _require_index(name: str) -> str:

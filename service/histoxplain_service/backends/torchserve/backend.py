@@ -29,6 +29,7 @@ import numpy as np
 from google.protobuf import empty_pb2
 
 from histoxplain_model import errors
+from histoxplain_model.deadlines import check_deadline, stop_requested, time_left
 from histoxplain_model.limits import MAX_MESSAGE_BYTES
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import ModelInfo, RetrievalExplanation
@@ -183,9 +184,11 @@ class TorchServeBackend:
         read ``meta["batch"]``, the number of requests TorchServe batched with this one).
         """
         request = inference_pb2.PredictionsRequest(model_name=self.config.model_name, input=inputs)
-        response = self._authorised(
-            lambda metadata: self._stub.Predictions(request, timeout=timeout, metadata=metadata)
-        )
+        if timeout is None:
+            timeout = time_left()
+        response = self._authorised(lambda metadata: _cancellable(self._stub.Predictions.future(
+            request, timeout=timeout, metadata=metadata
+        )))
         return decode_envelope(response.prediction)
 
     def _authorised(self, call: Callable[[tuple[tuple[str, str], ...] | None], _Response]) -> _Response:
@@ -237,3 +240,19 @@ class TorchServeBackend:
             return errors.InvalidRequest(f"the request is too large for {where}; send a smaller image or fewer")
         return errors.DependencyUnavailable(f"{where} failed ({code.name}); the gateway log has the details")
 
+
+#: How often a call waiting for TorchServe looks at its caller's stop signal.
+_CANCEL_POLL_S = 0.1
+
+
+def _cancellable(call: grpc.Future) -> Any:
+    """The result of ``call``, cancelled as soon as this thread's caller cancels
+    (``histoxplain_model.deadlines``): the gateway's worker thread is free at once, and TorchServe
+    drops the request if it has not started it (a started explanation stops at its deadline)."""
+    while True:
+        try:
+            return call.result(timeout=_CANCEL_POLL_S)
+        except grpc.FutureTimeoutError:
+            if stop_requested():
+                call.cancel()
+                check_deadline()
