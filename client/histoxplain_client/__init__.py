@@ -14,6 +14,7 @@ from histoxplain_client.aio import AsyncClient
 from histoxplain_client.client import Client
 from histoxplain_client.errors import (
     ApiError,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -44,6 +45,7 @@ __all__ = [
     "ApiError",
     "AsyncClient",
     "Box",
+    "Cancelled",
     "Client",
     "DeadlineExceeded",
     "DeleteResult",
