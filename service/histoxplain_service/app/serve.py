@@ -9,6 +9,8 @@ the gateway at it. With ``HISTOXPLAIN_BACKEND=embedded`` the model runs in the g
 gateway listens on ``HISTOXPLAIN_HOST:HISTOXPLAIN_PORT`` (127.0.0.1:50051). SIGTERM or Ctrl-C
 drains the gateway, then stops TorchServe; everything started here is stopped here, and
 TorchServe stops with this process even when it is SIGKILLed (``backends/torchserve/guard.py``).
+A TorchServe that dies while serve runs is restarted with backoff
+(``backends/torchserve/supervisor.py``); health says NOT_SERVING until it answers again.
 One serve per data folder: a second one exits with status 3 before touching the folder.
 """
 
@@ -27,6 +29,7 @@ from types import FrameType
 from histoxplain_model.errors import HistoxplainError
 from histoxplain_service.backends.torchserve.mar import ensure_mar
 from histoxplain_service.backends.torchserve.process import TorchServeProcess
+from histoxplain_service.backends.torchserve.supervisor import TorchServeSupervisor
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.domain.checks import request_pixel_limit
 from histoxplain_service.gateway.server import serve
@@ -81,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TorchServe that is still starting is stopped too.
     signal.signal(signal.SIGTERM, _raise_stop)
     torchserve = None
+    supervisor = None
     try:
         if settings.backend == "torchserve":
             model_store = data_dir / "model-store"
@@ -91,12 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             torchserve = TorchServeProcess(model_store, data_dir / "torchserve")
             logger.info("starting TorchServe (log: %s)", torchserve.log_file)
             torchserve.start()
-            torchserve.register_model(
-                mar_name,
-                settings.torchserve_model,
-                batch_size=args.batch_size,
-                max_batch_delay_ms=args.max_batch_delay_ms,
-            )
+
+            def register(process: TorchServeProcess = torchserve) -> None:
+                process.register_model(
+                    mar_name, settings.torchserve_model,
+                    batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
+                )
+
+            register()
+            supervisor = TorchServeSupervisor(torchserve, register)
+            supervisor.start()
             settings = dataclasses.replace(
                 settings, torchserve_address=torchserve.grpc_target, torchserve_key_file=torchserve.key_file
             )
@@ -109,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"histoxplain serve: {error}", file=sys.stderr)
         return 1
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if torchserve is not None:
             logger.info("stopping TorchServe")
             torchserve.stop()

@@ -198,6 +198,11 @@ class TorchServeProcess:
     def running(self) -> bool:
         return self._launcher is not None and self._launcher.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """Exit status of the TorchServe this object started, once it has exited by itself."""
+        return None if self._launcher is None else self._launcher.poll()
+
     def keys(self) -> TorchServeKeys:
         return read_key_file(self.key_file)
 
@@ -263,7 +268,7 @@ class TorchServeProcess:
         except BaseException:
             self.stop()
             raise
-        if self.refresh_keys_enabled:
+        if self.refresh_keys_enabled and (self._refresher is None or not self._refresher.is_alive()):
             self._stopping.clear()
             self._refresher = threading.Thread(
                 target=self._refresh_loop, name="torchserve-key-refresh", daemon=True
