@@ -5,6 +5,8 @@
   same stream sent again completes it without duplicates;
 * a SmoothGrad explanation whose client cancels, or whose deadline expires: its worker thread
   is free again within one chunk (it would otherwise compute for tens of seconds);
+* a gateway process SIGKILLed mid-IndexImages: the index it leaves opens, and the same stream
+  sent to a new gateway completes it without duplicates;
 * SIGTERM to a gateway process with the most expensive admitted call in flight: the process
   exits within its grace period + 5 s.
 """
@@ -184,24 +186,71 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _gateway_process(data_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    """``python -m histoxplain_service.gateway.server`` with the embedded backend on ``port``."""
+    environment = {
+        **os.environ,
+        "HISTOXPLAIN_BACKEND": "embedded",
+        "HISTOXPLAIN_PORT": str(port),
+        "HISTOXPLAIN_DATA": str(data_dir),
+        "HISTOXPLAIN_MIN_TISSUE": "0",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "histoxplain_service.gateway.server"], env=environment,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def test_a_gateway_killed_mid_stream_leaves_an_index_that_a_rerun_completes(tmp_path: Path) -> None:
+    images = _tissue_images(200)  # about 10 s of indexing with the gateway's ONNX embedder
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    process = _gateway_process(tmp_path, port, HISTOXPLAIN_BATCH_SIZE=str(BATCH))
+    try:
+        with hc.Client(target, timeout=120, retry=hc.NO_RETRY) as client:
+            client.wait_until_ready(timeout=120)
+            with grpc.insecure_channel(target) as channel:
+                call = pb_grpc.RetrievalServiceStub(channel).IndexImages.future(
+                    _index_stream("killed", images), timeout=300
+                )
+                time.sleep(3.0)  # some images in, some batches written
+                process.kill()
+                process.wait()
+                with pytest.raises(grpc.RpcError) as lost:
+                    call.result()
+                assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    process = _gateway_process(tmp_path, port, HISTOXPLAIN_BATCH_SIZE=str(BATCH))
+    try:
+        with hc.Client(target, timeout=300, retry=hc.NO_RETRY) as client:
+            client.wait_until_ready(timeout=120)
+            before = client.describe_index("killed")
+            assert 0 < before.tile_count < 4 * len(images), "the kill should land mid-stream"
+            with grpc.insecure_channel(target) as channel:
+                response = pb_grpc.RetrievalServiceStub(channel).IndexImages(_index_stream("killed", images), timeout=300)
+            after = client.describe_index("killed")
+            print(f"gateway SIGKILLed mid-stream: {before.tile_count} tiles survived; the re-run indexed "
+                  f"{response.images_indexed} images and the index holds {after.image_count} images, {after.tile_count} tiles")
+            assert (after.image_count, after.tile_count) == (len(images), 4 * len(images))  # none duplicated
+            assert response.images_indexed < len(images)  # whole images from before were kept
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
 def test_sigterm_with_the_most_expensive_call_in_flight_exits_within_grace(
     tiles: dict[str, bytes], tmp_path: Path
 ) -> None:
     grace_s = 2.0
     port = _free_port()
-    env = {
-        **os.environ,
-        "HISTOXPLAIN_BACKEND": "embedded",
-        "HISTOXPLAIN_PORT": str(port),
-        "HISTOXPLAIN_DATA": str(tmp_path),
-        "HISTOXPLAIN_MIN_TISSUE": "0",
-        "HISTOXPLAIN_GRACE_PERIOD_S": str(grace_s),
-        "HISTOXPLAIN_MAX_EXPLAIN_COST": "1000000",  # admit the most expensive call there is
-        "OMP_NUM_THREADS": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "histoxplain_service.gateway.server"], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # Admit the most expensive call there is.
+    process = _gateway_process(
+        tmp_path, port, HISTOXPLAIN_GRACE_PERIOD_S=str(grace_s), HISTOXPLAIN_MAX_EXPLAIN_COST="1000000"
     )
     try:
         target = f"127.0.0.1:{port}"
