@@ -4,8 +4,8 @@ One TorchServe (fixture ``torchserve`` in conftest.py) serves the real efficient
 weights with batching on (batch size 4, max batch delay 50 ms) and token authorization on.
 Congruence: TorchServe and the in-process EmbeddedBackend give
   - embeddings with cosine >= 0.9999 per image (batch composition changes float rounding);
-  - scores within SCORE_ATOL; GradCAM/GradCAM++ maps within CAM_ATOL (they travel as raw
-    float32 CAMs, finished with numpy) and SmoothGrad maps within HEATMAP_ATOL (they travel as
+  - scores within SCORE_ATOL; GradCAM/GradCAM++/simmap maps within CAM_ATOL (they travel as raw
+    float32 maps on the target layer's grid, finished with numpy) and SmoothGrad maps within HEATMAP_ATOL (they travel as
     float16, which alone moves a value by <= 2.4e-4); max abs differences, maps in [0, 1].
 """
 
@@ -191,6 +191,28 @@ def test_handler_uses_given_embeddings_and_a_bad_one_fails_alone(handler, tiles,
         assert float(np.max(np.abs(finished - getattr(local, name)))) <= CAM_ATOL, name
 
 
+@pytest.mark.parametrize("polarity", ["similar", "dissimilar"])
+def test_handler_serves_the_similarity_decomposition(handler, tiles, embedded, polarity) -> None:
+    """simmap through the handler: raw maps on the 7x7 grid (like GradCAM's), finished by the
+    receiver to the in-process maps, for both sides; inside inference mode, as TorchServe calls it."""
+    instance, context = handler
+    request = {
+        "mode": b"explain", "method": b"simmap", "polarity": polarity.encode(), "query": encode_request_image(tiles[0]),
+        "reference.0": encode_request_image(tiles[1]), "reference.1": encode_request_image(tiles[2]),
+    }
+    with torch.inference_mode():
+        (response,) = instance.handle([request], context)
+    meta, arrays = decode_envelope(response)
+    assert (meta["method"], meta["polarity"], meta["map_size"]) == ("simmap", polarity, [224, 224])
+    local = embedded.explain(ExplainRequest(tiles[0], tiles[1:3], "simmap", polarity))
+    np.testing.assert_allclose(arrays["scores"], local.scores, atol=SCORE_ATOL)
+    for name in ("query_heatmaps", "reference_heatmaps"):
+        assert arrays[name].shape == (2, 7, 7) and arrays[name].dtype == np.float32
+        assert float(arrays[name].min()) >= 0 and float(arrays[name].max()) > 0
+        finished = finish_cams(arrays[name], (224, 224))
+        assert float(np.max(np.abs(finished - getattr(local, name)))) <= CAM_ATOL, name
+
+
 def test_handler_explains_inside_inference_mode(handler, tiles, embedded) -> None:
     """TorchServe may call the handler under inference mode: gradients must still flow."""
     instance, context = handler
@@ -234,6 +256,9 @@ def test_embeddings_match_in_process(torchserve_backend, embedded, tiles) -> Non
         ("gradcam", "similar", "both", 3),
         ("gradcampp", "dissimilar", "both", 2),
         ("smoothgrad", "similar", "query", 1),
+        ("smoothgrad", "dissimilar", "retrieved", 1),
+        ("simmap", "similar", "both", 3),
+        ("simmap", "dissimilar", "query", 2),
     ],
 )
 def test_explanations_match_in_process(torchserve_backend, embedded, tiles, method, polarity, side, count) -> None:
@@ -466,12 +491,18 @@ def test_a_worker_killed_mid_call_gives_unavailable_and_the_backend_recovers(
             assert backend.ready()
             (worker,) = _worker_pids(process.pid)
             slow = ExplainRequest(tiles[0], tiles[1:4], "smoothgrad", options=SmoothGradOptions(n_samples=64))
-            with ThreadPoolExecutor(1) as pool:
+            with ThreadPoolExecutor(4) as pool:
                 call = pool.submit(backend.explain, slow, 120)
-                time.sleep(3.0)  # the worker is busy with the explanation
+                time.sleep(3.0)  # the worker is busy with the explanation; more calls queue behind it
+                queued = [pool.submit(backend.embed, tiles[:2], 120) for _ in range(3)]
+                time.sleep(0.5)
                 os.kill(worker, signal.SIGKILL)
+                killed = time.monotonic()
                 with pytest.raises(errors.DependencyUnavailable) as lost:
                     call.result(timeout=120)
+                for other in queued:  # served by the restarted worker, or lost with the dead one: nothing else
+                    error = other.exception(timeout=180)
+                    assert error is None or isinstance(error, errors.DependencyUnavailable), error
             message = str(lost.value)
             assert "retry" in message and "127.0.0.1" not in message and "Exception" not in message
             process.wait_model_ready(name, timeout=180)  # TorchServe restarts the worker
@@ -479,6 +510,7 @@ def test_a_worker_killed_mid_call_gives_unavailable_and_the_backend_recovers(
             while not backend.ready() and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert backend.embed(tiles[:1], timeout=60).shape == (1, 1280)
+            print(f"TorchServe worker killed mid-call: serving again {time.monotonic() - killed:.1f} s later")
         finally:
             backend.close()
     finally:
