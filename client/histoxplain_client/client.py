@@ -90,9 +90,13 @@ class Client(ClientBase):
         sent again; a one-shot iterator (generator, ``images_from_folder``) is sent once.
         Re-sending is safe: indexing an image id again replaces it. If reading an input fails,
         the stream is cancelled (never half-closed) and that error is raised here; grpc also
-        logs it as "Exception iterating requests!". Nothing after the failing input is sent;
-        images sent before it may be indexed (the server can see a cancellation as the end of
-        the stream), so fix the input and send the list again.
+        logs it as "Exception iterating requests!". Nothing after the failing input is sent.
+
+        The gateway indexes images as they arrive and commits whole images only: a call that
+        fails part-way (cancelled, past its deadline, a bad message) leaves the images the
+        gateway had finished, and its error's ``committed_images`` / ``committed_tiles`` say how
+        many when the gateway could report it. Sending the same images again completes the job;
+        what was committed comes back unchanged, nothing is duplicated.
         """
         tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
 
@@ -135,7 +139,7 @@ class Client(ClientBase):
     ) -> Explanation:
         """Explain ``query`` against indexed images/tiles (``index`` + ``image_ids`` /
         ``point_ids``) or against ``references`` sent along; ``k`` > 0 keeps only the k most
-        similar. ``method``: gradcam | gradcampp | smoothgrad; ``polarity``: similar |
+        similar. ``method``: gradcam | gradcampp | smoothgrad | simmap; ``polarity``: similar |
         dissimilar; ``side``: query | retrieved | both."""
         options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
         request = _convert.explain_request(query, index, image_ids, point_ids, references, k, options)
