@@ -183,7 +183,9 @@ def _decode_with_pil(data: bytes, fmt: str, max_pixels: int, source: str, settin
     try:
         image = _PLUGINS[fmt](io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"{source} is not a readable {fmt} file ({exc}); {_HINT} that opens in an image viewer") from exc
+        # The decoder's own text names its internals (struct, zlib): the log gets it, the caller not.
+        log.debug("%s: %s header unreadable: %s", source, fmt, exc)
+        raise ImageDecodeError(f"{source} is not a readable {fmt} file; {_HINT} that opens in an image viewer") from exc
     with image:
         width, height = image.size
         _check_size(width, height, max_pixels, source, setting)
@@ -192,8 +194,9 @@ def _decode_with_pil(data: bytes, fmt: str, max_pixels: int, source: str, settin
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+            log.debug("%s: %s pixels unreadable: %s", source, fmt, exc)
             raise ImageDecodeError(
-                f"{source} is truncated or corrupt ({fmt}: {exc}); re-export or re-send the complete file"
+                f"{source} is truncated or corrupt ({fmt}); re-export or re-send the complete file"
             ) from exc
         if fmt == "JPEG":
             image = ImageOps.exif_transpose(image)
@@ -260,8 +263,9 @@ def decode_image(
         except (ImageDecodeError, ImageTooLargeError):
             raise
         except Exception as exc:  # tifffile and its codecs raise many types for bad data
+            log.debug("%s: TIFF unreadable by tifffile: %s", source, exc)
             raise ImageDecodeError(
-                f"{source} is truncated, corrupt or an unsupported TIFF variant ({exc}); "
+                f"{source} is truncated, corrupt or an unsupported TIFF variant; "
                 "re-export it as a plain RGB TIFF or PNG"
             ) from exc
 

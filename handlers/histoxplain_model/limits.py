@@ -43,6 +43,8 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_MPP",
     "MAX_N_SAMPLES",
+    "MAX_TILE_SIZE",
+    "MIN_TILE_SIZE",
     "POINT_ID",
     "SOURCE",
     "TEXT_LIMITS",
@@ -61,6 +63,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: 1000 (a millimetre per pixel) leaves room for deep pyramid levels and thumbnails while NaN,
 #: infinities, zero and negative values, which would poison any physical-size computation, are refused.
 MAX_MPP = 1000.0
+#: Tile edges in pixels a setting or a request may ask for.
+MIN_TILE_SIZE, MAX_TILE_SIZE = 16, 8192
 #: The longest prefix of caller text an error message repeats (:func:`shorten`).
 ECHO_CHARS = 24
 

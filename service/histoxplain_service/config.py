@@ -46,7 +46,7 @@ from typing import Any, Literal
 from histoxplain_model.devices import check_device_name
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
-from histoxplain_model.limits import MAX_K, MAX_MESSAGE_BYTES
+from histoxplain_model.limits import MAX_K, MAX_MESSAGE_BYTES, MAX_TILE_SIZE, MIN_TILE_SIZE
 from histoxplain_model.vocabulary import DEFAULT_PRESET
 
 __all__ = ["BACKENDS", "BackendKind", "GatewaySettings", "Settings"]
@@ -100,7 +100,8 @@ _VARIABLES: tuple[_Var, ...] = (
          "an integer >= 1 (width * height)"),
     _Var("model", "HISTOXPLAIN_MODEL", str.strip, lambda v: v != "", "an encoder preset name"),
     _Var("weights", "HISTOXPLAIN_WEIGHTS", _optional_path, None, "a path to a weights file, or unset"),
-    _Var("tile_size", "HISTOXPLAIN_TILE_SIZE", _int, lambda v: 16 <= v <= 8192, "an integer from 16 to 8192"),
+    _Var("tile_size", "HISTOXPLAIN_TILE_SIZE", _int, lambda v: MIN_TILE_SIZE <= v <= MAX_TILE_SIZE,
+         f"an integer from {MIN_TILE_SIZE} to {MAX_TILE_SIZE}"),
     _Var("stride", "HISTOXPLAIN_STRIDE", lambda t: _int(t) if t else None,
          lambda v: v is None or 1 <= v <= 8192, "an integer from 1 to 8192, or unset (= tile size)"),
     _Var("min_tissue", "HISTOXPLAIN_MIN_TISSUE", float, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1"),

@@ -24,7 +24,7 @@ from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client import enums
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
-from histoxplain_model.limits import DETAIL, MAX_IMAGE_ID_CHARS
+from histoxplain_model.limits import DETAIL, MAX_IMAGE_ID_CHARS, MAX_TILE_SIZE, MIN_TILE_SIZE
 from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM, SMOOTHGRAD
 from histoxplain_model.limits import MAX_N_SAMPLES
 from histoxplain_model.options import SmoothGradOptions
@@ -283,8 +283,19 @@ def tiling_settings(core: Settings, tiling: types_pb2.TilingOptions) -> Settings
     """The core settings with a request's tiling options applied (0 / unset: the server's)."""
     changes: dict[str, Any] = {}
     if tiling.tile_size:
+        if not MIN_TILE_SIZE <= tiling.tile_size <= MAX_TILE_SIZE:
+            raise InvalidRequest(
+                f"tiling.tile_size must be from {MIN_TILE_SIZE} to {MAX_TILE_SIZE} pixels (0: the server's)"
+            )
         changes["tile_size"] = tiling.tile_size
     if tiling.stride:
+        tile_size = changes.get("tile_size", core.tile_size)
+        # Overlap is bounded so one image's tile count is at most 16x that of abutting tiles.
+        if not max(1, tile_size // 4) <= tiling.stride <= MAX_TILE_SIZE:
+            raise InvalidRequest(
+                f"tiling.stride must be from a quarter of the tile size ({max(1, tile_size // 4)} px) "
+                f"to {MAX_TILE_SIZE} pixels (0: the tile size)"
+            )
         changes["stride"] = tiling.stride
     if tiling.HasField("min_tissue_fraction"):
         fraction = float(tiling.min_tissue_fraction)

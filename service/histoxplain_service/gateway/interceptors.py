@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from histoxplain_model import errors
@@ -59,10 +60,46 @@ async def _abort(context: aio.ServicerContext, error: Exception) -> None:
     await context.abort(code, message)
 
 
-def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+#: What a request deserializer hands on for bytes that are not a valid message (see _tolerant).
+_UNDECODABLE = object()
+UNDECODABLE_MESSAGE = (
+    "the request is not a valid message of this RPC (protobuf wire format); "
+    "build it from the histoxplain.v1 protos or use the SDK"
+)
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` that hands on :data:`_UNDECODABLE` instead of raising: grpc would answer
+    a parse error itself with UNKNOWN and the protobuf exception's text; the wrapped handler
+    answers INVALID_ARGUMENT instead."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if request is _UNDECODABLE:
+        raise errors.InvalidRequest(UNDECODABLE_MESSAGE)
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
+def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]], streamed: bool = False) -> Callable[..., Awaitable[Any]]:
     async def guarded(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
         try:
-            return await behavior(request_or_iterator, context)
+            requests = _decoded_stream(request_or_iterator) if streamed else _decoded(request_or_iterator)
+            return await behavior(requests, context)
         except (aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as error:  # noqa: BLE001 -- mapped to a status, logged if unexpected
@@ -71,10 +108,13 @@ def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..
     return guarded
 
 
-def _wrap_stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream_response(
+    behavior: Callable[..., AsyncIterator[Any]], streamed: bool = False
+) -> Callable[..., AsyncIterator[Any]]:
     async def guarded(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request_or_iterator, context):
+            requests = _decoded_stream(request_or_iterator) if streamed else _decoded(request_or_iterator)
+            async for response in behavior(requests, context):
                 yield response
         except (aio.AbortError, asyncio.CancelledError):
             raise
@@ -102,14 +142,15 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
+        tolerant = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary is not None and asyncio.iscoroutinefunction(handler.unary_unary):
-            return handler._replace(unary_unary=_wrap_unary_response(handler.unary_unary))
+            return tolerant._replace(unary_unary=_wrap_unary_response(handler.unary_unary))
         if handler.stream_unary is not None and asyncio.iscoroutinefunction(handler.stream_unary):
-            return handler._replace(stream_unary=_wrap_unary_response(handler.stream_unary))
+            return tolerant._replace(stream_unary=_wrap_unary_response(handler.stream_unary, streamed=True))
         if handler.unary_stream is not None and _is_async_gen(handler.unary_stream):
-            return handler._replace(unary_stream=_wrap_stream_response(handler.unary_stream))
+            return tolerant._replace(unary_stream=_wrap_stream_response(handler.unary_stream))
         if handler.stream_stream is not None and _is_async_gen(handler.stream_stream):
-            return handler._replace(stream_stream=_wrap_stream_response(handler.stream_stream))
+            return tolerant._replace(stream_stream=_wrap_stream_response(handler.stream_stream, streamed=True))
         return handler
 
 

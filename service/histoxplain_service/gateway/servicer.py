@@ -308,7 +308,7 @@ async def _read_images(messages: AsyncIterator[pb.IndexImagesRequest], inbox: In
     try:
         async for message in messages:
             if message.WhichOneof("content") != "image":
-                raise InvalidRequest("only the first IndexImages message may be `config`; send `image` after it")
+                raise InvalidRequest("after the first IndexImages message (`config`), every message must be an `image`")
             record = message.image
             position = stream.received
             stream.received += 1

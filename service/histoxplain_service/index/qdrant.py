@@ -177,7 +177,10 @@ class QdrantIndex(VectorIndex):
             return bool(self.client.collection_exists(self.name))
 
     def _missing(self) -> NotFound:
-        return NotFound(f"index {self.name!r} does not exist; run `histoxplain index PATH... --index {self.name}` first")
+        return NotFound(
+            f"index {self.name!r} does not exist; index images into it first "
+            f"(IndexImages, client.index_images, or `histoxplain index PATH... --index {self.name}`)"
+        )
 
     def encoder(self) -> tuple[str, int]:
         if not self.exists():
@@ -338,7 +341,8 @@ class QdrantIndex(VectorIndex):
         with _qdrant_errors(f"counting index {self.name!r}"):
             if self.client.count(self.name, exact=False).count == 0:
                 raise NotFound(
-                    f"index {self.name!r} is empty; run `histoxplain index PATH... --index {self.name}` first"
+                    f"index {self.name!r} is empty; index images into it first (IndexImages, client.index_images, "
+                    f"or `histoxplain index PATH... --index {self.name}`)"
                 )
 
     def search(

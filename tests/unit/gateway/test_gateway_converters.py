@@ -118,8 +118,13 @@ def test_tiling_options_override_only_what_is_set() -> None:
     assert converters.tiling_settings(core, types_pb2.TilingOptions()) is core
     changed = converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=256, min_tissue_fraction=0.0))
     assert (changed.tile_size, changed.stride, changed.min_tissue) == (256, None, 0.0)
-    with pytest.raises(InvalidRequest, match="HISTOXPLAIN_TILE_SIZE"):
-        converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=8))
+    with pytest.raises(InvalidRequest, match=r"^tiling.tile_size must be from 16 to 8192 pixels"):
+        converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=15))
+    assert converters.tiling_settings(core, types_pb2.TilingOptions(tile_size=16)).tile_size == 16
+    # Overlap is bounded: a stride of at least a quarter tile (at most 16x the tiles of no overlap).
+    assert converters.tiling_settings(core, types_pb2.TilingOptions(stride=56)).stride == 56
+    with pytest.raises(InvalidRequest, match=r"^tiling.stride must be from a quarter of the tile size \(56 px\)"):
+        converters.tiling_settings(core, types_pb2.TilingOptions(stride=55))
 
 
 @pytest.mark.parametrize("fraction", [float("nan"), float("inf"), -0.1, 1.5])

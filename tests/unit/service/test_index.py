@@ -203,12 +203,12 @@ def test_search_images_averages_each_images_best_tile_over_query_tiles(index: Qd
 
 
 def test_missing_and_empty_indexes_say_to_run_index_first(index: QdrantIndex) -> None:
-    with pytest.raises(NotFound, match="does not exist; run `histoxplain index"):
+    with pytest.raises(NotFound, match="does not exist; index images into it first"):
         index.search(unit(np.ones(DIM)), k=1)
     with pytest.raises(NotFound, match="does not exist"):
         index.describe()
     index.ensure("fake", DIM)
-    with pytest.raises(NotFound, match="is empty; run `histoxplain index"):
+    with pytest.raises(NotFound, match="is empty; index images into it first"):
         index.search(unit(np.ones(DIM)), k=1)
     with pytest.raises(NotFound, match="is empty"):
         rank_images(index, unit(np.ones((2, DIM))), k=1)
