@@ -10,6 +10,11 @@ GradCAM section, all variants interleaved round by round in one process (median 
   pgc batch         pytorch-grad-cam GradCAM as shipped, the query replicated k times with one
                     cosine target per row, one call
   pgc loop          pytorch-grad-cam GradCAM, k calls of one image and one target
+  ours simmap       the similarity decomposition (histoxplain_model.saliency.SimilarityMap), query vs
+                    k references and vs 1 reference, finished maps at the input size (CNNs only:
+                    a CLS-pooled ViT has no exact decomposition); no backward pass, so its floor
+                    is one forward pass. "native": the raw maps on the target layer's grid, what
+                    the TorchServe handler returns (the gateway upsamples them with numpy)
 
 SmoothGrad section (n noisy copies, k references), each run in a fresh subprocess so that its
 peak memory can be read as the process's peak RSS (VmHWM, reset after the warm-up):
@@ -53,7 +58,7 @@ torch.set_num_threads(1)
 import timm  # noqa: E402
 
 from histoxplain_model.options import SmoothGradOptions  # noqa: E402
-from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, SmoothGrad  # noqa: E402
+from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, SimilarityMap, SmoothGrad  # noqa: E402
 from results_md import RESULTS, write_section  # noqa: E402
 
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224")
@@ -121,7 +126,7 @@ def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], obj
         model.zero_grad(set_to_none=True)
         return maps
 
-    return {
+    variants = {
         "forward": forward,
         "forward+backward": forward_backward,
         "ours gradcam": lambda: ours_cam.explain(query, references),
@@ -129,6 +134,12 @@ def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], obj
         "pgc gradcam batch": pgc_batch,
         "pgc gradcam loop": pgc_loop,
     }
+    if reshape is None:  # the CNNs: the embedding is the mean of the target layer's map
+        ours_simmap = SimilarityMap(model, layer, reshape)
+        variants["ours simmap k=1"] = lambda: ours_simmap.explain(query, references[:1])
+        variants["ours simmap"] = lambda: ours_simmap.explain(query, references)
+        variants["ours simmap native"] = lambda: ours_simmap.explain(query, references, native=True)
+    return variants
 
 
 def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -244,6 +255,28 @@ def markdown(rows: list[dict], args: argparse.Namespace, started: str, load: str
             f"{t['ours gradcampp'] / floor:.2f} | {best / t['ours gradcam']:.1f}x | "
             f"{best / t['ours gradcampp']:.1f}x |"
         )
+    simmap_rows = [row for row in rows if "ours simmap" in row["gradcam"]]
+    if simmap_rows:
+        lines += [
+            "",
+            f"Similarity decomposition (simmap), same runs: one call explains the query against 1 or k={args.k} "
+            "references from one forward pass and no backward pass (target: k / fwd <= 1.05 on the CNNs). "
+            "Finished maps are upsampled to the input size and min-max normalised, as GradCAM's; `native` "
+            "maps stay on the target layer's grid (what the TorchServe handler sends). "
+            "The ViT has no exact decomposition (CLS pooling) and is left out.",
+            "",
+            f"| model | fwd | simmap k=1 | simmap k={args.k} | simmap k={args.k} native | gradcam k={args.k} | "
+            f"k=1 / fwd | k={args.k} / fwd | k={args.k} native / fwd |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in simmap_rows:
+            t = row["gradcam"]
+            lines.append(
+                f"| {row['model']} | {t['forward'] * 1e3:.1f} | {t['ours simmap k=1'] * 1e3:.1f} | "
+                f"{t['ours simmap'] * 1e3:.1f} | {t['ours simmap native'] * 1e3:.1f} | {t['ours gradcam'] * 1e3:.1f} | "
+                f"{t['ours simmap k=1'] / t['forward']:.3f} | {t['ours simmap'] / t['forward']:.3f} | "
+                f"{t['ours simmap native'] / t['forward']:.3f} |"
+            )
     if any("smoothgrad" in row for row in rows):
         lines += [
             "",

@@ -17,6 +17,7 @@ METHODS = {
     "gradcam": types_pb2.EXPLANATION_METHOD_GRADCAM,
     "gradcampp": types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS,
     "smoothgrad": types_pb2.EXPLANATION_METHOD_SMOOTHGRAD,
+    "simmap": types_pb2.EXPLANATION_METHOD_SIMMAP,
 }
 POLARITIES = {"similar": types_pb2.POLARITY_SIMILAR, "dissimilar": types_pb2.POLARITY_DISSIMILAR}
 SIDES = {

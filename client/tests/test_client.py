@@ -274,6 +274,7 @@ class FakeRetrievalService(pb_grpc.RetrievalServiceServicer):
                 types_pb2.EXPLANATION_METHOD_GRADCAM,
                 types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS,
                 types_pb2.EXPLANATION_METHOD_SMOOTHGRAD,
+                types_pb2.EXPLANATION_METHOD_SIMMAP,
             ],
             backend="embedded",
         )
@@ -425,6 +426,15 @@ def test_explain_indexed_references_decodes_heatmaps_and_overlays(client, fake, 
     assert explanation.query_heatmaps.shape == (2, *HEATMAP_SHAPE)
 
 
+def test_the_similarity_decomposition_is_asked_for_by_name(client, fake):
+    seed(client)
+    explanation = client.search_and_explain("crc", png(RED), k=2, method="simmap", polarity="dissimilar")
+    request = fake.requests["SearchAndExplain"]
+    assert request.options.method == types_pb2.EXPLANATION_METHOD_SIMMAP
+    assert request.options.polarity == types_pb2.POLARITY_DISSIMILAR
+    assert (explanation.method, explanation.polarity) == ("simmap", "dissimilar")
+
+
 def test_explain_against_inline_references_keeps_the_k_most_similar(client, fake):
     explanation = client.explain(
         np.full((8, 8, 3), RED, dtype=np.uint8), references=[png(GREEN), png(DARK_RED), png(RED)], k=2, side="query"
@@ -460,7 +470,7 @@ def test_delete_describe_list_and_info(client, fake):
     assert (result.images_deleted, result.tiles_deleted, result.missing_image_ids) == (1, 1, ("nope",))
     assert client.describe_index("crc").tile_count == 2
     info = client.info()
-    assert info.methods == ("gradcam", "gradcampp", "smoothgrad")
+    assert info.methods == ("gradcam", "gradcampp", "smoothgrad", "simmap")
     assert (info.input_size, info.embedding_dim, info.backend) == (HEATMAP_SHAPE, 1280, "embedded")
     assert info.server_version == "0.1.0-fake"
 

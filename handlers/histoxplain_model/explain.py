@@ -46,7 +46,7 @@ def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: boo
 
     The request's stored embeddings, when given, must come from this encoder; they replace
     embedding that side.
-    native_cams: CAM methods return raw maps at the target layer's resolution with ``map_size``
+    native_cams: CAM methods and simmap return raw maps at the target layer's resolution with ``map_size``
     set (a few hundred bytes a map instead of H*W values; see :meth:`RetrievalExplanation.finished`).
     """
     explainer = get_explainer(

@@ -25,7 +25,7 @@ from typing import Literal, TypeVar
 
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.limits import MAX_N_SAMPLES
-from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD, check_name
+from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SIMMAP, SMOOTHGRAD, check_name
 
 __all__ = [
     "GRADCAMPP_GRADIENT_SCALES",
@@ -34,6 +34,7 @@ __all__ = [
     "GradCAMOptions",
     "GradCAMPlusPlusOptions",
     "SaliencyOptions",
+    "SimMapOptions",
     "SmoothGradOptions",
     "check_options",
     "default_options",
@@ -113,6 +114,16 @@ class SmoothGradOptions:
             raise InvalidRequest(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
 
+@dataclass(frozen=True)
+class SimMapOptions:
+    """The similarity decomposition's options: none (m(i) = A(i).r_hat / (HW |e|) leaves nothing
+    to choose; see ``histoxplain_model.saliency.simmap``).
+
+    The type exists so that every method is called the same way and another method's options
+    are refused rather than silently ignored.
+    """
+
+
 def _is_integer(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -122,15 +133,16 @@ def _is_real(value: object) -> bool:
 
 
 #: The options of any one method.
-SaliencyOptions = GradCAMOptions | GradCAMPlusPlusOptions | SmoothGradOptions
+SaliencyOptions = GradCAMOptions | GradCAMPlusPlusOptions | SmoothGradOptions | SimMapOptions
 #: One method's options type, for code generic over the methods (``saliency.base.BaseCAM``).
-OptionsT = TypeVar("OptionsT", GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions)
+OptionsT = TypeVar("OptionsT", GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions, SimMapOptions)
 
 #: Method name -> its options type (the same names as ``histoxplain_model.saliency.METHODS``).
 OPTIONS_TYPES: Mapping[str, type[SaliencyOptions]] = MappingProxyType({
     GRADCAM: GradCAMOptions,
     GRADCAM_PLUS_PLUS: GradCAMPlusPlusOptions,
     SMOOTHGRAD: SmoothGradOptions,
+    SIMMAP: SimMapOptions,
 })
 
 

@@ -40,8 +40,8 @@ class RetrievalExplanation:
         "query" or "both").
     reference_heatmaps (K, H, W): reference k explained against the query (None unless side is
         "retrieved" or "both").
-    map_size: None for finished maps. (H, W) when the heatmaps are raw class activation maps
-        (K, h, w) at the target layer's resolution (``explain_retrieval(..., native_cams=True)``,
+    map_size: None for finished maps. (H, W) when the heatmaps are raw maps (K, h, w) >= 0 at
+        the target layer's resolution (CAMs and simmap; ``explain_retrieval(..., native_cams=True)``,
         what the TorchServe handler sends); :meth:`finished` turns them into the maps above.
     """
 

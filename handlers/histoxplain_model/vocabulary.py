@@ -24,6 +24,7 @@ __all__ = [
     "POLARITIES",
     "RANKINGS",
     "SIDES",
+    "SIMMAP",
     "SMOOTHGRAD",
     "Polarity",
     "Ranking",
@@ -34,10 +35,17 @@ __all__ = [
 GRADCAM = "gradcam"
 GRADCAM_PLUS_PLUS = "gradcampp"
 SMOOTHGRAD = "smoothgrad"
+#: The exact decomposition of the cosine over the target layer's locations (Stylianou et al. 2019).
+SIMMAP = "simmap"
 #: Every explanation method, in the order menus list them.
-METHOD_NAMES: tuple[str, ...] = (GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD)
+METHOD_NAMES: tuple[str, ...] = (GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD, SIMMAP)
 #: How reports title each method.
-METHOD_TITLES: dict[str, str] = {GRADCAM: "Grad-CAM", GRADCAM_PLUS_PLUS: "Grad-CAM++", SMOOTHGRAD: "SmoothGrad"}
+METHOD_TITLES: dict[str, str] = {
+    GRADCAM: "Grad-CAM",
+    GRADCAM_PLUS_PLUS: "Grad-CAM++",
+    SMOOTHGRAD: "SmoothGrad",
+    SIMMAP: "Similarity map",
+}
 
 #: "similar" explains the cosine similarity, "dissimilar" its negation.
 Polarity = Literal["similar", "dissimilar"]

@@ -76,6 +76,18 @@ def test_explain_writes_overlays_and_report(dataset: Path, indexed: Path, tmp_pa
     assert not list(tmp_path.glob(".report-*")), "staging folder left behind"
 
 
+def test_explain_with_the_similarity_map(dataset: Path, indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "simmap"
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "2", "--method", "simmap",
+                 "--polarity", "dissimilar", "--out", str(out), "--data-dir", str(indexed)]) == 0
+    page = (out / "index.html").read_text()
+    assert len(sorted(out.glob("*.png"))) == 1 + 2 * 3
+    assert "Similarity map" in page and "dissimilar" in page
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", "--method", "simmap",
+                 "--samples", "3", "--out", str(tmp_path / "o"), "--data-dir", str(indexed)]) == 2
+    assert "--method smoothgrad only" in _error(capsys)
+
+
 def test_explain_smoothgrad_samples_and_noise_reach_the_model(
     dataset: Path, indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,7 +71,7 @@ def test_explanations_end_to_end(layouts: dict[str, Path], tmp_path: Path) -> No
     summary = result["summary"]
     assert len(result["pairs"]) == 2
     rows = {(r["side"], r["polarity"], r["map"]) for r in summary["faithfulness"]}
-    for method in ("gradcam", "gradcampp", "smoothgrad", "random", "gaussian", "random_pixel"):
+    for method in ("gradcam", "gradcampp", "smoothgrad", "simmap", "random", "gaussian", "random_pixel"):
         for side in ("query", "retrieved"):
             for polarity in ("similar", "dissimilar"):
                 assert (side, polarity, method) in rows
@@ -86,12 +86,16 @@ def test_explanations_end_to_end(layouts: dict[str, Path], tmp_path: Path) -> No
         # The first deletion point is the unmodified pair's similarity (torch), whatever scored the curves.
         assert curves["similar"]["blur"]["gradcam"]["deletion"][0] == pytest.approx(pair["score"], abs=1e-3)
         # Maps shared by both polarities are scored once: the dissimilar curve is the similar one negated.
-        for shared in ("random", "gaussian", "random_pixel", "smoothgrad"):
+        for shared in ("random", "gaussian", "random_pixel"):
             similar, dissimilar = curves["similar"]["blur"][shared], curves["dissimilar"]["blur"][shared]
             assert dissimilar["deletion"] == [-v for v in similar["deletion"]]
+        # Every method has a dissimilar map of its own (SmoothGrad's signed form included).
+        for method in ("smoothgrad", "simmap"):
+            similar, dissimilar = curves["similar"]["blur"][method], curves["dissimilar"]["blur"][method]
+            assert dissimilar["deletion"] != [-v for v in similar["deletion"]], method
         assert curves["similar"]["blur"]["random"] != curves["similar"]["blur"]["random_pixel"]
         assert all(len(rhos) == 2 for rhos in pair["sanity_spearman"].values())
-    assert set(summary["sanity"]) == {"gradcam", "gradcampp", "smoothgrad"}
+    assert set(summary["sanity"]) == {"gradcam", "gradcampp", "smoothgrad", "simmap"}
     # Default cascade: 2 steps, the second adds the block below the first.
     assert settings["randomised_modules"][0] == "blocks.6"
     assert [names[0] for names in settings["randomised_cascade"]] == ["blocks.6", "blocks.5"]

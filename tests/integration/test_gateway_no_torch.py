@@ -50,7 +50,7 @@ def every_rpc(port):
         client.list_indexes(); called.add("ListIndexes")
         client.describe_index("cases"); called.add("DescribeIndex")
         client.search("cases", query, k=2); client.search("cases", query, k=2, ranking="image"); called.add("Search")
-        for method in ("gradcam", "gradcampp", "smoothgrad"):
+        for method in ("gradcam", "gradcampp", "smoothgrad", "simmap"):
             client.search_and_explain("cases", query, k=2, method=method, smoothgrad_samples=2)
         client.search_and_explain("cases", query, k=2, ranking="image"); called.add("SearchAndExplain")
         client.explain(query, index="cases", image_ids=image_ids[:2]); client.explain(query, references=tiles[:2])

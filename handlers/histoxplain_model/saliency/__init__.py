@@ -5,8 +5,10 @@
     result = explainer.explain(pixels, references, polarity="similar")
     result.heatmaps  # (B, K, H, W) float32 in [0, 1]; result.scores (B, K) cosine
 
-Methods: "gradcam", "gradcampp" (both from one forward pass for all K references) and
-"smoothgrad" (input gradients averaged over noisy copies; needs no target layer).
+Methods: "gradcam", "gradcampp" (both from one forward pass for all K references),
+"smoothgrad" (input gradients averaged over noisy copies; needs no target layer) and "simmap"
+(the cosine decomposed exactly over the target layer's locations; one forward pass, no
+gradients; mean-pooled encoders only).
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ from torch import nn
 
 from histoxplain_model.errors import UnknownNameError
 from histoxplain_model.options import SaliencyOptions, check_options
-from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD
+from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SIMMAP, SMOOTHGRAD
 from histoxplain_model.saliency.base import (
     BaseCAM,
     Explainer,
+    LayerMapExplainer,
     ReshapeTransform,
     SaliencyResult,
+    finish_maps,
     gradient_mode,
     normalise_maps,
     upsample_maps,
 )
 from histoxplain_model.saliency.gradcam import GradCAM, GradCAMPlusPlus
+from histoxplain_model.saliency.simmap import SimilarityDecomposition, SimilarityMap
 from histoxplain_model.saliency.smoothgrad import InputGradient, SmoothGrad
 from histoxplain_model.saliency.targets import (
     POLARITIES,
+    CosineTarget,
     Polarity,
     SimilarityTarget,
     check_polarity,
@@ -40,18 +46,23 @@ __all__ = [
     "METHODS",
     "POLARITIES",
     "BaseCAM",
+    "CosineTarget",
     "Explainer",
     "GradCAM",
     "GradCAMPlusPlus",
     "InputGradient",
+    "LayerMapExplainer",
     "Polarity",
     "ReshapeTransform",
     "SaliencyResult",
+    "SimilarityDecomposition",
+    "SimilarityMap",
     "SimilarityTarget",
     "SmoothGrad",
     "check_method",
     "check_polarity",
     "cosine_scores",
+    "finish_maps",
     "get_explainer",
     "gradient_mode",
     "normalise_maps",
@@ -63,6 +74,7 @@ METHODS: dict[str, type[Explainer]] = {
     GRADCAM: GradCAM,
     GRADCAM_PLUS_PLUS: GradCAMPlusPlus,
     SMOOTHGRAD: SmoothGrad,
+    SIMMAP: SimilarityMap,
 }
 
 
@@ -84,7 +96,8 @@ def get_explainer(
 
     ``encoder_model``: pixels (B,3,H,W) -> embeddings (B,D), in eval mode.
     ``target_layer``/``reshape_transform``: the layer GradCAM(++) hooks and, for a ViT, the
-    tokens (B,N,C) -> (B,C,h,w) reshape; SmoothGrad ignores them.
+    tokens (B,N,C) -> (B,C,h,w) reshape; SmoothGrad ignores them; simmap decomposes the
+    layer's map (its mean must be the embedding).
     ``options``: the method's own options type (``histoxplain_model.options.OPTIONS_TYPES``);
     ``None``: its defaults; another method's options raise :class:`InvalidRequest`.
     """

@@ -3,13 +3,14 @@
 A target is a plain callable on the model output, as in pytorch-grad-cam. The main one is the
 cosine similarity between an image's embedding and each reference embedding; ``dissimilar``
 explains the negated cosine (what pulls the image *away* from the reference) and is the same
-code path with the sign flipped.
+code path with the sign flipped. :func:`similarity_target` returns a :class:`CosineTarget`, which
+also tells the methods that need them its reference directions and its polarity.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
 from histoxplain_model.vocabulary import POLARITIES, Polarity
 
-__all__ = ["Polarity", "POLARITIES", "SimilarityTarget", "check_polarity", "similarity_target"]
+__all__ = ["CosineTarget", "Polarity", "POLARITIES", "SimilarityTarget", "check_polarity", "cosine_scores", "similarity_target"]
 
 
 SimilarityTarget = Callable[[torch.Tensor], torch.Tensor]
@@ -39,27 +40,55 @@ def cosine_scores(embeddings: torch.Tensor, references: torch.Tensor) -> torch.T
     return F.normalize(embeddings, dim=-1) @ F.normalize(references, dim=-1).T
 
 
-def similarity_target(references: torch.Tensor, polarity: str = "similar") -> SimilarityTarget:
+@dataclass(frozen=True, eq=False)
+class CosineTarget:
+    """The cosine target of :func:`similarity_target`: embeddings (B, D) -> scores (B, K).
+
+    A plain callable for the methods that only differentiate it (GradCAM, GradCAM++); the
+    methods that need more than the score read its parts: the similarity decomposition its
+    reference directions (:meth:`unit_references`), SmoothGrad's signed dissimilar form its
+    ``polarity``.
+
+    references: (K, D) float32, detached copies (not normalised); polarity: "similar" or
+    "dissimilar" (the score is then the negated cosine).
+    """
+
+    references: torch.Tensor
+    polarity: Polarity
+
+    @property
+    def sign(self) -> float:
+        """+1 for "similar", -1 for "dissimilar": the factor applied to the cosine."""
+        return -1.0 if self.polarity == "dissimilar" else 1.0
+
+    def unit_references(self, like: torch.Tensor) -> torch.Tensor:
+        """(K, D) unit reference directions r / |r| on ``like``'s device and dtype."""
+        return F.normalize(self.references.to(like.device, like.dtype), dim=-1)
+
+    def check_dim(self, embeddings: torch.Tensor) -> None:
+        """Raise :class:`InvalidRequest` unless ``embeddings`` is (B, D) with the references' D."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.references.shape[1]:
+            raise InvalidRequest(
+                f"the model gives embeddings of shape {tuple(embeddings.shape)} but the "
+                f"references are {self.references.shape[1]}-d: use references from the same encoder"
+            )
+
+    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
+        self.check_dim(embeddings)
+        return self.sign * cosine_scores(embeddings, self.references.to(embeddings.device, embeddings.dtype))
+
+
+def similarity_target(references: torch.Tensor, polarity: str = "similar") -> CosineTarget:
     """Build the target ``embeddings (B, D) -> scores (B, K)`` for K reference embeddings.
 
     ``similar``: cosine similarity to each reference; ``dissimilar``: its negation.
     The references are detached and copied (no gradient flows into them, later in-place edits
     by the caller do not change the target).
     """
-    sign = -1.0 if check_polarity(polarity) == "dissimilar" else 1.0
+    checked = check_polarity(polarity)
     if references.ndim != 2 or references.shape[0] == 0:
         raise InvalidRequest(
             f"references must be a non-empty (K, D) matrix of embeddings, got shape "
             f"{tuple(references.shape)}"
         )
-    fixed = references.detach().clone().float()
-
-    def target(embeddings: torch.Tensor) -> torch.Tensor:
-        if embeddings.ndim != 2 or embeddings.shape[1] != fixed.shape[1]:
-            raise InvalidRequest(
-                f"the model gives embeddings of shape {tuple(embeddings.shape)} but the "
-                f"references are {fixed.shape[1]}-d: use references from the same encoder"
-            )
-        return sign * cosine_scores(embeddings, fixed.to(embeddings.device, embeddings.dtype))
-
-    return target
+    return CosineTarget(references.detach().clone().float(), checked)

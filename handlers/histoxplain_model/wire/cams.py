@@ -1,6 +1,6 @@
 """Finishing class activation maps with numpy: bilinear upsampling and per-map min-max.
 
-The TorchServe handler sends GradCAM/GradCAM++ maps at the target layer's resolution (7x7 for
+The TorchServe handler sends GradCAM/GradCAM++/simmap maps at the target layer's resolution (7x7 for
 EfficientNet-Lite0: 200 bytes a map instead of 100 KB at 224x224 float16), and the gateway, which
 does not need torch for this, finishes them here exactly as ``saliency.base`` does with torch:
 ``normalise(upsample(cam))``, bilinear with half-pixel centres (``F.interpolate(...,

@@ -42,6 +42,7 @@ from histoxplain_model.options import (
     GradCAMOptions,
     GradCAMPlusPlusOptions,
     SaliencyOptions,
+    SimMapOptions,
     SmoothGradOptions,
 )
 from histoxplain_model.requests import ExplainRequest
@@ -88,6 +89,7 @@ OPTION_KEYS: Mapping[type[SaliencyOptions], Mapping[str, str]] = MappingProxyTyp
         "chunk_size": "smoothgrad_chunk_size",
         "seed": "smoothgrad_seed",
     },
+    SimMapOptions: {},
 })
 
 

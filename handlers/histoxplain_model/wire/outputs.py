@@ -5,8 +5,8 @@ The request side is :mod:`histoxplain_model.wire.inputs`; the byte format is
 
     embed     meta {"mode", "batch"}; ``embeddings`` (N, D) float32, L2-normalised rows
     explain   meta {"mode", "batch", "method", "polarity", "side", "map_size"?}; ``scores`` (K,)
-              float32; ``query_heatmaps`` and/or ``reference_heatmaps``: GradCAM and GradCAM++
-              send raw class activation maps (K, h, w) float32 >= 0 at the target layer's
+              float32; ``query_heatmaps`` and/or ``reference_heatmaps``: GradCAM, GradCAM++
+              and simmap send raw maps (K, h, w) float32 >= 0 at the target layer's
               resolution with ``map_size`` = [H, W] (7x7 instead of 224x224 values for
               EfficientNet-Lite0; the receiver finishes them with numpy), SmoothGrad the
               finished maps (K, H, W) float16 in [0, 1] (rounding moves a value by at most

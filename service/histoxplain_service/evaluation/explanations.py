@@ -11,8 +11,8 @@ blocks one more at a time (:mod:`.sanity`). Completed pairs are appended to
 Work that does not depend on the method is done once per pair and side: the baseline image,
 the embeddings of the two unperturbed tiles, and the curves of each distinct map. The
 ``dissimilar`` score is exactly minus the ``similar`` one, so a map shared by both polarities
-(every reference map, and SmoothGrad's, see ``POLARITY_INVARIANT``) is scored once and its
-curves negated. The perturbed images are scored through onnxruntime when it is installed
+(every reference map) is scored once and its curves negated. Every method has its own
+``dissimilar`` map (SmoothGrad's is its signed gradient x input form), so each is computed. The perturbed images are scored through onnxruntime when it is installed
 (the encoder's checked ONNX export, about twice as fast as torch eager on CPU), else torch.
 
 Why about 420 lines: this is the run loop of the explanation evaluation (pairs, caches,
@@ -51,12 +51,9 @@ from histoxplain_service.evaluation.retrieval import EvaluationConfig, TileSet, 
 from histoxplain_service.evaluation.sanity import SANITY_THRESHOLD, map_rank_correlation, randomise_cascade
 from histoxplain_service.evaluation.tiles import tile_image
 
-__all__ = ["ExplanationConfig", "POLARITY_INVARIANT", "REFERENCE_MAPS", "SIDES", "run_explanations"]
+__all__ = ["ExplanationConfig", "REFERENCE_MAPS", "SIDES", "run_explanations"]
 
 SIDES = ("query", "retrieved")
-POLARITY_INVARIANT = frozenset({"smoothgrad"})
-"""Methods whose map is the same for both polarities: SmoothGrad averages |dS/dx|, and
-|d(-S)/dx| = |dS/dx| (checked in tests/unit/test_eval_faithfulness.py)."""
 logger = logging.getLogger(__name__)
 
 
@@ -177,10 +174,6 @@ def _explain_all(models: _Models, pixels: dict, references: dict, config: Explan
         for side in SIDES:
             seconds = []
             for polarity in config.polarities:
-                shared = next((p for p in config.polarities if f"{side}/{p}" in maps[method]), None)
-                if method in POLARITY_INVARIANT and shared is not None:
-                    maps[method][f"{side}/{polarity}"] = maps[method][f"{side}/{shared}"]
-                    continue
                 started = time.perf_counter()
                 result = explainer.explain(pixels[side], references[side], polarity=polarity)
                 seconds.append(time.perf_counter() - started)

@@ -10,8 +10,9 @@ Cost unit: about one forward pass of one image through the encoder (34 ms for
 EfficientNet-Lite0 on one CPU thread, 136 ms for ResNet-50; benchmarks/RESULTS.md), per side
 explained (``both`` costs twice):
 
-* Grad-CAM / Grad-CAM++: ``k`` (the retrieved side embeds k images; the query side's k
-  targets share one forward pass and k short backward passes, counted the same for a bound);
+* Grad-CAM / Grad-CAM++ / the similarity decomposition (simmap): ``k`` (the retrieved side
+  embeds k images; the query side's k targets share one forward pass and, for the CAMs, k
+  short backward passes, counted the same for a bound);
 * SmoothGrad: ``2 * n * k`` (n noisy copies, each with a backward pass to the input per
   reference: measured 11.5 s for n=25, k=10, one side, on EfficientNet-Lite0 = 2*25*10 units
   of 23 ms).

@@ -59,7 +59,7 @@ class ExplainChoice:
     """``ExplainOptions`` with defaults filled in and values checked.
 
     Attributes:
-        method: library method name (``gradcam``, ``gradcampp``, ``smoothgrad``).
+        method: library method name (``gradcam``, ``gradcampp``, ``smoothgrad``, ``simmap``).
         polarity: ``similar`` or ``dissimilar``.
         side: ``query``, ``retrieved`` or ``both``.
         heatmap_dtype: ``ARRAY_DTYPE_FLOAT16`` or ``ARRAY_DTYPE_FLOAT32``.

@@ -35,6 +35,7 @@ def test_unspecified_options_take_the_documented_defaults() -> None:
         (types_pb2.EXPLANATION_METHOD_GRADCAM, "gradcam"),
         (types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS, "gradcampp"),
         (types_pb2.EXPLANATION_METHOD_SMOOTHGRAD, "smoothgrad"),
+        (types_pb2.EXPLANATION_METHOD_SIMMAP, "simmap"),
     ],
 )
 def test_methods_map_to_library_names_and_back(enum: int, name: str) -> None:
@@ -79,6 +80,18 @@ def test_smoothgrad_options_become_method_options_and_are_echoed_as_used() -> No
     assert not converters.explain_choice_to_proto(gradcam).HasField("smoothgrad_noise")
     largest = types_pb2.ExplainOptions(method=smoothgrad, smoothgrad_samples=256, smoothgrad_noise=1.0)
     assert converters.explain_choice_from_proto(largest).method_options == SmoothGradOptions(n_samples=256, sigma=1.0)
+
+
+def test_simmap_takes_no_options_and_costs_one_unit_per_reference_and_side() -> None:
+    simmap = types_pb2.EXPLANATION_METHOD_SIMMAP
+    # SmoothGrad's fields are range-checked for every method but never reach another method.
+    choice = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=simmap, smoothgrad_samples=8))
+    assert (choice.method, choice.method_options) == ("simmap", None)
+    echoed = converters.explain_choice_to_proto(choice)
+    assert echoed.method == simmap and echoed.smoothgrad_samples == 0 and not echoed.HasField("smoothgrad_noise")
+    assert choice.cost(10) == 20  # side both: k per side, like GradCAM
+    smoothgrad = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_SMOOTHGRAD))
+    assert smoothgrad.cost(10) > 10 * choice.cost(10)
 
 
 @pytest.mark.parametrize("dtype", [types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32])

@@ -53,7 +53,7 @@ def images(count: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (80, 96, 3), dtype=np.uint8) for _ in range(count)]
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap"])
 def test_both_sides_match_the_explainer_one_reference_at_a_time(encoder, method):
     query, references = images(1, 1)[0], images(3, 2)
     options = SmoothGradOptions(n_samples=3) if method == "smoothgrad" else None
@@ -123,7 +123,7 @@ def test_real_encoder_on_real_histology():
     assert png[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap"])
 def test_native_cams_finish_to_the_same_maps(encoder, method):
     query, *references = images(4, seed=5)
     request = ExplainRequest(query, references, method, options=SmoothGradOptions(n_samples=2) if method == "smoothgrad" else None)

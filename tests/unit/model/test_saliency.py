@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoxplain_model.errors import InvalidRequest, UnknownNameError
+from histoxplain_model.errors import FailedPrecondition, InvalidRequest, UnknownNameError
 from histoxplain_model.options import GradCAMPlusPlusOptions, SmoothGradOptions
 from histoxplain_model.saliency import (
     METHODS,
     GradCAM,
     GradCAMPlusPlus,
     InputGradient,
+    SimilarityMap,
     SmoothGrad,
     get_explainer,
     gradient_mode,
@@ -183,25 +184,45 @@ def test_gradcampp_is_invariant_to_the_target_scale(arch):
     assert difference.max() > 0.05
 
 
-def test_smoothgrad_matches_captum_noise_tunnel_with_the_same_noise(arch):
+SMOOTHGRAD_ORACLE = SmoothGradOptions(n_samples=5, sigma=0.15, chunk_size=2, seed=11)  # 2+2+1 chunks
+
+
+def captum_smoothgrad(attribution: str, model, pixels, references, polarity: str) -> list[torch.Tensor]:
+    """Captum's NoiseTunnel(<attribution>) of each reference's target, with our noise draws:
+    (1, 3, H, W) attributions per reference."""
     captum_attr = pytest.importorskip("captum.attr")
-    _, model, _, _ = arch
-    pixels, references = inputs(1, 3, model.num_features)
-    options = SmoothGradOptions(n_samples=5, sigma=0.15, chunk_size=2, seed=11)  # 2+2+1 chunks
-    ours = SmoothGrad(model, options=options).explain(pixels, references).heatmaps[0]
-    target = similarity_target(references)
-    stdev = float(options.sigma * (pixels.max() - pixels.min()))
+    target = similarity_target(references, polarity)
+    stdev = float(SMOOTHGRAD_ORACLE.sigma * (pixels.max() - pixels.min()))
+    results = []
     for k in range(references.shape[0]):
-        tunnel = captum_attr.NoiseTunnel(captum_attr.Saliency(lambda x, k=k: target(model(x))[:, k]))
+        tunnel = captum_attr.NoiseTunnel(getattr(captum_attr, attribution)(lambda x, k=k: target(model(x))[:, k]))
         # Captum draws its noise with torch.normal on the global generator: the same stream as
         # our seeded generator (one draw of n samples).
-        torch.manual_seed(options.seed)
-        attributions = tunnel.attribute(
-            pixels, nt_type="smoothgrad", nt_samples=options.n_samples, stdevs=stdev
-        )
+        torch.manual_seed(SMOOTHGRAD_ORACLE.seed)
+        results.append(tunnel.attribute(pixels, nt_type="smoothgrad", nt_samples=SMOOTHGRAD_ORACLE.n_samples, stdevs=stdev))
+    model.zero_grad(set_to_none=True)
+    return results
+
+
+def test_smoothgrad_matches_captum_noise_tunnel_with_the_same_noise(arch):
+    _, model, _, _ = arch
+    pixels, references = inputs(1, 3, model.num_features)
+    ours = SmoothGrad(model, options=SMOOTHGRAD_ORACLE).explain(pixels, references).heatmaps[0]
+    for k, attributions in enumerate(captum_smoothgrad("Saliency", model, pixels, references, "similar")):
         theirs = normalise_maps(attributions.amax(dim=1))[0].numpy()
         np.testing.assert_allclose(ours[k], theirs, atol=1e-5)
-    model.zero_grad(set_to_none=True)
+
+
+def test_smoothgrad_dissimilar_matches_captum_noise_tunnel_of_input_x_gradient(arch):
+    """The signed form: ReLU(sum over channels of SmoothGrad(x * d(-cos)/dx)), with the same noise
+    as Captum's NoiseTunnel(InputXGradient) on the negated cosine."""
+    _, model, _, _ = arch
+    pixels, references = inputs(1, 2, model.num_features)
+    ours = SmoothGrad(model, options=SMOOTHGRAD_ORACLE).explain(pixels, references, "dissimilar").heatmaps[0]
+    for k, attributions in enumerate(captum_smoothgrad("InputXGradient", model, pixels, references, "dissimilar")):
+        theirs = normalise_maps(attributions.sum(dim=1).clamp(min=0))[0].numpy()
+        np.testing.assert_allclose(ours[k], theirs, atol=1e-5)
+        assert (theirs == 0).mean() > 0.05  # the ReLU drops the pixels that raise the similarity
 
 
 def test_smoothgrad_noise_depends_on_the_seed():
@@ -258,6 +279,36 @@ def test_gradcam_by_hand():
     np.testing.assert_allclose(dissimilar.scores, result.scores)  # scores stay the cosine
 
 
+def test_gradcam_signed_map_sums_to_zero_by_hand():
+    # Before the ReLU: [[-0.128, 0.128], [-0.032, 0.032]] (test_gradcam_by_hand), sum 0.
+    model = TinyEncoder().eval()
+    with gradient_mode():
+        signed, _ = GradCAM(model, model.conv).signed_maps(TINY_X, similarity_target(TINY_REF))
+    torch.testing.assert_close(signed[0, 0], torch.tensor([[-0.128, 0.128], [-0.032, 0.032]]))
+    assert float(signed.sum()) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gradcam_signed_map_sums_to_zero_when_the_embedding_is_the_mean():
+    """g . e = 0 for the cosine target (g = (r_hat - s e_hat) / |e|), so sum_i sum_c w_c A_c(i)
+    = HW g . e = 0 on a mean-pooled encoder: the map says where features lean towards the
+    reference more than towards the image's own mean, not how much of the cosine they carry."""
+    model, layer, _ = build("resnet18")
+    pixels, references = inputs(2, 3, model.num_features)
+    for polarity in ("similar", "dissimilar"):
+        with gradient_mode():
+            signed, _ = GradCAM(model, layer).signed_maps(pixels, similarity_target(references, polarity))
+        totals = signed.sum(dim=(-2, -1))
+        scale = signed.abs().sum(dim=(-2, -1))
+        assert float((totals.abs() / scale).max()) < 1e-5
+        assert float(scale.min()) > 0
+    # Not a property of every pooling: the CLS-pooled ViT's map does not sum to zero.
+    vit, vit_layer, reshape = build("vit_tiny")
+    pixels, references = inputs(1, 3, vit.num_features)
+    with gradient_mode():
+        signed, _ = GradCAM(vit, vit_layer, reshape).signed_maps(pixels, similarity_target(references))
+    assert float((signed.sum(dim=(-2, -1)).abs() / signed.abs().sum(dim=(-2, -1))).min()) > 1e-3
+
+
 def tiny_weights(cls, options=None):
     model = TinyEncoder().eval()
     activations = TINY_X[:, None]  # (B, 1, C, h, w)
@@ -302,8 +353,15 @@ def test_input_gradient_by_hand_constant_map_is_zero():
 METHOD_NAMES = sorted(METHODS)
 
 
+def skip_unavailable(arch_name: str, method: str) -> None:
+    """simmap needs a mean-pooled encoder: the CLS-pooled ViT refuses it (test below)."""
+    if method == "simmap" and arch_name == "vit_tiny":
+        pytest.skip("simmap is not available for a CLS-pooled ViT (test_simmap_refuses_a_cls_pooled_vit)")
+
+
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_shape_range_no_nan_no_side_effects(arch, method):
+    skip_unavailable(arch[0], method)
     _, model, layer, reshape = arch
     pixels, references = inputs(2, 3, model.num_features)
     pixels_before, references_before = pixels.clone(), references.clone()
@@ -312,7 +370,15 @@ def test_shape_range_no_nan_no_side_effects(arch, method):
     assert result.heatmaps.dtype == np.float32
     assert np.isfinite(result.heatmaps).all()
     assert result.heatmaps.min() >= 0.0 and result.heatmaps.max() <= 1.0
-    assert (result.heatmaps.reshape(6, -1).max(axis=1) == pytest.approx(1.0))  # no empty map
+    peaks = result.heatmaps.reshape(6, -1).max(axis=1)
+    if method == "simmap":
+        # The similar map is ReLU(share): empty exactly where no location has a positive share
+        # (random references give negative cosines).
+        shares = SimilarityMap(model, layer, reshape).decompose(pixels, references).shares
+        np.testing.assert_array_equal(peaks == 0, (shares.amax(dim=(-2, -1)) <= 0).numpy().reshape(-1))
+        assert peaks.max() == pytest.approx(1.0)
+    else:
+        assert (peaks == pytest.approx(1.0))  # no empty map
     expected_scores = F.normalize(model(pixels), dim=1) @ F.normalize(references, dim=1).T
     np.testing.assert_allclose(result.scores, expected_scores.detach().numpy(), atol=1e-5)
     torch.testing.assert_close(pixels, pixels_before, rtol=0, atol=0)
@@ -334,6 +400,7 @@ def test_hooks_released_after_an_error(arch, method):
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_batched_equals_one_by_one(arch, method):
+    skip_unavailable(arch[0], method)
     _, model, layer, reshape = arch
     pixels, references = inputs(3, 2, model.num_features)
     explain = explainer(method, model, layer, reshape)
@@ -349,6 +416,7 @@ def test_batched_equals_one_by_one(arch, method):
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_works_inside_inference_mode(arch, method):
+    skip_unavailable(arch[0], method)
     _, model, layer, reshape = arch
     explain = explainer(method, model, layer, reshape)
     pixels, references = inputs(1, 2, model.num_features)
@@ -362,17 +430,15 @@ def test_works_inside_inference_mode(arch, method):
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_dissimilar_differs_from_similar(arch, method):
+    skip_unavailable(arch[0], method)
     _, model, layer, reshape = arch
     pixels, references = inputs(1, 2, model.num_features)
     explain = explainer(method, model, layer, reshape)
     similar = explain.explain(pixels, references, "similar")
     dissimilar = explain.explain(pixels, references, "dissimilar")
     np.testing.assert_array_equal(similar.scores, dissimilar.scores)
-    if method == "smoothgrad":
-        # |grad| is the same for S and -S: SmoothGrad cannot tell the polarities apart.
-        np.testing.assert_allclose(similar.heatmaps, dissimilar.heatmaps, atol=1e-6)
-    else:
-        assert np.abs(similar.heatmaps - dissimilar.heatmaps).max() > 0.05
+    # SmoothGrad too: its dissimilar form is signed (gradient x input), not |gradient|.
+    assert np.abs(similar.heatmaps - dissimilar.heatmaps).max() > 0.05
 
 
 def test_concurrent_calls_on_one_model_do_not_mix():
@@ -402,11 +468,20 @@ def test_concurrent_calls_on_one_model_do_not_mix():
 # Registry and validation
 
 
+def test_simmap_refuses_a_cls_pooled_vit():
+    model, layer, reshape = build("vit_tiny")
+    pixels, references = inputs(1, 2, model.num_features)
+    with pytest.raises(FailedPrecondition, match=r"'simmap' is not available for this encoder \(vit_tiny_patch16_224\)") as error:
+        SimilarityMap(model, layer, reshape).explain(pixels, references)
+    assert "gradcam, gradcampp, smoothgrad" in str(error.value)
+    assert not layer._forward_hooks
+
+
 def test_unknown_method_lists_the_known_ones():
     model, layer, _ = build("resnet18")
     with pytest.raises(UnknownNameError) as error:
         get_explainer("gradcam2", model, layer)
-    for name in ("gradcam", "gradcampp", "smoothgrad"):
+    for name in ("gradcam", "gradcampp", "smoothgrad", "simmap"):
         assert name in str(error.value)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from histoxplain_model.errors import ImageDecodeError, InvalidRequest, UnknownNameError
-from histoxplain_model.options import GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions
+from histoxplain_model.options import GradCAMOptions, GradCAMPlusPlusOptions, SimMapOptions, SmoothGradOptions
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import ModelInfo, RetrievalExplanation
 from histoxplain_model.vocabulary import METHOD_NAMES
@@ -57,6 +57,9 @@ def test_inputs_carry_only_non_defaults_and_round_trip_exactly() -> None:
     raw = GradCAMPlusPlusOptions(gradient_scale="raw", eps=1e-9)
     assert options_to_inputs(raw) == {"gradcampp_gradient_scale": b"raw", "gradcampp_eps": b"1e-09"}
     assert options_from_inputs("gradcampp", options_to_inputs(raw)) == raw
+    assert options_to_inputs(SimMapOptions()) == {} and options_from_inputs("simmap", {}) == SimMapOptions()
+    with pytest.raises(InvalidRequest, match="'smoothgrad_samples' is an option of another method, not of 'simmap'"):
+        options_from_inputs("simmap", {"smoothgrad_samples": b"3"})
 
 
 @pytest.mark.parametrize(

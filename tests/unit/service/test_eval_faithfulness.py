@@ -16,7 +16,6 @@ from histoxplain_service.evaluation.faithfulness import (
     pixel_random_map,
     smooth_random_map,
 )
-from histoxplain_service.evaluation.explanations import POLARITY_INVARIANT
 from histoxplain_service.evaluation.sanity import (
     map_rank_correlation,
     randomise_cascade,
@@ -158,6 +157,10 @@ class TinyConvNet(nn.Module):
         )
         self.head = nn.Linear(16, 8)
 
+    def get_classifier(self) -> nn.Module:
+        """timm's name for the head (the similarity decomposition applies it per location)."""
+        return self.head
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(pixels)).mean(dim=(2, 3)))
 
@@ -216,19 +219,21 @@ def test_cascade_accumulates_from_the_top_and_keeps_flagging_edges() -> None:
         ) < 0.5
 
 
-@pytest.mark.parametrize("method", sorted(POLARITY_INVARIANT))
-def test_polarity_invariant_methods_give_one_map_for_both_polarities(method: str) -> None:
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap"])
+def test_every_method_has_its_own_dissimilar_map(method: str) -> None:
+    """Why the evaluation explains each polarity: no method's dissimilar map is its similar one."""
     from histoxplain_model.options import SmoothGradOptions
     from histoxplain_model.saliency import get_explainer
 
     torch.manual_seed(0)
     model = TinyConvNet().eval()
-    explainer = get_explainer(method, model, model.blocks[1], options=SmoothGradOptions(n_samples=3))
+    options = SmoothGradOptions(n_samples=3) if method == "smoothgrad" else None
+    explainer = get_explainer(method, model, model.blocks[1], options=options)
     reference = model(textured_image(5)).detach()
     similar = explainer.explain(textured_image(4), reference, polarity="similar").heatmaps
     dissimilar = explainer.explain(textured_image(4), reference, polarity="dissimilar").heatmaps
-    assert similar.std() > 0
-    np.testing.assert_array_equal(similar, dissimilar)
+    assert similar.std() > 0 and dissimilar.std() > 0
+    assert np.abs(similar - dissimilar).max() > 0.1
 
 
 def test_top_blocks_of_timm_models() -> None:

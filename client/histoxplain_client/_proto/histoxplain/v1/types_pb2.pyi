@@ -33,7 +33,16 @@ class _ExplanationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Exp
     EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: _ExplanationMethod.ValueType  # 2
     """GradCAM++ (Chattopadhay et al., eq. 19) at the encoder's target layer."""
     EXPLANATION_METHOD_SMOOTHGRAD: _ExplanationMethod.ValueType  # 3
-    """SmoothGrad (Smilkov et al.): mean input gradient over noisy copies of the image."""
+    """SmoothGrad (Smilkov et al.): mean input gradient over noisy copies of the image
+    (similar: mean |gradient|; dissimilar: the part of mean gradient x input that lowers the
+    similarity).
+    """
+    EXPLANATION_METHOD_SIMMAP: _ExplanationMethod.ValueType  # 4
+    """Similarity decomposition (Stylianou et al. 2019): each location's exact share of the cosine
+    at the encoder's target layer, no gradients (dissimilar: the shortfall from an even share).
+    Only for encoders whose embedding is the mean of that layer's map (the CNN presets);
+    others answer FAILED_PRECONDITION.
+    """
 
 class ExplanationMethod(_ExplanationMethod, metaclass=_ExplanationMethodEnumTypeWrapper):
     """How a heatmap explains a similarity."""
@@ -45,7 +54,16 @@ EXPLANATION_METHOD_GRADCAM: ExplanationMethod.ValueType  # 1
 EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: ExplanationMethod.ValueType  # 2
 """GradCAM++ (Chattopadhay et al., eq. 19) at the encoder's target layer."""
 EXPLANATION_METHOD_SMOOTHGRAD: ExplanationMethod.ValueType  # 3
-"""SmoothGrad (Smilkov et al.): mean input gradient over noisy copies of the image."""
+"""SmoothGrad (Smilkov et al.): mean input gradient over noisy copies of the image
+(similar: mean |gradient|; dissimilar: the part of mean gradient x input that lowers the
+similarity).
+"""
+EXPLANATION_METHOD_SIMMAP: ExplanationMethod.ValueType  # 4
+"""Similarity decomposition (Stylianou et al. 2019): each location's exact share of the cosine
+at the encoder's target layer, no gradients (dissimilar: the shortfall from an even share).
+Only for encoders whose embedding is the mean of that layer's map (the CNN presets);
+others answer FAILED_PRECONDITION.
+"""
 Global___ExplanationMethod: _TypeAlias = ExplanationMethod  # noqa: Y015
 
 class _Polarity:
@@ -317,11 +335,13 @@ class TilingOptions(_message.Message):
     STRIDE_FIELD_NUMBER: _builtins.int
     MIN_TISSUE_FRACTION_FIELD_NUMBER: _builtins.int
     tile_size: _builtins.int
-    """Tile edge in pixels. 0: the model's input size. Images no larger than a tile in both
-    dimensions are indexed whole, as one tile.
+    """Tile edge in pixels, 16 to 8192. 0: the model's input size. Images no larger than a tile
+    in both dimensions are indexed whole, as one tile.
     """
     stride: _builtins.int
-    """Step between tile origins in pixels. 0: equal to tile_size (no overlap)."""
+    """Step between tile origins in pixels, from a quarter of tile_size to 8192. 0: equal to
+    tile_size (no overlap).
+    """
     min_tissue_fraction: _builtins.float
     """Minimum fraction of tissue pixels (0 to 1) a tile needs to be kept. Unset: the server's
     default; 0 keeps every tile, background included.
