@@ -8,7 +8,7 @@ BUF := $(VENV)/buf/node_modules/.bin/buf
 export OMP_NUM_THREADS ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-unit test-integration test-gpu proto proto-lint bench serve clean
+.PHONY: venv demo test test-unit test-integration test-gpu proto proto-lint bench serve clean images smoke-test images-clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,17 @@ bench: venv
 # TorchServe + the gRPC gateway on 127.0.0.1:50051 (HISTOXPLAIN_PORT), embedded Qdrant; Ctrl-C stops all
 serve: venv
 	$(PY) -m histoxplain_service.app.serve
+
+# Container images with podman from a debootstrap base (docker/build-images.sh: sizes, package
+# lists and layer reports under build/images/), then docker/k8s/'s pod run for real; as root.
+images:
+	docker/build-images.sh
+
+smoke-test: venv
+	docker/smoke-test.sh
+
+images-clean:
+	docker/build-images.sh --clean
 
 proto: venv
 	$(PY) proto/generate.py

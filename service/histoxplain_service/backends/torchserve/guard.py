@@ -36,14 +36,16 @@ def _die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def _stop_group(group: int, grace_s: float) -> None:
-    """SIGTERM to the process group, then SIGKILL to what is left after ``grace_s``."""
+def _stop_group(launcher: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM to the launcher's process group, then SIGKILL to what is left after ``grace_s``."""
+    group = launcher.pid
     try:
         os.killpg(group, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
+        launcher.poll()  # reap the launcher: as a zombie it would keep the group alive for killpg
         try:
             os.killpg(group, 0)
         except ProcessLookupError:
@@ -81,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     while launcher.poll() is None and not stopping:
         time.sleep(0.2)
     if launcher.poll() is None:
-        _stop_group(launcher.pid, grace_s)
+        _stop_group(launcher, grace_s)
     else:
-        _stop_group(launcher.pid, 0.0)  # workers the launcher left behind
+        _stop_group(launcher, 0.0)  # workers the launcher left behind
     launcher.wait()
     return 0 if stopping else launcher.returncode
 
