@@ -14,6 +14,7 @@ class                      ``status_code``       exit code
 ``DependencyUnavailable``  UNAVAILABLE           5
 ``DeadlineExceeded``       DEADLINE_EXCEEDED     6
 ``ResourceExhausted``      RESOURCE_EXHAUSTED    7
+``PermissionDenied``       PERMISSION_DENIED     8
 ``Cancelled``              CANCELLED             130
 anything else              INTERNAL              1
 =========================  ====================  =========
@@ -35,6 +36,7 @@ __all__ = [
     "DependencyUnavailable",
     "DeadlineExceeded",
     "ResourceExhausted",
+    "PermissionDenied",
     "Cancelled",
     "error_class_for_status",
 ]
@@ -137,6 +139,14 @@ class ResourceExhausted(HistoxplainError):
     exit_code = 7
 
 
+class PermissionDenied(HistoxplainError):
+    """A dependency refused histoxplain's credentials (e.g. a PACS answering HTTP 401 / 403): an
+    operator fixes the setting the message names; retrying as is does not help."""
+
+    status_code = "PERMISSION_DENIED"
+    exit_code = 8
+
+
 class Cancelled(HistoxplainError):
     """The caller cancelled the request (or the server is shutting down) and its work stopped.
 
@@ -151,7 +161,7 @@ _BY_STATUS: dict[str, type[HistoxplainError]] = {
     cls.status_code: cls
     for cls in (
         InvalidRequest, NotFound, FailedPrecondition, DependencyUnavailable, DeadlineExceeded, ResourceExhausted,
-        Cancelled,
+        PermissionDenied, Cancelled,
     )
 }
 

@@ -8,14 +8,21 @@ import this module.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from histoxplain_service.backends.base import ModelBackend
 from histoxplain_service.config import GatewaySettings, Settings
 from histoxplain_service.domain.retrieval import Retrieval
 from histoxplain_service.index.base import IndexEngine
+from histoxplain_service.index.edge import EdgeEngine
 from histoxplain_service.index.qdrant import QdrantEngine, open_qdrant
 
-__all__ = ["create_backend", "embedded_backend", "open_gateway_index", "open_index_engine", "open_retrieval"]
+if TYPE_CHECKING:  # imported when a PACS is configured: wsidicom and highdicom load only then
+    from histoxplain_service.pacs.dicomweb import DicomWeb
+
+__all__ = [
+    "create_backend", "embedded_backend", "open_gateway_index", "open_index_engine", "open_pacs", "open_retrieval",
+]
 
 
 def embedded_backend(settings: Settings) -> ModelBackend:
@@ -45,22 +52,43 @@ def create_backend(settings: GatewaySettings) -> ModelBackend:
 
 
 def open_index_engine(settings: Settings, timeout_s: int | None = None) -> IndexEngine:
-    """The index engine: Qdrant, a server at ``QDRANT_URL`` or else local mode under the data
-    folder (FailedPrecondition: that folder is held by another process).
+    """The index engine: a Qdrant server at ``QDRANT_URL``; else the embedded store
+    ``HISTOXPLAIN_INDEX_ENGINE`` names under the data folder: Qdrant's engine in-process
+    (``edge``, the default) or qdrant-client local mode (``local``, the store of earlier versions).
 
     ``timeout_s``: the HTTP timeout of server calls (``None``: qdrant-client's default). The
     caller owns the engine and closes it.
+
+    Raises:
+        FailedPrecondition: the embedded store's folder is held by another process.
     """
-    return QdrantEngine(settings, open_qdrant(settings, timeout_s))
+    if settings.qdrant_url or settings.index_engine == "local":
+        return QdrantEngine(settings, open_qdrant(settings, timeout_s))
+    return EdgeEngine(settings)
 
 
 def open_gateway_index(settings: GatewaySettings) -> IndexEngine:
     """The index engine for the gateway: a server (``QDRANT_URL``) gets an HTTP timeout equal to
     the maximum request deadline, so no Qdrant call outlives the longest call that waits for it;
-    local mode is in-process (bounded by the call's deadline in the servicer)."""
+    the embedded stores are in-process (bounded by the call's deadline in the servicer)."""
     return open_index_engine(settings.core, timeout_s=max(1, math.ceil(settings.max_deadline_s)))
 
 
+def open_pacs(settings: Settings) -> DicomWeb | None:
+    """The PACS of ``HISTOXPLAIN_DICOMWEB_URL`` and its credentials, or ``None`` when unset. Opening
+    contacts nothing; the caller closes it."""
+    if not settings.dicomweb_url:
+        return None
+    from histoxplain_service.pacs.dicomweb import DicomWeb
+
+    return DicomWeb.from_settings(settings)
+
+
 def open_retrieval(settings: Settings, backend: ModelBackend | None = None) -> Retrieval:
-    """The domain over ``backend`` (default: the in-process model) and the configured index engine."""
-    return Retrieval(settings, backend or embedded_backend(settings), open_index_engine(settings))
+    """The domain over ``backend`` (default: the in-process model) and the configured index engine;
+    with a PACS configured (``HISTOXPLAIN_DICOMWEB_URL``), hits of DICOM slides are re-read from it."""
+    pacs = open_pacs(settings)
+    return Retrieval(
+        settings, backend or embedded_backend(settings), open_index_engine(settings),
+        dicom_tiles=None if pacs is None else pacs.read_tile,
+    )

@@ -14,7 +14,7 @@ module reads ``os.environ`` on its own. Every field has one environment variable
 variable                            field                   default                          allowed
 ==================================  ======================  ===============================  =======================================
 ``HISTOXPLAIN_DATA``                ``data_dir``            ``./histoxplain-data``           a folder path (created on use)
-``QDRANT_URL``                      ``qdrant_url``          unset: embedded local mode       an ``http://`` or ``https://`` URL
+``QDRANT_URL``                      ``qdrant_url``          unset: the embedded engine       an ``http://`` or ``https://`` URL
 ``QDRANT_API_KEY``                  ``qdrant_api_key``      unset                            any string (server mode only)
 ``HISTOXPLAIN_MAX_PIXELS``          ``max_pixels``          20000 * 20000                    integer >= 1 (width * height)
 ``HISTOXPLAIN_MAX_REQUEST_PIXELS``  ``max_request_pixels``  4096 * 4096                      integer >= 1 (width * height)
@@ -26,7 +26,35 @@ variable                            field                   default             
 ``HISTOXPLAIN_SLIDE_LEVEL``         ``slide_level``         0                                integer >= 0 (pyramid level)
 ``HISTOXPLAIN_BATCH_SIZE``          ``batch_size``          64                               integer 1..4096 (tiles per upsert)
 ``HISTOXPLAIN_DEVICE``              ``device``              ``auto``: GPU 0, else the CPU    ``cpu``, ``cuda``, ``cuda:N``, ``auto``
+``HISTOXPLAIN_INDEX_ENGINE``        ``index_engine``        ``edge``                         ``edge`` (qdrant-edge) or ``local``
+``HISTOXPLAIN_HNSW_M``              ``hnsw_m``              16                               integer 4..128 (graph edges per node)
+``HISTOXPLAIN_HNSW_EF_CONSTRUCT``   ``hnsw_ef_construct``   100                              integer 4..4096
+``HISTOXPLAIN_HNSW_EF``             ``hnsw_ef``             128                              integer 1..4096 (search candidates)
+``HISTOXPLAIN_EXACT_SEARCH``        ``exact_search``        0                                1 or 0 (1: brute force, no HNSW)
+``HISTOXPLAIN_QUANTIZATION``        ``quantization``        ``none``                         ``none`` or ``int8`` (scalar)
+``HISTOXPLAIN_RESCORE``             ``rescore``             1                                1 or 0 (re-rank with float vectors)
+``HISTOXPLAIN_OVERSAMPLING``        ``oversampling``        2.0                              number 1..16 (candidates rescored)
+``HISTOXPLAIN_VECTORS_ON_DISK``     ``vectors_on_disk``     0                                1 or 0 (float vectors memory-mapped)
+``HISTOXPLAIN_PAYLOAD_ON_DISK``     ``payload_on_disk``     1                                1 or 0
+``HISTOXPLAIN_DICOMWEB_URL``        ``dicomweb_url``        unset: no PACS                   an ``http://`` or ``https://`` URL
+``HISTOXPLAIN_DICOMWEB_USER``       ``dicomweb_user``       unset: no authentication         a user name (HTTP Basic)
+``HISTOXPLAIN_DICOMWEB_PASSWORD``   ``dicomweb_password``   unset                            any string (prefer the file below)
+``..._DICOMWEB_PASSWORD_FILE``      ``dicomweb_password_file`` unset                         a path to a file holding the password
+``HISTOXPLAIN_DICOMWEB_TIMEOUT_S``  ``dicomweb_timeout_s``  30                               seconds > 0 (one HTTP request)
+``..._DICOM_CROSS_PATIENT``         ``dicom_cross_patient`` 1                                1 or 0 (results may reference others)
 ==================================  ======================  ===============================  =======================================
+
+The ``DICOMWEB`` settings name the PACS that DICOM slides are read from and results are stored
+into (``docs/PACS.md``); ``..._PASSWORD_FILE`` is ``HISTOXPLAIN_DICOMWEB_PASSWORD_FILE`` (a
+mounted secret, read when a connection opens) and ``..._DICOM_CROSS_PATIENT`` is
+``HISTOXPLAIN_DICOM_CROSS_PATIENT``: 0 keeps the DICOM objects written into a study from
+referencing slides of other patients.
+
+``index_engine`` picks the embedded store when ``QDRANT_URL`` is unset: Qdrant's own engine
+in-process (qdrant-edge, under ``<data_dir>/edge``) or qdrant-client's local mode (under
+``<data_dir>/qdrant``, the store of earlier versions; ``histoxplain migrate`` moves its indexes).
+The HNSW, quantization and on-disk settings shape an index when it is created (an existing index
+keeps its own); ``hnsw_ef``, ``exact_search``, ``rescore`` and ``oversampling`` apply per search.
 
 ``device`` is where the in-process (embedded) encoder runs; its spelling is checked here,
 whether that GPU exists when the encoder is loaded. An empty value counts as unset. A bad value raises
@@ -49,7 +77,10 @@ from histoxplain_model.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PI
 from histoxplain_model.limits import MAX_K, MAX_MESSAGE_BYTES, MAX_TILE_SIZE, MIN_TILE_SIZE
 from histoxplain_model.vocabulary import DEFAULT_PRESET
 
-__all__ = ["BACKENDS", "BackendKind", "GatewaySettings", "Settings"]
+__all__ = [
+    "BACKENDS", "INDEX_ENGINES", "QUANTIZATIONS", "BackendKind", "GatewaySettings", "IndexEngineKind",
+    "QuantizationKind", "Settings",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,22 @@ def _device_name(value: object) -> bool:
     return True
 
 
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _flag(text: str) -> bool:
+    """An on/off switch; anything but the spellings in ``_FLAGS`` is refused, not read as off."""
+    if text.lower() not in _FLAGS:
+        raise ValueError(text)
+    return _FLAGS[text.lower()]
+
+
+IndexEngineKind = Literal["edge", "local"]
+INDEX_ENGINES: tuple[IndexEngineKind, ...] = ("edge", "local")
+QuantizationKind = Literal["none", "int8"]
+QUANTIZATIONS: tuple[QuantizationKind, ...] = ("none", "int8")
+
+
 _VARIABLES: tuple[_Var, ...] = (
     _Var("data_dir", "HISTOXPLAIN_DATA", lambda t: Path(t).expanduser(), lambda v: str(v) != "", "a folder path"),
     _Var("qdrant_url", "QDRANT_URL", _url, None, "an http:// or https:// URL of a Qdrant server, or unset"),
@@ -109,6 +156,26 @@ _VARIABLES: tuple[_Var, ...] = (
     _Var("batch_size", "HISTOXPLAIN_BATCH_SIZE", _int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
     _Var("device", "HISTOXPLAIN_DEVICE", str.lower, _device_name,
          "cpu, cuda, cuda:N (N = GPU index) or auto (cuda:0 when there is a GPU, else cpu)"),
+    _Var("index_engine", "HISTOXPLAIN_INDEX_ENGINE", str.lower, lambda v: v in INDEX_ENGINES,
+         f"one of {', '.join(INDEX_ENGINES)}"),
+    _Var("hnsw_m", "HISTOXPLAIN_HNSW_M", _int, lambda v: 4 <= v <= 128, "an integer from 4 to 128"),
+    _Var("hnsw_ef_construct", "HISTOXPLAIN_HNSW_EF_CONSTRUCT", _int, lambda v: 4 <= v <= 4096,
+         "an integer from 4 to 4096"),
+    _Var("hnsw_ef", "HISTOXPLAIN_HNSW_EF", _int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    _Var("exact_search", "HISTOXPLAIN_EXACT_SEARCH", _flag, None, "1 or 0"),
+    _Var("quantization", "HISTOXPLAIN_QUANTIZATION", str.lower, lambda v: v in QUANTIZATIONS,
+         f"one of {', '.join(QUANTIZATIONS)}"),
+    _Var("rescore", "HISTOXPLAIN_RESCORE", _flag, None, "1 or 0"),
+    _Var("oversampling", "HISTOXPLAIN_OVERSAMPLING", float, lambda v: 1.0 <= v <= 16.0, "a number from 1 to 16"),
+    _Var("vectors_on_disk", "HISTOXPLAIN_VECTORS_ON_DISK", _flag, None, "1 or 0"),
+    _Var("payload_on_disk", "HISTOXPLAIN_PAYLOAD_ON_DISK", _flag, None, "1 or 0"),
+    _Var("dicomweb_url", "HISTOXPLAIN_DICOMWEB_URL", _url, None,
+         "the http:// or https:// URL of a DICOMweb service (e.g. http://127.0.0.1:8042/dicom-web), or unset"),
+    _Var("dicomweb_user", "HISTOXPLAIN_DICOMWEB_USER", _optional_str),
+    _Var("dicomweb_password", "HISTOXPLAIN_DICOMWEB_PASSWORD", _optional_str),
+    _Var("dicomweb_password_file", "HISTOXPLAIN_DICOMWEB_PASSWORD_FILE", _optional_path, None, "a path, or unset"),
+    _Var("dicomweb_timeout_s", "HISTOXPLAIN_DICOMWEB_TIMEOUT_S", float, lambda v: v > 0, "seconds > 0"),
+    _Var("dicom_cross_patient", "HISTOXPLAIN_DICOM_CROSS_PATIENT", _flag, None, "1 or 0"),
 )
 
 
@@ -134,6 +201,28 @@ class Settings:
         batch_size: tiles embedded and upserted per batch.
         device: torch device of the in-process encoder: ``cpu``, ``cuda``, ``cuda:N`` or
             ``auto`` (``histoxplain_model.devices.resolve_device``).
+        index_engine: the embedded store when ``qdrant_url`` is unset: ``edge`` (Qdrant's engine
+            in-process, under ``<data_dir>/edge``) or ``local`` (qdrant-client local mode).
+        hnsw_m: HNSW edges per node of a new index (more: better recall, more memory).
+        hnsw_ef_construct: HNSW build candidates of a new index (more: better graph, slower build).
+        hnsw_ef: HNSW search candidates per query (more: better recall, slower search).
+        exact_search: always search by brute force (exact scores and order, no HNSW).
+        quantization: ``int8``: new indexes keep a scalar-quantized copy of the vectors in RAM
+            for the graph search (4x smaller); ``none``: float vectors only.
+        rescore: with quantization, re-rank the candidates with the float vectors (scores exact).
+        oversampling: with quantization, candidates fetched per hit before rescoring.
+        vectors_on_disk: new indexes keep float vectors memory-mapped instead of in RAM.
+        payload_on_disk: new indexes keep tile payloads memory-mapped instead of in RAM.
+        dicomweb_url: the DICOMweb service (QIDO-RS, WADO-RS, STOW-RS root) of the PACS that DICOM
+            slides are read from and results are stored into; ``None``: no PACS.
+        dicomweb_user: HTTP Basic user for the PACS; ``None``: no authentication.
+        dicomweb_password: that user's password (a secret: kept out of logs and ``repr``).
+        dicomweb_password_file: a file holding the password (e.g. a mounted Kubernetes Secret),
+            read each time a connection opens; give either this or ``dicomweb_password``.
+        dicomweb_timeout_s: the timeout of one HTTP request to the PACS.
+        dicom_cross_patient: the DICOM objects written into a study may reference similar slides
+            of other patients (by UID only, never their demographics); off: they reference only
+            the same patient's slides (``docs/PACS.md`` says why one would turn it off).
     """
 
     data_dir: Path = Path("./histoxplain-data")
@@ -149,6 +238,22 @@ class Settings:
     slide_level: int = 0
     batch_size: int = 64
     device: str = "auto"
+    index_engine: IndexEngineKind = "edge"
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    hnsw_ef: int = 128
+    exact_search: bool = False
+    quantization: QuantizationKind = "none"
+    rescore: bool = True
+    oversampling: float = 2.0
+    vectors_on_disk: bool = False
+    payload_on_disk: bool = True
+    dicomweb_url: str | None = None
+    dicomweb_user: str | None = None
+    dicomweb_password: str | None = field(default=None, repr=False)  # a secret: kept out of logs
+    dicomweb_password_file: Path | None = None
+    dicomweb_timeout_s: float = 30.0
+    dicom_cross_patient: bool = True
 
     def __post_init__(self) -> None:
         # Accept str paths from callers (tests, flags); the fields are always Path afterwards.
@@ -166,6 +271,11 @@ class Settings:
     def qdrant_path(self) -> Path:
         """Folder of the embedded (local-mode) Qdrant storage."""
         return self.data_dir / "qdrant"
+
+    @property
+    def edge_path(self) -> Path:
+        """Folder of the embedded qdrant-edge indexes (one folder per index)."""
+        return self.data_dir / "edge"
 
     def tiles_dir(self, index_name: str) -> Path:
         """Folder of the tile PNGs of one index."""
@@ -217,16 +327,6 @@ _MIB = 1024 * 1024
 
 def _positive(value: float) -> bool:
     return value > 0
-
-
-_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
-def _flag(text: str) -> bool:
-    """An on/off switch; anything but the spellings in ``_FLAGS`` is refused, not read as off."""
-    if text.lower() not in _FLAGS:
-        raise ValueError(text)
-    return _FLAGS[text.lower()]
 
 
 _GATEWAY_VARIABLES: tuple[_Var, ...] = (

@@ -148,7 +148,10 @@ def test_make_serve_restarts_a_torchserve_that_died(tmp_path: Path) -> None:
     try:
         with hc.Client(target, timeout=60, retry=hc.NO_RETRY) as client:
             client.wait_until_ready(30)
-            assert _health(target) == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()  # health turns SERVING at the first probe after the port opens
+            while _health(target) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() - started < 60, "make serve never reported SERVING"
+                time.sleep(0.2)
             java = _java(_descendants(process.pid))
             os.kill(java, signal.SIGKILL)
             killed = time.monotonic()

@@ -1,6 +1,6 @@
 """The folders are the layers: imports flow one way and form no cycle (read from the source).
 
-    app, gateway, evaluation -> bootstrap -> domain -> (index, backends) -> config -> histoxplain_model
+    app, gateway, evaluation -> bootstrap -> pacs -> domain -> (index, backends) -> config -> histoxplain_model
 
 Every ``import`` statement counts, function-local ones included, so a cycle cannot hide behind
 a lazy import. The SDK imports neither the library nor the service; the library never imports
@@ -26,10 +26,11 @@ ALLOWED: dict[str, set[str]] = {
     "index": {"config", "domain.types"},
     "backends": {"config"},
     "domain": {"config", "index", "backends"},
-    "bootstrap": {"config", "index", "backends", "domain"},
-    "gateway": {"config", "index", "backends", "domain", "bootstrap"},
+    "pacs": {"config", "domain"},
+    "bootstrap": {"config", "index", "backends", "domain", "pacs"},
+    "gateway": {"config", "index", "backends", "domain", "bootstrap", "pacs"},
     "evaluation": {"config", "domain", "app.samples"},
-    "app": {"config", "index", "backends", "domain", "bootstrap", "gateway", "evaluation"},
+    "app": {"config", "index", "backends", "domain", "bootstrap", "gateway", "evaluation", "pacs"},
 }
 TORCH_FREE = ["errors", "vocabulary", "limits", "options", "requests", "results", "deadlines", "imageio", "overlay", "wire"]
 

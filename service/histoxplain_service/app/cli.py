@@ -32,6 +32,7 @@ from histoxplain_model.vocabulary import (
     check_name,
 )
 from histoxplain_service.app.demo import run_demo
+from histoxplain_service.app.migrate import add_migrate_parser
 from histoxplain_service.app.report import write_report
 from histoxplain_service.bootstrap import open_index_engine, open_retrieval
 from histoxplain_service.config import Settings
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_evaluate_parser(commands)
+    add_migrate_parser(commands)
     return parser
 
 

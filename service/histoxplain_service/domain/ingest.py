@@ -70,7 +70,7 @@ from histoxplain_model.limits import LABEL, SOURCE, check_mpp
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.checks import EncodedImage, check_image_metadata, decode_request_image
 from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
-from histoxplain_service.domain.types import Box, TileRecord
+from histoxplain_service.domain.types import Box, DicomReference, TileRecord
 from histoxplain_service.index.base import VectorIndex
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "discover_inputs",
     "index_images",
     "index_paths",
+    "index_sources",
     "iter_tiles",
     "open_source",
     "plan_tiles",
@@ -191,7 +192,8 @@ def bytes_id(data: bytes) -> str:
 
 
 class ImageSource(Protocol):
-    """One image to tile: a decoded array or one level of a slide."""
+    """One image to tile: a decoded array or one level of a slide (a file, or a DICOM series read
+    over DICOMweb, whose tiles carry ``dicom`` and keep no pixel copy)."""
 
     image_id: str
     source: str
@@ -201,6 +203,7 @@ class ImageSource(Protocol):
     downsample: float
     width: int
     height: int
+    dicom: DicomReference | None
 
     def thumbnail(self, max_side: int) -> np.ndarray: ...
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray: ...
@@ -218,6 +221,7 @@ class ArraySource:
     mpp: float | None = None
     level: int = 0
     downsample: float = 1.0
+    dicom: DicomReference | None = None
 
     @property
     def width(self) -> int:
@@ -240,6 +244,8 @@ class ArraySource:
 
 class SlideSource:
     """One pyramid level of a whole-slide file, read through tiffslide."""
+
+    dicom: DicomReference | None = None
 
     def __init__(self, path: Path, level: int, image_id: str, label: str | None = None) -> None:
         import tiffslide  # imported here: only slides need it
@@ -336,7 +342,9 @@ def plan_tiles(source: ImageSource, tile_size: int, stride: int, min_tissue: flo
     boxes = [tile.box for tile in planned]
     level0 = [Box(round(x * ds), round(y * ds), round(w * ds), round(h * ds)) for x, y, w, h in boxes]
     return [
-        TileRecord(source.image_id, source.source, source.label, box, source.level, source.mpp, i, len(level0))
+        TileRecord(
+            source.image_id, source.source, source.label, box, source.level, source.mpp, i, len(level0), source.dicom
+        )
         for i, box in enumerate(level0)
     ]
 
@@ -586,6 +594,27 @@ def index_paths(
         for position, item in enumerate(inputs)
     ]
     return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items), named_inputs=True)
+
+
+def index_sources(
+    openers: Iterable[tuple[str, Callable[[], ImageSource]]],
+    index: VectorIndex,
+    embed_fn: EmbedFn,
+    settings: Settings,
+    *,
+    preset: str,
+    dim: int,
+    show_progress: bool = False,
+) -> IndexSummary:
+    """Index images that other sources open (e.g. DICOM slides over DICOMweb,
+    :mod:`histoxplain_service.pacs`), one ``(name, opener)`` each, with the same resumable loop.
+
+    ``name`` stands for the input in :attr:`IndexSummary.skipped` (the caller's own reference,
+    never logged); ``opener`` returns the :class:`ImageSource` or raises InvalidRequest (the
+    input is skipped with its reason). Inputs are opened one at a time, in order.
+    """
+    items = ((position, name, opener) for position, (name, opener) in enumerate(openers))
+    return _run(items, index, embed_fn, settings, preset, dim, show_progress, None, named_inputs=False)
 
 
 def index_images(

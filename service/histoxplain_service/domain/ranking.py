@@ -9,7 +9,10 @@ Rule
     considered. Ties are broken by image id, so the order is the same on every engine.
 
 The rule is the domain's; an index engine only answers "the best tile per image" for a query
-(:meth:`~histoxplain_service.index.base.VectorIndex.best_tile_per_image`).
+(:meth:`~histoxplain_service.index.base.VectorIndex.best_tile_per_image`): Qdrant's grouped
+query (``query_points_groups``) on a server and in local mode, the same grouping done in rounds
+on qdrant-edge, whose Python API has no grouped query (:mod:`histoxplain_service.index.edge`).
+So the top ``k`` images come back even when one image owns most of the nearest tiles.
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_service.domain.types import ImageHit, SearchHit
+from histoxplain_service.domain.types import ImageHit, SearchHit, TileFilter
 from histoxplain_service.index.base import VectorIndex, validate_k
 
 __all__ = ["combine_best_tiles", "rank_images"]
 
 
 def rank_images(
-    index: VectorIndex, vectors: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+    index: VectorIndex, vectors: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+    tile_filter: TileFilter | None = None,
 ) -> list[ImageHit]:
     """The ``k`` images of ``index`` whose tiles best match the query tiles (Q, D) or (D,), best first.
+
+    Only tiles of ``label`` and kept by ``tile_filter`` count (an image none of whose tiles match
+    is not ranked).
 
     Raises:
         InvalidRequest: k <= 0, or no query vector.  NotFound: missing or empty index.
@@ -40,13 +47,15 @@ def rank_images(
         queries = queries[None, :]
     if queries.ndim != 2 or queries.shape[0] == 0:
         raise InvalidRequest(f"query vectors must be (Q, D) with Q >= 1, got shape {queries.shape}")
-    best = index.best_tile_per_image(queries, 2 * k, label=label, timeout=timeout)
+    best = index.best_tile_per_image(queries, 2 * k, label=label, timeout=timeout, tile_filter=tile_filter)
     candidates = sorted(set().union(*best))
     if not candidates:
         return []
     if len(queries) > 1:
         # Score every candidate against every query tile, not only where it made the top 2k.
-        best = index.best_tile_per_image(queries, len(candidates), image_ids=candidates, timeout=timeout)
+        best = index.best_tile_per_image(
+            queries, len(candidates), label=label, image_ids=candidates, timeout=timeout, tile_filter=tile_filter
+        )
     return combine_best_tiles(best, candidates, k)
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from histoxplain_model.deadlines import time_left
-from histoxplain_model.errors import InvalidRequest, NotFound
+from histoxplain_model.errors import FailedPrecondition, InvalidRequest, NotFound
 from histoxplain_model.limits import IMAGE_ID, MAX_K, POINT_ID
 from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
 from histoxplain_model.options import SaliencyOptions
@@ -34,6 +34,7 @@ from histoxplain_service.domain.types import (
     ImageHit,
     IndexInfo,
     SearchHit,
+    TileFilter,
 )
 from histoxplain_service.index.base import IndexEngine, VectorIndex
 
@@ -51,12 +52,19 @@ class Retrieval:
         settings: tiling and limits (indexing and query tiles).
         backend: embeds and explains; not closed here.
         index_engine: holds the indexes; not closed here (its opener owns it).
+        dicom_tiles: reads the pixels of hits cut from DICOM slides (``hit.dicom``) from the PACS,
+            which keeps them (the index does not: :mod:`histoxplain_service.pacs`); ``None``: such
+            hits cannot be explained.
     """
 
-    def __init__(self, settings: Settings, backend: ModelBackend, index_engine: IndexEngine) -> None:
+    def __init__(
+        self, settings: Settings, backend: ModelBackend, index_engine: IndexEngine,
+        dicom_tiles: Callable[[SearchHit], np.ndarray] | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.index_engine = index_engine
+        self.dicom_tiles = dicom_tiles
         self._info: ModelInfo | None = None
 
     @property
@@ -96,10 +104,13 @@ class Retrieval:
     def index_paths(
         self, name: str, paths: Iterable[str | os.PathLike[str]], label: str | None = None, show_progress: bool = True
     ) -> IndexSummary:
-        return index_paths(
-            paths, self.index(name), self._embed_tiles, self.settings,
+        index = self.index(name)
+        summary = index_paths(
+            paths, index, self._embed_tiles, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim, label=label, show_progress=show_progress,
         )
+        _settle(index, summary)
+        return summary
 
     def index_encoded(self, name: str, images: Iterable[EncodedImage]) -> IndexSummary:
         """Index encoded images (:class:`~.checks.EncodedImage` each) as ``images`` yields them.
@@ -111,10 +122,13 @@ class Retrieval:
         first = next(stream, None)
         if first is None:
             return IndexSummary(name, (), ())
-        return index_images(
-            itertools.chain([first], stream), self.index(name), self._embed_tiles, self.settings,
+        index = self.index(name)
+        summary = index_images(
+            itertools.chain([first], stream), index, self._embed_tiles, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim,
         )
+        _settle(index, summary)
+        return summary
 
     def _embed_tiles(self, tiles: Sequence[np.ndarray]) -> np.ndarray:
         """One embedding batch of an indexing run, within the run's deadline, if it has one."""
@@ -134,31 +148,39 @@ class Retrieval:
         return list(iter_tiles(source, records, size)) or [image]
 
     def search(
-        self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+        self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> list[SearchHit]:
-        """The ``k`` indexed tiles most similar to the query (treated as one tile), best first."""
+        """The ``k`` indexed tiles most similar to the query (treated as one tile), best first.
+
+        ``label`` and ``tile_filter`` (e.g. ``TileFilter.where(source=..., organ="skin")``) keep
+        only the tiles they match; the index searches among those, so ``k`` of them come back
+        when there are that many."""
         check_k(k)
         index = self.searchable(name)
-        return index.search(self.embed_query(image, timeout), k, label=label, timeout=timeout)
+        return index.search(self.embed_query(image, timeout), k, label=label, timeout=timeout, tile_filter=tile_filter)
 
     def search_images(
-        self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+        self, name: str, image: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> list[ImageHit]:
-        """The ``k`` indexed images whose tiles best match the query's tiles (see :mod:`.ranking`)."""
+        """The ``k`` indexed images whose tiles best match the query's tiles (see :mod:`.ranking`),
+        among tiles of ``label`` and kept by ``tile_filter``."""
         check_k(k)
         index = self.searchable(name)
         vectors = self.backend.embed(self.query_tiles(image), timeout=timeout)
-        return rank_images(index, vectors, k, label=label, timeout=timeout)
+        return rank_images(index, vectors, k, label=label, timeout=timeout, tile_filter=tile_filter)
 
     def search_images_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
         side: str = "both", timeout: float | None = None, options: SaliencyOptions | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> tuple[list[ImageHit], ExplainedSearch]:
         """:meth:`search_images`, then each image's best tile explained against the query.
 
         Returns the image hits and the explanation, hit ``i`` explained by tile ``i``."""
         self._check_explain_options(method, polarity, side)
-        image_hits = self.search_images(name, image, k, timeout=timeout)
+        image_hits = self.search_images(name, image, k, timeout=timeout, tile_filter=tile_filter)
         tiles = [max(hit.tiles, key=lambda tile: tile.score) for hit in image_hits]
         return image_hits, self.explain_hits(name, image, tiles, method, polarity, side, timeout, options)
 
@@ -184,11 +206,22 @@ class Retrieval:
         if not hits:
             raise InvalidRequest("nothing to explain against: the search returned no hits")
         index = self.index(name)
-        references = [index.load_tile(hit) for hit in hits]
+        references = [self._load_tile(index, hit) for hit in hits]
         return self._explain(
             image, references, list(hits), method, polarity, side, timeout, options,
             query_embedding=query_embedding, reference_embeddings=self._stored_vectors(index, hits),
         )
+
+    def _load_tile(self, index: VectorIndex, hit: SearchHit) -> np.ndarray:
+        """A hit's pixels as embedded: from the index's copy, or re-read from the PACS for a DICOM tile."""
+        if hit.dicom is None:
+            return index.load_tile(hit)
+        if self.dicom_tiles is None:
+            raise FailedPrecondition(
+                "a hit is a tile of a DICOM slide, whose pixels stay in the PACS; set HISTOXPLAIN_DICOMWEB_URL "
+                "(and its credentials) to explain it"
+            )
+        return self.dicom_tiles(hit)
 
     def _stored_vectors(self, index: VectorIndex, hits: Sequence[SearchHit]) -> np.ndarray | None:
         """The hits' vectors (K, D) as the index stores them, or None when they are not this
@@ -260,18 +293,20 @@ class Retrieval:
     def search_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
         side: str = "both", label: str | None = None, timeout: float | None = None,
-        options: SaliencyOptions | None = None,
+        options: SaliencyOptions | None = None, tile_filter: TileFilter | None = None,
     ) -> ExplainedSearch:
-        """:meth:`search` then :meth:`explain_hits`, reusing the query's embedding and the hits'
-        stored vectors so the backend embeds nothing again."""
+        """:meth:`search` (``label`` and ``tile_filter`` as there) then :meth:`explain_hits`,
+        reusing the query's embedding and the hits' stored vectors so the backend embeds nothing again."""
         self._check_explain_options(method, polarity, side)
         check_k(k)
         index = self.searchable(name)
         query_vector = self.embed_query(image, timeout)
-        hits, vectors = index.search_with_vectors(query_vector, k, label=label, timeout=timeout)
+        hits, vectors = index.search_with_vectors(
+            query_vector, k, label=label, timeout=timeout, tile_filter=tile_filter
+        )
         if not hits:
             raise InvalidRequest("nothing to explain against: the search returned no hits")
-        references = [index.load_tile(hit) for hit in hits]
+        references = [self._load_tile(index, hit) for hit in hits]
         return self._explain(
             image, references, hits, method, polarity, side, timeout, options,
             query_embedding=query_vector, reference_embeddings=vectors,
@@ -302,6 +337,13 @@ class Retrieval:
             for i, hit in enumerate(hits)
         )
         return ExplainedSearch(method, polarity, side, image, explained)
+
+
+def _settle(index: VectorIndex, summary: IndexSummary) -> None:
+    """After an indexing run that wrote tiles, let the engine build what makes them fast to
+    search (edge: the HNSW graph of new segments). A run that stopped early leaves it to the next."""
+    if summary.tiles_indexed and summary.stopped is None:
+        index.optimize()
 
 
 __all__ = [

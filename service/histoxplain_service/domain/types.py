@@ -5,6 +5,18 @@ combines them, the gateway converts them to messages). This module imports nothi
 service and no engine, so the index adapters can return these types without an import cycle
 and without the domain knowing which engine made them.
 
+Tile filters
+    :class:`TileFilter` narrows a search to tiles whose payload matches: any stored key (``label``,
+    ``source``, ``image_id``, ``level``, or a key a later ingest adds, e.g. ``organ``), each
+    condition a set of accepted values. Every engine translates the same filter to its own
+    conditions, so a filter means the same on each (``tests/unit/service/test_index_congruence.py``).
+
+DICOM tiles
+    A tile cut from a DICOM whole-slide series read over DICOMweb carries a
+    :class:`DicomReference` (payload key ``dicom``): the PACS is the system of record for its
+    pixels, so the index keeps none and the tile is re-read from the PACS when it is explained
+    (:mod:`histoxplain_service.pacs`). Tiles of files keep no such key.
+
 Point ids
     A tile's id is ``uuid5(namespace, "image_id/level/x,y,w,h")`` with a fixed namespace, so the
     same tile gets the same id on every machine and every run: indexing an image again
@@ -14,21 +26,29 @@ Point ids
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.limits import SOURCE, shorten
+
 __all__ = [
     "Box",
     "DeleteSummary",
+    "DicomReference",
     "ExplainedHit",
     "ExplainedSearch",
+    "FieldMatch",
+    "FilterValue",
     "ImageHit",
     "IndexInfo",
     "SearchHit",
+    "TileFilter",
     "TileRecord",
     "point_id_for",
 ]
@@ -60,8 +80,43 @@ def point_id_for(image_id: str, level: int, box: Box) -> str:
 
 
 @dataclass(frozen=True)
+class DicomReference:
+    """Where a tile's pixels live in a PACS: one pyramid level of a DICOM whole-slide series.
+
+    Attributes:
+        study_uid, series_uid: the slide's Study and Series Instance UIDs.
+        instance_uid: SOP Instance UID of the level's image (the level the tile was read from).
+        frame_of_reference_uid: the slide's Frame of Reference UID (``None`` if it declares none).
+        tile_size: the tile edge the tile was embedded at (its pixels were padded to it).
+    """
+
+    study_uid: str
+    series_uid: str
+    instance_uid: str
+    frame_of_reference_uid: str | None
+    tile_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "instance_uid": self.instance_uid,
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+            "tile_size": self.tile_size,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DicomReference:
+        frame_of_reference = values.get("frame_of_reference_uid")
+        return cls(
+            str(values["study_uid"]), str(values["series_uid"]), str(values["instance_uid"]),
+            None if frame_of_reference is None else str(frame_of_reference), int(values["tile_size"]),
+        )
+
+
+@dataclass(frozen=True)
 class TileRecord:
-    """What the index stores about one tile (its payload)."""
+    """What the index stores about one tile (its payload); ``dicom`` only for tiles of DICOM slides."""
 
     image_id: str
     source: str
@@ -71,6 +126,7 @@ class TileRecord:
     mpp: float | None
     tile_index: int
     tiles_in_image: int
+    dicom: DicomReference | None = None
 
     @property
     def point_id(self) -> str:
@@ -86,7 +142,7 @@ class TileRecord:
             "mpp": self.mpp,
             "tile_index": self.tile_index,
             "tiles_in_image": self.tiles_in_image,
-        }
+        } | ({} if self.dicom is None else {"dicom": self.dicom.as_dict()})
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TileRecord:
@@ -99,12 +155,116 @@ class TileRecord:
             mpp=None if payload.get("mpp") is None else float(payload["mpp"]),
             tile_index=int(payload.get("tile_index", 0)),
             tiles_in_image=int(payload.get("tiles_in_image", 1)),
+            dicom=None if payload.get("dicom") is None else DicomReference.from_dict(payload["dicom"]),
         )
+
+
+#: A value a filter condition accepts: payload text, or an integer (``level``) or flag.
+FilterValue = str | int | bool
+
+#: Payload keys a filter may name: identifiers, dotted for nested objects (``box.w``).
+_FILTER_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,3}")
+#: Bounds that keep one filter cheap to check and to send: conditions, and values per condition.
+MAX_FILTER_CONDITIONS = 32
+MAX_FILTER_VALUES = 1024
+
+
+@dataclass(frozen=True)
+class FieldMatch:
+    """One condition: the payload value at ``key`` is one of ``values``.
+
+    ``values`` are all text, or all integers, or a single flag (what every Qdrant engine can match
+    exactly); text is compared exactly (case and whitespace included). A tile without the key, or
+    with ``null`` there (an unlabelled tile's ``label``), matches no value.
+    """
+
+    key: str
+    values: tuple[FilterValue, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not _FILTER_KEY.fullmatch(self.key):
+            raise InvalidRequest(
+                f"filter key {shorten(self.key)} is not a payload key; use letters, digits and '_' "
+                "(dots for nested keys), e.g. label, source, image_id, level"
+            )
+        values = self.values
+        if isinstance(values, (str, bytes, int)) or not isinstance(values, Sequence):
+            values = (values,)  # type: ignore[assignment]
+        values = tuple(values)
+        object.__setattr__(self, "values", values)
+        if not values or len(values) > MAX_FILTER_VALUES:
+            raise InvalidRequest(
+                f"filter on {self.key!r} has {len(values)} values; give 1 to {MAX_FILTER_VALUES}"
+            )
+        if all(isinstance(v, str) for v in values):
+            for v in values:
+                SOURCE.check(v, f"a filter value for {self.key!r}")
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            pass
+        elif len(values) == 1 and isinstance(values[0], bool):
+            pass
+        else:
+            # named by type only: the values are caller text that may carry patient data
+            raise InvalidRequest(
+                f"filter on {self.key!r} mixes value types or has an unsupported one "
+                f"({sorted({type(v).__name__ for v in values})}); give text values, integer values, or one true/false"
+            )
+
+
+@dataclass(frozen=True)
+class TileFilter:
+    """Which tiles a search may return: every ``must`` condition holds and no ``must_not`` one does.
+
+    Build one with :meth:`where` (``TileFilter.where(label="tumour", organ=["skin", "colon"])``);
+    combine with :meth:`also`. An empty filter keeps every tile.
+    """
+
+    must: tuple[FieldMatch, ...] = ()
+    must_not: tuple[FieldMatch, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "must", tuple(self.must))
+        object.__setattr__(self, "must_not", tuple(self.must_not))
+        if len(self.must) + len(self.must_not) > MAX_FILTER_CONDITIONS:
+            raise InvalidRequest(f"a filter has at most {MAX_FILTER_CONDITIONS} conditions")
+
+    @classmethod
+    def where(cls, **conditions: FilterValue | Sequence[FilterValue]) -> TileFilter:
+        """Tiles whose ``key`` holds the value (or one of the values) given for each key."""
+        return cls(tuple(FieldMatch(key, value) for key, value in conditions.items()))  # type: ignore[arg-type]
+
+    @classmethod
+    def from_mapping(
+        cls, must: Mapping[str, FilterValue | Sequence[FilterValue]] | None = None,
+        must_not: Mapping[str, FilterValue | Sequence[FilterValue]] | None = None,
+    ) -> TileFilter:
+        """``{key: value or values}`` to keep, and to leave out."""
+        return cls(
+            tuple(FieldMatch(key, value) for key, value in (must or {}).items()),  # type: ignore[arg-type]
+            tuple(FieldMatch(key, value) for key, value in (must_not or {}).items()),  # type: ignore[arg-type]
+        )
+
+    def also(self, other: TileFilter | None) -> TileFilter:
+        """Both filters' conditions (the tiles both keep)."""
+        if other is None:
+            return self
+        return TileFilter(self.must + other.must, self.must_not + other.must_not)
+
+    @staticmethod
+    def combine(tile_filter: TileFilter | None, label: str | None = None) -> TileFilter | None:
+        """``tile_filter`` narrowed to ``label`` (the older ``label=`` argument of the search calls);
+        ``None`` when no condition is left."""
+        must = (tile_filter.must if tile_filter is not None else ()) + (
+            (FieldMatch("label", (label,)),) if label is not None else ()
+        )
+        must_not = tile_filter.must_not if tile_filter is not None else ()
+        return TileFilter(must, must_not) if must or must_not else None
 
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One retrieved tile. ``score`` is the cosine similarity to the query, in [-1, 1]."""
+    """One retrieved tile. ``score`` is the cosine similarity to the query, in [-1, 1];
+    ``dicom``: where its pixels live when it was cut from a DICOM slide."""
 
     score: float
     point_id: str
@@ -115,13 +275,14 @@ class SearchHit:
     level: int
     mpp: float | None
     tile_index: int
+    dicom: DicomReference | None = None
 
     @classmethod
     def from_record(cls, record: TileRecord, score: float, point_id: str | None = None) -> SearchHit:
         """The hit of a stored tile; ``point_id`` as the engine returned it (default: the record's)."""
         return cls(
             score, record.point_id if point_id is None else point_id, record.image_id, record.label,
-            record.source, record.box, record.level, record.mpp, record.tile_index,
+            record.source, record.box, record.level, record.mpp, record.tile_index, record.dicom,
         )
 
 

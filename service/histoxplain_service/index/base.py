@@ -2,14 +2,16 @@
 
 Two levels, as in qdrant-client's ``client_base.py``:
 
-* :class:`IndexEngine` is one store (a Qdrant server, or Qdrant local mode in a folder): it opens
+* :class:`IndexEngine` is one store (a Qdrant server, Qdrant's embedded engine qdrant-edge, or
+  qdrant-client local mode in a folder): it opens
   named indexes, lists them, answers a readiness probe and is closed once by its owner.
 * :class:`VectorIndex` is one named index of tile embeddings plus the tiles' pixels: the calls
   :class:`~histoxplain_service.domain.retrieval.Retrieval` and
   :mod:`~histoxplain_service.domain.ingest` make.
 
-An engine adapter (:mod:`.qdrant`) implements both; :mod:`histoxplain_service.bootstrap` picks
-it, so the domain never imports an engine. The contract every implementation keeps, because
+The engine adapters (:mod:`.qdrant` for a server and local mode, :mod:`.edge` for qdrant-edge)
+implement both; :mod:`histoxplain_service.bootstrap` picks one, so the domain never imports an
+engine. The contract every implementation keeps, because
 callers and stored data depend on it:
 
 * errors are :mod:`histoxplain_model.errors` classes: ``NotFound`` for a missing or empty index
@@ -17,7 +19,10 @@ callers and stored data depend on it:
   name, ``k`` or point id, ``DependencyUnavailable`` when the store cannot be reached;
 * every index records the encoder (preset, dim) it was built with and refuses others;
 * point ids are :func:`~histoxplain_service.domain.types.point_id_for` of the tile, so writes
-  are idempotent; scores are cosine similarities, best first.
+  are idempotent; scores are cosine similarities, best first;
+* a :class:`~histoxplain_service.domain.types.TileFilter` means the same on every engine, and
+  so do ids, order and scores (to float32 rounding) of exact searches: the congruence suite
+  (``tests/unit/service/test_index_congruence.py``) runs the same calls on each.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import numpy as np
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest
 from histoxplain_model.limits import INDEX_NAME, shorten
-from histoxplain_service.domain.types import IndexInfo, SearchHit, TileRecord
+from histoxplain_service.domain.types import IndexInfo, SearchHit, TileFilter, TileRecord
 
 __all__ = [
     "INDEX_NAME_PATTERN",
     "ImageState",
     "IndexEngine",
     "VectorIndex",
+    "check_upsert",
     "validate_index_name",
     "validate_k",
 ]
@@ -69,6 +75,22 @@ def validate_k(k: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise InvalidRequest(f"k must be a positive integer, got {k!r}")
     return k
+
+
+def check_upsert(records: Sequence[TileRecord], vectors: np.ndarray, dim: int) -> np.ndarray:
+    """``vectors`` as (N, dim) float32, one finite row per record (what every engine's upsert checks).
+
+    Raises:
+        ValueError: not one finite vector per record.  FailedPrecondition: another dimension.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(records):
+        raise ValueError(f"need one vector per record: {len(records)} records, vectors {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("embeddings contain NaN or infinity; the encoder produced invalid output")
+    if vectors.shape[1] != dim:
+        raise FailedPrecondition(f"the index holds {dim}-d vectors; got {vectors.shape[1]}-d")
+    return vectors
 
 
 class VectorIndex(ABC):
@@ -128,7 +150,9 @@ class VectorIndex(ABC):
         self, records: Sequence[TileRecord], vectors: np.ndarray, tiles: Sequence[np.ndarray] | None = None
     ) -> None:
         """Write tiles under their point ids: pixels first, then points, so a point never
-        exists without its stored tile.
+        exists without its stored tile. Tiles whose record carries a ``dicom`` reference keep no
+        pixels (the PACS holds them; callers re-read them from it), and :meth:`image_state`
+        does not ask for theirs.
 
         Args:
             records: one per tile.
@@ -166,15 +190,24 @@ class VectorIndex(ABC):
     def delete(self, image_ids: Sequence[str]) -> int:
         """Delete every tile of these images (points, then pixels); returns the number of tiles removed."""
 
+    def optimize(self) -> None:
+        """Make recent writes fast to search (build the HNSW graph of new segments), blocking.
+
+        Called once a run of writes ends (an indexing run). Engines that optimize on their own (a
+        Qdrant server) or have nothing to build (local mode) do nothing, the default.
+        """
+
     # -- reading -----------------------------------------------------------------------------------
 
     @abstractmethod
     def search(
-        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> list[SearchHit]:
         """The ``k`` tiles nearest to ``vector`` (D,) by cosine similarity, best first.
 
-        ``label`` keeps only tiles of that label; ``timeout`` is the seconds the caller has left.
+        ``label`` keeps only tiles of that label and ``tile_filter`` only tiles it keeps (both:
+        tiles both keep); ``timeout`` is the seconds the caller has left.
 
         Raises:
             InvalidRequest: k <= 0.  NotFound: missing or empty index.
@@ -183,7 +216,8 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def search_with_vectors(
-        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> tuple[list[SearchHit], np.ndarray]:
         """:meth:`search` plus the hits' stored vectors (N, D) float32, row i for hit i.
 
@@ -195,8 +229,9 @@ class VectorIndex(ABC):
     def best_tile_per_image(
         self, queries: np.ndarray, limit: int, label: str | None = None,
         image_ids: Sequence[str] | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> list[dict[str, SearchHit]]:
-        """For each query (Q, D), the ``limit`` best images as {image id: its best tile}.
+        """For each query (Q, D), the ``limit`` best images as {image id: its best tile}, best first.
 
         The engine groups by image id, so many similar tiles of one image never crowd the
         others out; how the groups become a ranking is the domain's rule
@@ -207,6 +242,7 @@ class VectorIndex(ABC):
             limit: at most this many images per query.
             label: only tiles of this label.
             image_ids: only these images (``None``: all).
+            tile_filter: only tiles it keeps.
 
         Raises:
             NotFound: missing or empty index.  FailedPrecondition: D is not the index's dimension.

@@ -2,9 +2,10 @@
 one point per tile.
 
 Storage
-    Embedded by default: qdrant-client local mode under ``<data_dir>/qdrant`` (one process at a
-    time holds the folder). With ``QDRANT_URL`` set: a Qdrant server, optionally with
-    ``QDRANT_API_KEY``. Tile pixels live beside it in a :class:`~.tile_store.TileStore`.
+    With ``QDRANT_URL`` set: a Qdrant server, optionally with ``QDRANT_API_KEY``. Otherwise, with
+    ``HISTOXPLAIN_INDEX_ENGINE=local``: qdrant-client local mode under ``<data_dir>/qdrant`` (one
+    process at a time holds the folder; the embedded default is :mod:`.edge`). Tile pixels live
+    beside it in a :class:`~.tile_store.TileStore`.
 
 Encoder record
     Each collection stores ``{"histoxplain": {"preset": ..., "dim": ..., "schema": 1}}`` in the
@@ -56,7 +57,7 @@ from histoxplain_model.errors import (
 )
 from histoxplain_model.limits import POINT_ID, shorten
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.types import IndexInfo, SearchHit, TileRecord
+from histoxplain_service.domain.types import FieldMatch, IndexInfo, SearchHit, TileFilter, TileRecord
 from histoxplain_service.index.base import (
     INDEX_NAME_PATTERN,
     ImageState,
@@ -146,14 +147,23 @@ def _image_filter(image_ids: Sequence[str]) -> qm.Filter:
     return qm.Filter(must=[_image_condition(image_ids)])
 
 
-def _search_filter(label: str | None, image_ids: Sequence[str] | None = None) -> qm.Filter | None:
-    """Only tiles of ``label`` and of ``image_ids`` (each ``None``: no restriction)."""
-    must: list[qm.Condition] = []
-    if label is not None:
-        must.append(qm.FieldCondition(key="label", match=qm.MatchValue(value=label)))
+def _field_condition(condition: FieldMatch) -> qm.FieldCondition:
+    values = list(condition.values)
+    if len(values) == 1:
+        return qm.FieldCondition(key=condition.key, match=qm.MatchValue(value=values[0]))
+    return qm.FieldCondition(key=condition.key, match=qm.MatchAny(any=values))
+
+
+def _search_filter(
+    label: str | None, image_ids: Sequence[str] | None = None, tile_filter: TileFilter | None = None
+) -> qm.Filter | None:
+    """Only tiles ``tile_filter`` keeps, of ``label`` and of ``image_ids`` (each ``None``: no restriction)."""
+    combined = TileFilter.combine(tile_filter, label)
+    must: list[qm.Condition] = [_field_condition(c) for c in combined.must] if combined else []
+    must_not: list[qm.Condition] = [_field_condition(c) for c in combined.must_not] if combined else []
     if image_ids is not None:
         must.append(_image_condition(image_ids))
-    return qm.Filter(must=must) if must else None
+    return qm.Filter(must=must or None, must_not=must_not or None) if must or must_not else None
 
 
 class QdrantIndex(VectorIndex):
@@ -220,8 +230,9 @@ class QdrantIndex(VectorIndex):
         # scans anyway and warns that they have no effect: the warning is expected there.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Payload indexes have no effect")
-            for key in ("image_id", "label"):
+            for key in ("image_id", "label", "source"):
                 self.client.create_payload_index(self.name, key, qm.PayloadSchemaType.KEYWORD)
+            self.client.create_payload_index(self.name, "level", qm.PayloadSchemaType.INTEGER)
 
     def describe(self) -> IndexInfo:
         preset, dim = self.encoder()
@@ -260,7 +271,8 @@ class QdrantIndex(VectorIndex):
             if tiles is None or len(tiles) != len(records):
                 raise ValueError("the index keeps tile pixels: pass one tile per record")
             for record, tile in zip(records, tiles):
-                self.tile_store.save(record.point_id, tile)
+                if record.dicom is None:  # a DICOM slide's tiles stay in the PACS (base.VectorIndex.upsert)
+                    self.tile_store.save(record.point_id, tile)
         points = [
             qm.PointStruct(id=record.point_id, vector=vector.tolist(), payload=record.payload())
             for record, vector in zip(records, vectors)
@@ -280,7 +292,8 @@ class QdrantIndex(VectorIndex):
             return "incomplete"
         if any(point.payload.get("tiles_in_image") != len(ids) for point in found):
             return "incomplete"
-        if self.tile_store is not None and not all(self.tile_store.has(point_id) for point_id in ids):
+        with_pixels = [record.point_id for record in records if record.dicom is None]
+        if self.tile_store is not None and not all(self.tile_store.has(point_id) for point_id in with_pixels):
             return "incomplete"
         label, source = records[0].label, records[0].source
         if any(point.payload.get("label") != label or point.payload.get("source") != source for point in found):
@@ -346,27 +359,31 @@ class QdrantIndex(VectorIndex):
                 )
 
     def search(
-        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> list[SearchHit]:
-        return [_hit(point) for point in self._nearest(vector, k, label, timeout, with_vectors=False)]
+        return [_hit(point) for point in self._nearest(vector, k, label, timeout, False, tile_filter)]
 
     def search_with_vectors(
-        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None
+        self, vector: np.ndarray, k: int, label: str | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> tuple[list[SearchHit], np.ndarray]:
-        points = self._nearest(vector, k, label, timeout, with_vectors=True)
+        points = self._nearest(vector, k, label, timeout, True, tile_filter)
         dim = np.asarray(vector).size
         vectors = np.asarray([point.vector for point in points], dtype=np.float32).reshape(len(points), dim)
         return [_hit(point) for point in points], vectors
 
     def _nearest(
-        self, vector: np.ndarray, k: int, label: str | None, timeout: float | None, with_vectors: bool
+        self, vector: np.ndarray, k: int, label: str | None, timeout: float | None, with_vectors: bool,
+        tile_filter: TileFilter | None = None,
     ) -> list[Any]:
         validate_k(k)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         self._searchable(vector.shape[0])
         with _qdrant_errors(f"searching index {self.name!r}"):
             response = self.client.query_points(
-                self.name, query=vector.tolist(), limit=k, query_filter=_search_filter(label), with_payload=True,
+                self.name, query=vector.tolist(), limit=k, query_filter=_search_filter(label, None, tile_filter),
+                with_payload=True,
                 with_vectors=with_vectors, timeout=_server_timeout(timeout),
             )
         return list(response.points)
@@ -374,11 +391,12 @@ class QdrantIndex(VectorIndex):
     def best_tile_per_image(
         self, queries: np.ndarray, limit: int, label: str | None = None,
         image_ids: Sequence[str] | None = None, timeout: float | None = None,
+        tile_filter: TileFilter | None = None,
     ) -> list[dict[str, SearchHit]]:
         """One ``group_by="image_id"`` query (group size 1) per query vector."""
         queries = np.asarray(queries, dtype=np.float32)
         self._searchable(queries.shape[1])
-        query_filter = _search_filter(label, image_ids)
+        query_filter = _search_filter(label, image_ids, tile_filter)
         best = []
         for query in queries:
             with _qdrant_errors(f"searching index {self.name!r}"):

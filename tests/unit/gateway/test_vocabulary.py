@@ -65,7 +65,7 @@ def test_cli_choices_are_the_vocabulary() -> None:
 ERROR_CLASSES = [
     errors.InvalidRequest, errors.UnknownNameError, errors.ImageDecodeError, errors.ImageTooLargeError,
     errors.WeightsMismatchError, errors.NotFound, errors.FailedPrecondition, errors.DependencyUnavailable,
-    errors.DeadlineExceeded, errors.ResourceExhausted,
+    errors.DeadlineExceeded, errors.ResourceExhausted, errors.PermissionDenied, errors.Cancelled,
 ]
 
 
@@ -74,7 +74,7 @@ def test_every_error_maps_the_same_way_in_the_gateway_the_cli_and_the_envelope(e
     error = error_class("what to do")
     code, message = status_for(error)
     assert code is grpc.StatusCode[error.status_code] and message == "what to do"
-    assert error.exit_code in (2, 3, 4, 5, 6, 7)
+    assert error.exit_code in (2, 3, 4, 5, 6, 7, 8, 130)
     with pytest.raises(error_class) as raised:
         decode_envelope(encode_error(error))
     assert raised.value.status_code == error.status_code and str(raised.value) == "what to do"
@@ -82,7 +82,7 @@ def test_every_error_maps_the_same_way_in_the_gateway_the_cli_and_the_envelope(e
 
 def test_status_and_exit_codes_are_one_to_one() -> None:
     bases = [errors.InvalidRequest, errors.NotFound, errors.FailedPrecondition, errors.DependencyUnavailable,
-             errors.DeadlineExceeded, errors.ResourceExhausted]
+             errors.DeadlineExceeded, errors.ResourceExhausted, errors.PermissionDenied, errors.Cancelled]
     assert len({c.status_code for c in bases}) == len({c.exit_code for c in bases}) == len(bases)
     for base in bases:
         assert errors.error_class_for_status(base.status_code) is base

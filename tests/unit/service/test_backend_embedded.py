@@ -43,7 +43,7 @@ def backend_path(backend) -> Path:
 def test_info_describes_the_encoder(backend) -> None:
     info = backend.info()
     assert (info.preset, info.embedding_dim, info.input_size) == ("efficientnet-lite0-imagenet", 1280, (224, 224))
-    assert set(info.methods) == {"gradcam", "gradcampp", "smoothgrad"} and info.backend == "embedded"
+    assert set(info.methods) == {"gradcam", "gradcampp", "smoothgrad", "simmap"} and info.backend == "embedded"
 
 
 def test_explain_scores_are_the_embedding_cosines(backend, tiles: list[np.ndarray]) -> None:
