@@ -19,18 +19,23 @@ Data: clustered unit vectors of the default encoder's dimension (1280): 1000 cen
 uniformly on the sphere, each vector a centre plus Gaussian noise of norm ~0.6, normalised
 (cosine ~0.74 within a cluster, ~0 across); the queries are drawn the same way (other seed).
 The repository's sample slides give a few thousand tiles, too few for 100k, so no real
-embeddings are used. Vectors are generated in chunks of 10k from per-chunk seeds, so no process
-holds more than one copy (numpy exact holds the array it searches).
+embeddings are used. Such data are easy for HNSW (a query's 10 nearest lie in its own cluster);
+``--noise 4`` makes the vectors nearly unstructured, the worst case (recall@10 ~0.4 at ef=128 on
+100k), so recall on an archive's own embeddings should be measured before trusting a setting.
+Vectors are generated in chunks of 10k from per-chunk seeds, so no process holds more than one
+copy (numpy exact holds the array it searches).
 
 Each (engine, N) runs in its own process, so RSS belongs to that engine: RssAnon (heap) and
 RssFile (memory-mapped files resident, e.g. qdrant-edge's vectors) after the searches, and the
-peak. Upsert: tiles/s through the adapter in batches of 1000 with histoxplain payloads (no tile
-pixels written); "build" is optimize() (HNSW), "ready" is N / (upsert + build). Search:
+peak (VmHWM, which counts mapped files too: WAL and segment files read while the HNSW graph is
+built, pages the kernel can reclaim). Upsert: tiles/s through the adapter in batches of 1000
+with histoxplain payloads (no tile pixels written); "build" is optimize() (HNSW), "ready" is
+N / (upsert + build). Search:
 one query at a time, k=10, 10 warm-up queries, p50 / p95 over the rest; recall@10 against numpy
 exact. Disk: the engine's folder after the run.
 
 Usage:
-  .venv/bin/python benchmarks/index_bench.py                        # 10k, 100k, 1M (~2 h on 2 cores)
+  .venv/bin/python benchmarks/index_bench.py                        # 10k, 100k, 1M (~65 min on 2 cores)
   .venv/bin/python benchmarks/index_bench.py --sizes 10000 --queries 50
 Prints a table; benchmarks/RESULTS.md is written by hand from it.
 """

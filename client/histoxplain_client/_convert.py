@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
@@ -61,14 +61,45 @@ def explain_options(
     return options
 
 
-def search_request(index: str, image: ImageInput, k: int, ranking: str) -> pb.SearchRequest:
+#: What ``Client.search(filter=...)`` accepts: ``{payload key: accepted value or values}``.
+FilterInput = Mapping[str, "str | int | Sequence[str | int]"]
+
+
+def tile_filter(filter: FilterInput | None) -> types_pb2.TileFilter | None:
+    """``{"label": "TUM", "organ": ["skin", "colon"]}`` -> the request's filter: every key must
+    match (AND), one of a key's values is enough (OR). Integers (``level``) are sent as decimal
+    text. The gateway checks the limits (see ``types.proto``); ``None`` or ``{}``: no filter."""
+    if not filter:
+        return None
+    if not isinstance(filter, Mapping):
+        raise TypeError(f"filter must be a mapping of payload key to value(s), not {type(filter).__name__}")
+    conditions = []
+    for key, value in filter.items():
+        if not isinstance(key, str):
+            raise TypeError(f"filter keys must be str, not {type(key).__name__}")
+        values = [value] if isinstance(value, (str, int)) else list(value)
+        if not values:
+            raise ValueError(f"filter on {key!r} has no values; give at least one")
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, (str, int)):
+                # named by type only: values may carry patient data
+                raise TypeError(f"filter values for {key!r} must be str (or int), not {type(item).__name__}")
+        conditions.append(types_pb2.FieldCondition(key=key, values=[str(item) for item in values]))
+    return types_pb2.TileFilter(conditions=conditions)
+
+
+def search_request(
+    index: str, image: ImageInput, k: int, ranking: str, filter: FilterInput | None = None
+) -> pb.SearchRequest:
     return pb.SearchRequest(
-        index=index, image=encode_image(image), k=_check_k(k), ranking=_enum_value("ranking", RANKINGS, ranking)
+        index=index, image=encode_image(image), k=_check_k(k), ranking=_enum_value("ranking", RANKINGS, ranking),
+        filter=tile_filter(filter),
     )
 
 
 def search_and_explain_request(
-    index: str, image: ImageInput, k: int, ranking: str, options: types_pb2.ExplainOptions
+    index: str, image: ImageInput, k: int, ranking: str, options: types_pb2.ExplainOptions,
+    filter: FilterInput | None = None,
 ) -> pb.SearchAndExplainRequest:
     return pb.SearchAndExplainRequest(
         index=index,
@@ -76,6 +107,7 @@ def search_and_explain_request(
         k=_check_k(k),
         ranking=_enum_value("ranking", RANKINGS, ranking),
         options=options,
+        filter=tile_filter(filter),
     )
 
 

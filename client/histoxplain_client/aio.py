@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -104,10 +104,11 @@ class AsyncClient(ClientBase):
         return _convert.decode_index_summary(response)
 
     async def search(
-        self, index: str, image: ImageInput, *, k: int = 10, ranking: str = "tile", timeout: Timeout = DEFAULT
+        self, index: str, image: ImageInput, *, k: int = 10, ranking: str = "tile",
+        filter: Mapping[str, str | Sequence[str]] | None = None, timeout: Timeout = DEFAULT,
     ) -> list[Hit]:
         """See :meth:`Client.search`."""
-        request = _convert.search_request(index, image, k, ranking)
+        request = _convert.search_request(index, image, k, ranking, filter)
         return _convert.decode_hits(await self._unary(self._stub.Search, request, timeout))
 
     async def explain(
@@ -145,11 +146,12 @@ class AsyncClient(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        filter: Mapping[str, str | Sequence[str]] | None = None,
         timeout: Timeout = DEFAULT,
     ) -> Explanation:
         """See :meth:`Client.search_and_explain`."""
         options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
-        request = _convert.search_and_explain_request(index, image, k, ranking, options)
+        request = _convert.search_and_explain_request(index, image, k, ranking, options, filter)
         return _convert.decode_explanation(await self._unary(self._stub.SearchAndExplain, request, timeout))
 
     async def delete(self, index: str, image_ids: Sequence[str], *, timeout: Timeout = DEFAULT) -> DeleteResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -113,11 +113,13 @@ class Client(ClientBase):
         return _convert.decode_index_summary(response)
 
     def search(
-        self, index: str, image: ImageInput, *, k: int = 10, ranking: str = "tile", timeout: Timeout = DEFAULT
+        self, index: str, image: ImageInput, *, k: int = 10, ranking: str = "tile",
+        filter: Mapping[str, str | Sequence[str]] | None = None, timeout: Timeout = DEFAULT,
     ) -> list[Hit]:
         """The ``k`` tiles (``ranking="tile"``) or images (``"image"``) most similar to ``image``,
-        best first."""
-        request = _convert.search_request(index, image, k, ranking)
+        best first, among the tiles ``filter`` keeps: ``{payload key: value or values}``, e.g.
+        ``{"label": "TUM", "organ": ["skin", "colon"]}`` (every key must match, any of its values)."""
+        request = _convert.search_request(index, image, k, ranking, filter)
         return _convert.decode_hits(self._unary(self._stub.Search, request, timeout))
 
     def explain(
@@ -158,11 +160,13 @@ class Client(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        filter: Mapping[str, str | Sequence[str]] | None = None,
         timeout: Timeout = DEFAULT,
     ) -> Explanation:
-        """Search, then explain ``image`` against each of the ``k`` hits, in one call."""
+        """Search (``filter`` as in :meth:`search`), then explain ``image`` against each of the
+        ``k`` hits, in one call."""
         options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
-        request = _convert.search_and_explain_request(index, image, k, ranking, options)
+        request = _convert.search_and_explain_request(index, image, k, ranking, options, filter)
         return _convert.decode_explanation(self._unary(self._stub.SearchAndExplain, request, timeout))
 
     def delete(self, index: str, image_ids: Sequence[str], *, timeout: Timeout = DEFAULT) -> DeleteResult:

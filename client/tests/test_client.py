@@ -770,3 +770,25 @@ def test_timeout_none_means_no_deadline_and_bad_timeouts_are_refused(client, fak
         client.search("crc", png(RED), timeout=0)
     with pytest.raises(ValueError, match="timeout must be > 0"):
         Client(address, timeout=-1)
+
+
+def test_search_filter_becomes_one_condition_per_key():
+    from histoxplain_client import _convert
+
+    request = _convert.search_request("idx", png((1, 2, 3)), 3, "tile", {"label": "TUM", "organ": ["skin", "colon"], "level": 0})
+    assert [(c.key, list(c.values)) for c in request.filter.conditions] == [
+        ("label", ["TUM"]), ("organ", ["skin", "colon"]), ("level", ["0"])
+    ]
+    assert not _convert.search_request("idx", png((1, 2, 3)), 3, "tile").HasField("filter")
+    explain = _convert.search_and_explain_request(
+        "idx", png((1, 2, 3)), 3, "tile", types_pb2.ExplainOptions(), {"source": ("a", "b")}
+    )
+    assert [(c.key, list(c.values)) for c in explain.filter.conditions] == [("source", ["a", "b"])]
+
+
+@pytest.mark.parametrize(("bad", "error"), [({"label": []}, ValueError), ({"label": [1.5]}, TypeError), ({1: "x"}, TypeError), (["label"], TypeError)])
+def test_bad_search_filters_are_refused_before_sending(bad, error):
+    from histoxplain_client import _convert
+
+    with pytest.raises(error):
+        _convert.search_request("idx", png((1, 2, 3)), 3, "tile", bad)

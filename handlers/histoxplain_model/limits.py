@@ -34,6 +34,8 @@ from histoxplain_model.errors import InvalidRequest
 __all__ = [
     "DETAIL",
     "ECHO_CHARS",
+    "FILTER_KEY",
+    "FILTER_VALUE",
     "IMAGE_ID",
     "INDEX_NAME",
     "LABEL",
@@ -133,7 +135,11 @@ POINT_ID = TextLimit("point_id", 36, ("IndexedReferences.point_ids", "SearchHit.
 #: Text the server writes about one skipped input (cut to this length, never the caller's text).
 DETAIL = TextLimit("message", 1024, ("SkippedImage.message",))
 
-TEXT_LIMITS: tuple[TextLimit, ...] = (INDEX_NAME, IMAGE_ID, LABEL, SOURCE, POINT_ID, DETAIL)
+#: Search filters (never stored): a payload key, and one accepted value (a label, a source...).
+FILTER_KEY = TextLimit("filter key", 64, ("FieldCondition.key",))
+FILTER_VALUE = TextLimit("filter value", 4096, ("FieldCondition.values",))
+
+TEXT_LIMITS: tuple[TextLimit, ...] = (INDEX_NAME, IMAGE_ID, LABEL, SOURCE, POINT_ID, DETAIL, FILTER_KEY, FILTER_VALUE)
 MAX_INDEX_NAME_CHARS = INDEX_NAME.max_chars
 MAX_IMAGE_ID_CHARS = IMAGE_ID.max_chars
 

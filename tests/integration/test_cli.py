@@ -56,6 +56,17 @@ def test_search_json_finds_the_same_tile_first(dataset: Path, indexed: Path, cap
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
+def test_search_filter_keeps_only_matching_tiles(dataset: Path, indexed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The H&E query's nearest tiles are H&E; filtered to the other label, only IHC tiles come back.
+    args = ["search", str(_query(dataset)), "--index", "tiles", "-k", "8", "--json", "--data-dir", str(indexed)]
+    assert main([*args, "--filter", "label=IHC_colon"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 4 and {h["label"] for h in hits} == {"IHC_colon"}
+    assert main([*args, "--filter", "label=IHC_colon", "--filter", "label=HE_skin"]) == 0  # either value
+    assert len(json.loads(capsys.readouterr().out)) == 8
+    assert main([*args, "--filter", "label"]) == 2  # not KEY=VALUE: a usage error
+
+
 def test_search_images_ranks_whole_images(dataset: Path, indexed: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["search", str(_query(dataset)), "--index", "tiles", "-k", "2", "--images", "--json",
                  "--data-dir", str(indexed)]) == 0

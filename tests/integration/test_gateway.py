@@ -197,6 +197,25 @@ def test_every_rpc_round_trips_with_the_embedded_backend(embedded: Running, tile
     _round_trip_every_rpc(embedded.client, tiles, "embedded")
 
 
+def test_a_filtered_search_returns_only_tiles_with_the_wanted_label(embedded: Running, tiles: dict[str, bytes]) -> None:
+    client = embedded.client
+    names = sorted(tiles)
+    client.index_images(
+        "filtered", [hc.IndexImage(tiles[name], image_id=name, label="TUM" if i % 2 else "STR") for i, name in enumerate(names)]
+    )
+    query = tiles[names[0]]
+    unfiltered = client.search("filtered", query, k=6)
+    assert {hit.label for hit in unfiltered} == {"TUM", "STR"}
+    filtered = client.search("filtered", query, k=6, filter={"label": "TUM"})
+    assert len(filtered) == 3 and {hit.label for hit in filtered} == {"TUM"}
+    images = client.search("filtered", query, k=6, ranking="image", filter={"label": ["TUM"]})
+    assert images and {hit.label for hit in images} == {"TUM"}
+    explained = client.search_and_explain("filtered", query, k=2, method="simmap", filter={"label": "TUM"})
+    assert [ref.hit.label for ref in explained.references] == ["TUM", "TUM"]
+    with pytest.raises(hc.InvalidArgument, match="filter.conditions"):
+        client.search("filtered", query, k=3, filter={"level": "PATIENT"})
+
+
 @pytest.fixture(scope="module")
 def errors_index(embedded: Running, tiles: dict[str, bytes]) -> str:
     embedded.client.index_images("errors", [hc.IndexImage(tiles["ihc-0-0"], image_id="a")])

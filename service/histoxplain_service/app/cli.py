@@ -37,6 +37,7 @@ from histoxplain_service.app.report import write_report
 from histoxplain_service.bootstrap import open_index_engine, open_retrieval
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.retrieval import check_k
+from histoxplain_service.domain.types import INTEGER_FILTER_KEYS, TileFilter
 from histoxplain_service.evaluation.command import add_evaluate_parser
 
 log = logging.getLogger("histoxplain")
@@ -70,6 +71,32 @@ def _explain_options(parser: argparse.ArgumentParser) -> None:
                         help="explain the query, the retrieved images, or both (default)")
 
 
+def _filter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                        help="search only tiles whose payload KEY (label, source, image_id, level, or a key the "
+                             "ingest stored) equals VALUE; repeatable: different keys must all match, the same "
+                             "key twice accepts either value")
+
+
+def tile_filter_from_args(items: Sequence[str]) -> TileFilter | None:
+    """``["label=TUM", "organ=skin", "organ=colon"]`` -> label TUM and organ skin or colon."""
+    values: dict[str, list[str | int]] = {}
+    for position, item in enumerate(items, start=1):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            # named by position only: the value may carry patient data
+            raise InvalidRequest(f"--filter number {position} is not KEY=VALUE (e.g. --filter label=TUM)")
+        if key in INTEGER_FILTER_KEYS:
+            try:
+                values.setdefault(key, []).append(int(value))
+            except ValueError:
+                raise InvalidRequest(f"--filter number {position}: {key!r} holds integers; give one") from None
+        else:
+            values.setdefault(key, []).append(value)
+    return TileFilter.from_mapping(values) if values else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histoxplain",
@@ -96,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
     search.add_argument("--images", action="store_true", help="rank whole images (tiles combined) instead of tiles")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    _filter_option(search)
     _common(search)
     search.set_defaults(func=cmd_search)
 
@@ -103,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("image", type=Path, metavar="IMAGE")
     _index_option(explain)
     explain.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
+    _filter_option(explain)
     explain.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_NAMES)}")
     _explain_options(explain)
     explain.add_argument("--samples", type=int, metavar="N",
@@ -186,18 +215,19 @@ def _hit_json(hit) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> int:
     check_k(args.k)
+    tile_filter = tile_filter_from_args(args.filter)
     settings = settings_from_args(args)
     image = _read_query(args.image, settings)
     retrieval = open_retrieval(settings)
     if args.images:
-        image_hits = retrieval.search_images(args.index, image, args.k)
+        image_hits = retrieval.search_images(args.index, image, args.k, tile_filter=tile_filter)
         rows = [
             {"score": round(hit.score, 6), "image_id": hit.image_id, "label": hit.label, "source": hit.source,
              "box": asdict(hit.tiles[0].box), "tiles": [_hit_json(tile) for tile in hit.tiles]}
             for hit in image_hits
         ]
     else:
-        rows = [_hit_json(hit) for hit in retrieval.search(args.index, image, args.k)]
+        rows = [_hit_json(hit) for hit in retrieval.search(args.index, image, args.k, tile_filter=tile_filter)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -212,11 +242,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     check_k(args.k)
     check_name("method", args.method, METHOD_NAMES)
     options = smoothgrad_options(args.method, args.samples, args.noise)
+    tile_filter = tile_filter_from_args(args.filter)
     settings = settings_from_args(args)
     image = _read_query(args.image, settings)
     retrieval = open_retrieval(settings)
     explained = retrieval.search_and_explain(
-        args.index, image, args.k, args.method, args.polarity, args.side, options=options
+        args.index, image, args.k, args.method, args.polarity, args.side, options=options, tile_filter=tile_filter
     )
     page = write_report(
         [explained], args.out, title=f"histoxplain: {args.image.name} against index {args.index}",

@@ -167,6 +167,8 @@ _FILTER_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0
 #: Bounds that keep one filter cheap to check and to send: conditions, and values per condition.
 MAX_FILTER_CONDITIONS = 32
 MAX_FILTER_VALUES = 1024
+#: Payload keys stored as integers: text front ends (gateway, CLI) turn their filter values to ``int``.
+INTEGER_FILTER_KEYS = frozenset({"level", "tile_index", "tiles_in_image", "box.x", "box.y", "box.w", "box.h"})
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,11 @@ from histoxplain_model.limits import DETAIL, MAX_IMAGE_ID_CHARS, MAX_TILE_SIZE, 
 from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM, SMOOTHGRAD
 from histoxplain_model.limits import MAX_N_SAMPLES
 from histoxplain_model.options import SmoothGradOptions
-from histoxplain_service.domain.types import DeleteSummary, ExplainedSearch, ImageHit, IndexInfo, SearchHit
+from histoxplain_model.limits import FILTER_KEY, FILTER_VALUE, shorten
+from histoxplain_service.domain.types import (
+    INTEGER_FILTER_KEYS, MAX_FILTER_CONDITIONS, MAX_FILTER_VALUES, DeleteSummary, ExplainedSearch, FieldMatch, ImageHit, IndexInfo,
+    SearchHit, TileFilter,
+)
 from histoxplain_service.domain.checks import EncodedImage
 from histoxplain_service.domain.ingest import IndexSummary
 from histoxplain_service.config import Settings
@@ -165,6 +169,47 @@ def heatmap_to_proto(values: np.ndarray, image: np.ndarray, dtype: int) -> types
     return types_pb2.Heatmap(
         values=encode_array(np.clip(values, 0.0, 1.0), dtype), overlay_png=overlay_png(image, values)
     )
+
+
+def tile_filter_from_proto(message: types_pb2.TileFilter) -> TileFilter | None:
+    """The request's filter, or ``None`` when it has no condition.
+
+    Raises:
+        InvalidRequest: a limit of ``types.proto`` broken (naming the field, its position and the
+            limit, never a value), a key given twice, or a non-integer value for an integer key.
+    """
+    conditions = message.conditions
+    if not conditions:
+        return None
+    if len(conditions) > MAX_FILTER_CONDITIONS:
+        raise InvalidRequest(
+            f"filter.conditions has {len(conditions):,} conditions; the limit is {MAX_FILTER_CONDITIONS}"
+        )
+    matches: list[FieldMatch] = []
+    seen: set[str] = set()
+    for i, condition in enumerate(conditions):
+        where = f"filter.conditions[{i}]"
+        key = FILTER_KEY.check(condition.key, where)
+        if not key:
+            raise InvalidRequest(f"{where}.key is empty; name a payload key, e.g. label, source, image_id")
+        if key in seen:
+            raise InvalidRequest(
+                f"{where}.key repeats the key {shorten(key)}; give all its accepted values in one condition"
+            )
+        seen.add(key)
+        values = condition.values
+        if not values or len(values) > MAX_FILTER_VALUES:
+            raise InvalidRequest(f"{where}.values has {len(values):,} values; give 1 to {MAX_FILTER_VALUES}")
+        for j, value in enumerate(values):
+            FILTER_VALUE.check(value, f"{where}.values[{j}]")
+        accepted: tuple[str, ...] | tuple[int, ...] = tuple(values)
+        if key in INTEGER_FILTER_KEYS:
+            try:
+                accepted = tuple(int(value) for value in values)
+            except ValueError:
+                raise InvalidRequest(f"{where}.values: {key!r} holds integers; write each value as one") from None
+        matches.append(FieldMatch(key, accepted))
+    return TileFilter(tuple(matches))
 
 
 def search_hit_to_proto(hit: SearchHit | ImageHit) -> types_pb2.SearchHit:

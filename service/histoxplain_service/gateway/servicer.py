@@ -212,13 +212,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         name = _require_index(request.index)
         k = check_k(request.k, self._settings.max_k, "k")
         image_ranking = _image_ranking(request.ranking)
+        tile_filter = converters.tile_filter_from_proto(request.filter)
 
         def search(timeout: float) -> pb.SearchResponse:
             query = self._decode(request.image, "query image")
             if image_ranking:
-                hits = self._retrieval.search_images(name, query, k, timeout=timeout)
+                hits = self._retrieval.search_images(name, query, k, timeout=timeout, tile_filter=tile_filter)
             else:
-                hits = self._retrieval.search(name, query, k, timeout=timeout)
+                hits = self._retrieval.search(name, query, k, timeout=timeout, tile_filter=tile_filter)
             return pb.SearchResponse(hits=[converters.search_hit_to_proto(hit) for hit in hits])
 
         return await self._run(context, search)
@@ -230,6 +231,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         k = check_k(request.k, self._settings.max_explain_k, "k")
         image_ranking = _image_ranking(request.ranking)
         choice = converters.explain_choice_from_proto(request.options)
+        tile_filter = converters.tile_filter_from_proto(request.filter)
 
         def search_and_explain(timeout: float) -> pb.SearchAndExplainResponse:
             query = self._decode(request.image, "query image")
@@ -237,12 +239,12 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             if image_ranking:
                 image_hits, explained = self._retrieval.search_images_and_explain(
                     name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
-                    options=choice.method_options,
+                    options=choice.method_options, tile_filter=tile_filter,
                 )
             else:
                 explained = self._retrieval.search_and_explain(
                     name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
-                    options=choice.method_options,
+                    options=choice.method_options, tile_filter=tile_filter,
                 )
             results = converters.explained_references(
                 explained, choice, image_hits, max_bytes=self._settings.max_message_bytes

@@ -157,3 +157,54 @@ def test_explanations_stop_at_the_message_limit_instead_of_drawing_every_overlay
     assert len(converters.explained_references(explained, choice, max_bytes=8 * one_overlay + 1000)) == 8
     with pytest.raises(InvalidRequest, match=r"larger than the message limit .* 512x512 px"):
         converters.explained_references(explained, choice, max_bytes=3 * one_overlay)
+
+
+# -- filters ------------------------------------------------------------------------------------
+
+
+def _filter(**conditions: list[str]) -> types_pb2.TileFilter:
+    return types_pb2.TileFilter(
+        conditions=[types_pb2.FieldCondition(key=key, values=values) for key, values in conditions.items()]
+    )
+
+
+def test_an_empty_filter_is_no_filter() -> None:
+    assert converters.tile_filter_from_proto(types_pb2.TileFilter()) is None
+
+
+def test_filter_conditions_become_field_matches_with_integer_keys_as_integers() -> None:
+    tile_filter = converters.tile_filter_from_proto(_filter(label=["TUM"], organ=["skin", "colon"], level=["0", "2"]))
+    assert tile_filter is not None and not tile_filter.must_not
+    assert [(m.key, m.values) for m in tile_filter.must] == [
+        ("label", ("TUM",)), ("organ", ("skin", "colon")), ("level", (0, 2))
+    ]
+
+
+SECRET = "PATIENT=Jane Doe;"
+
+
+@pytest.mark.parametrize(
+    ("message", "text"),
+    [
+        (_filter(label=[]), r"filter.conditions\[0\].values has 0 values; give 1 to 1024"),
+        (_filter(label=[SECRET] * 1025), r"filter.conditions\[0\].values has 1,025 values; give 1 to 1024"),
+        (_filter(label=[SECRET * 300]), r"filter value of filter.conditions\[0\].values\[0\] is 5,100 characters long; the limit is 4,096"),
+        (_filter(**{"k" * 65: ["x"]}), r"filter key of filter.conditions\[0\] is 65 characters long; the limit is 64"),
+        (_filter(level=[SECRET]), r"filter.conditions\[0\].values: 'level' holds integers"),
+        (types_pb2.TileFilter(conditions=[types_pb2.FieldCondition(key=f"k{i}", values=["x"]) for i in range(33)]),
+         r"filter.conditions has 33 conditions; the limit is 32"),
+        (types_pb2.TileFilter(conditions=[types_pb2.FieldCondition(key="label", values=[SECRET])] * 2),
+         r"filter.conditions\[1\].key repeats the key 'label'"),
+        (_filter(**{"": ["x"]}), r"filter.conditions\[0\].key is empty"),
+        (_filter(**{"bad key!": [SECRET]}), r"filter key 'bad key!' is not a payload key"),
+    ],
+)
+def test_bad_filters_are_invalid_naming_field_and_limit_never_the_value(message: types_pb2.TileFilter, text: str) -> None:
+    with pytest.raises(InvalidRequest, match=text) as caught:
+        converters.tile_filter_from_proto(message)
+    assert "Jane" not in str(caught.value)
+
+
+def test_filter_limits_are_at_exactly_their_values() -> None:
+    tile_filter = converters.tile_filter_from_proto(_filter(**{"k" * 64: ["é" * 4096] * 1024}))
+    assert tile_filter is not None and len(tile_filter.must[0].values) == 1024

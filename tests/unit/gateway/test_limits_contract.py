@@ -29,6 +29,7 @@ from histoxplain_model.limits import (
     shorten,
 )
 from histoxplain_service.config import GatewaySettings, Settings
+from histoxplain_service.domain.types import MAX_FILTER_CONDITIONS, MAX_FILTER_VALUES
 
 PROTO = Path(__file__).resolve().parents[3] / "proto" / "histoxplain" / "v1"
 _FIELD = re.compile(r"^\s*(?:repeated\s+|optional\s+)?([\w.]+)\s+(\w+)\s*=\s*\d+\s*;")
@@ -74,6 +75,11 @@ def test_each_text_limit_is_stated_in_the_proto_comments(limit: TextLimit) -> No
         assert kind == "string", name
         stated = re.findall(r"at most (\d+) characters", comment)
         assert stated == [str(limit.max_chars)], f"{name}: {comment!r} should state at most {limit.max_chars}"
+
+
+def test_filter_counts_are_stated_in_the_proto_comments() -> None:
+    assert f"1 to {MAX_FILTER_VALUES}," in FIELDS["FieldCondition.values"][1]
+    assert f"at most {MAX_FILTER_CONDITIONS}," in FIELDS["TileFilter.conditions"][1]
 
 
 def test_every_string_field_has_a_stated_limit_or_is_set_by_the_server() -> None:

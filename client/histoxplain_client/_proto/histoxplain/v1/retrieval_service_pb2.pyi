@@ -175,6 +175,7 @@ class SearchRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     RANKING_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     index: _builtins.str
     """Index to search (at most 64 characters)."""
     image: _builtins.bytes
@@ -186,6 +187,12 @@ class SearchRequest(_message.Message):
     """Number of hits to return, 1 to 100."""
     ranking: _types_pb2.RankingLevel.ValueType
     """Rank tiles or whole images. Unspecified: tiles."""
+    @_builtins.property
+    def filter(self) -> _types_pb2.TileFilter:
+        """Search only among the tiles this filter keeps (e.g. label = tumour, organ = skin or
+        colon); unset or empty: every tile. Limits as stated on TileFilter and FieldCondition.
+        """
+
     def __init__(
         self,
         *,
@@ -193,10 +200,11 @@ class SearchRequest(_message.Message):
         image: _builtins.bytes = ...,
         k: _builtins.int = ...,
         ranking: _types_pb2.RankingLevel.ValueType = ...,
+        filter: _types_pb2.TileFilter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "index", b"index", "k", b"k", "ranking", b"ranking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "image", b"image", "index", b"index", "k", b"k", "ranking", b"ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +381,7 @@ class SearchAndExplainRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     RANKING_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     index: _builtins.str
     """Index to search (at most 64 characters)."""
     image: _builtins.bytes
@@ -385,6 +394,12 @@ class SearchAndExplainRequest(_message.Message):
     def options(self) -> _types_pb2.ExplainOptions:
         """Method, polarity, side and heatmap encoding."""
 
+    @_builtins.property
+    def filter(self) -> _types_pb2.TileFilter:
+        """Search (and so explain) only among the tiles this filter keeps; unset or empty: every
+        tile. Limits as stated on TileFilter and FieldCondition.
+        """
+
     def __init__(
         self,
         *,
@@ -393,10 +408,11 @@ class SearchAndExplainRequest(_message.Message):
         k: _builtins.int = ...,
         ranking: _types_pb2.RankingLevel.ValueType = ...,
         options: _types_pb2.ExplainOptions | None = ...,
+        filter: _types_pb2.TileFilter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "index", b"index", "k", b"k", "options", b"options", "ranking", b"ranking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "image", b"image", "index", b"index", "k", b"k", "options", b"options", "ranking", b"ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,43 +25,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahistoxplain/v1/types.proto\x12\x0ehistoxplain.v1\"R\n\x08RawArray\x12\r\n\x05shape\x18\x01 \x03(\r\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"i\n\x0bImageRecord\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x10\n\x03mpp\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x06\n\x04_mpp\"l\n\rTilingOptions\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x0e\n\x06stride\x18\x02 \x01(\r\x12 \n\x13min_tissue_fraction\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x16\n\x14_min_tissue_fraction\"\xbf\x01\n\tSearchHit\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x10\n\x08point_id\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12 \n\x03\x62ox\x18\x06 \x01(\x0b\x32\x13.histoxplain.v1.Box\x12\r\n\x05level\x18\x07 \x01(\r\x12\x10\n\x03mpp\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmatched_tiles\x18\t \x01(\rB\x06\n\x04_mpp\"H\n\x07Heatmap\x12(\n\x06values\x18\x01 \x01(\x0b\x32\x18.histoxplain.v1.RawArray\x12\x13\n\x0boverlay_png\x18\x02 \x01(\x0c\"\xa1\x02\n\x0e\x45xplainOptions\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12*\n\x08polarity\x18\x02 \x01(\x0e\x32\x18.histoxplain.v1.Polarity\x12-\n\x04side\x18\x03 \x01(\x0e\x32\x1f.histoxplain.v1.ExplanationSide\x12\x31\n\rheatmap_dtype\x18\x04 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x1a\n\x12smoothgrad_samples\x18\x05 \x01(\r\x12\x1d\n\x10smoothgrad_noise\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_smoothgrad_noise\"\xcd\x01\n\x12\x45xplainedReference\x12\x17\n\x0freference_index\x18\x01 \x01(\r\x12&\n\x03hit\x18\x02 \x01(\x0b\x32\x19.histoxplain.v1.SearchHit\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12.\n\rquery_heatmap\x18\x04 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\x12\x32\n\x11reference_heatmap\x18\x05 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\"q\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x65ncoder_preset\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x12\n\ntile_count\x18\x04 \x01(\x04\x12\x13\n\x0bimage_count\x18\x05 \x01(\x04\"\xb8\x01\n\tModelInfo\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x14\n\x0cinput_height\x18\x04 \x01(\r\x12\x13\n\x0binput_width\x18\x05 \x01(\r\x12\x32\n\x07methods\x18\x06 \x03(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t*\xc3\x01\n\x11\x45xplanationMethod\x12\"\n\x1e\x45XPLANATION_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XPLANATION_METHOD_GRADCAM\x10\x01\x12(\n$EXPLANATION_METHOD_GRADCAM_PLUS_PLUS\x10\x02\x12!\n\x1d\x45XPLANATION_METHOD_SMOOTHGRAD\x10\x03\x12\x1d\n\x19\x45XPLANATION_METHOD_SIMMAP\x10\x04*S\n\x08Polarity\x12\x18\n\x14POLARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10POLARITY_SIMILAR\x10\x01\x12\x17\n\x13POLARITY_DISSIMILAR\x10\x02*\x8a\x01\n\x0f\x45xplanationSide\x12 \n\x1c\x45XPLANATION_SIDE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPLANATION_SIDE_QUERY\x10\x01\x12\x1e\n\x1a\x45XPLANATION_SIDE_RETRIEVED\x10\x02\x12\x19\n\x15\x45XPLANATION_SIDE_BOTH\x10\x03*^\n\x0cRankingLevel\x12\x1d\n\x19RANKING_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12RANKING_LEVEL_TILE\x10\x01\x12\x17\n\x13RANKING_LEVEL_IMAGE\x10\x02*r\n\nArrayDtype\x12\x1b\n\x17\x41RRAY_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT16\x10\x01\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT32\x10\x02\x12\x15\n\x11\x41RRAY_DTYPE_UINT8\x10\x03*\xcd\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cSKIP_REASON_UNREADABLE_IMAGE\x10\x01\x12\x1f\n\x1bSKIP_REASON_IMAGE_TOO_LARGE\x10\x02\x12\x19\n\x15SKIP_REASON_NO_TISSUE\x10\x03\x12\"\n\x1eSKIP_REASON_DUPLICATE_IMAGE_ID\x10\x04\x12 \n\x1cSKIP_REASON_INVALID_METADATA\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahistoxplain/v1/types.proto\x12\x0ehistoxplain.v1\"R\n\x08RawArray\x12\r\n\x05shape\x18\x01 \x03(\r\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x0e\x46ieldCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"@\n\nTileFilter\x12\x32\n\nconditions\x18\x01 \x03(\x0b\x32\x1e.histoxplain.v1.FieldCondition\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"i\n\x0bImageRecord\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x10\n\x03mpp\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x06\n\x04_mpp\"l\n\rTilingOptions\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x0e\n\x06stride\x18\x02 \x01(\r\x12 \n\x13min_tissue_fraction\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x16\n\x14_min_tissue_fraction\"\xbf\x01\n\tSearchHit\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x10\n\x08point_id\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12 \n\x03\x62ox\x18\x06 \x01(\x0b\x32\x13.histoxplain.v1.Box\x12\r\n\x05level\x18\x07 \x01(\r\x12\x10\n\x03mpp\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmatched_tiles\x18\t \x01(\rB\x06\n\x04_mpp\"H\n\x07Heatmap\x12(\n\x06values\x18\x01 \x01(\x0b\x32\x18.histoxplain.v1.RawArray\x12\x13\n\x0boverlay_png\x18\x02 \x01(\x0c\"\xa1\x02\n\x0e\x45xplainOptions\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12*\n\x08polarity\x18\x02 \x01(\x0e\x32\x18.histoxplain.v1.Polarity\x12-\n\x04side\x18\x03 \x01(\x0e\x32\x1f.histoxplain.v1.ExplanationSide\x12\x31\n\rheatmap_dtype\x18\x04 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x1a\n\x12smoothgrad_samples\x18\x05 \x01(\r\x12\x1d\n\x10smoothgrad_noise\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_smoothgrad_noise\"\xcd\x01\n\x12\x45xplainedReference\x12\x17\n\x0freference_index\x18\x01 \x01(\r\x12&\n\x03hit\x18\x02 \x01(\x0b\x32\x19.histoxplain.v1.SearchHit\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12.\n\rquery_heatmap\x18\x04 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\x12\x32\n\x11reference_heatmap\x18\x05 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\"q\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x65ncoder_preset\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x12\n\ntile_count\x18\x04 \x01(\x04\x12\x13\n\x0bimage_count\x18\x05 \x01(\x04\"\xb8\x01\n\tModelInfo\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x14\n\x0cinput_height\x18\x04 \x01(\r\x12\x13\n\x0binput_width\x18\x05 \x01(\r\x12\x32\n\x07methods\x18\x06 \x03(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t*\xc3\x01\n\x11\x45xplanationMethod\x12\"\n\x1e\x45XPLANATION_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XPLANATION_METHOD_GRADCAM\x10\x01\x12(\n$EXPLANATION_METHOD_GRADCAM_PLUS_PLUS\x10\x02\x12!\n\x1d\x45XPLANATION_METHOD_SMOOTHGRAD\x10\x03\x12\x1d\n\x19\x45XPLANATION_METHOD_SIMMAP\x10\x04*S\n\x08Polarity\x12\x18\n\x14POLARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10POLARITY_SIMILAR\x10\x01\x12\x17\n\x13POLARITY_DISSIMILAR\x10\x02*\x8a\x01\n\x0f\x45xplanationSide\x12 \n\x1c\x45XPLANATION_SIDE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPLANATION_SIDE_QUERY\x10\x01\x12\x1e\n\x1a\x45XPLANATION_SIDE_RETRIEVED\x10\x02\x12\x19\n\x15\x45XPLANATION_SIDE_BOTH\x10\x03*^\n\x0cRankingLevel\x12\x1d\n\x19RANKING_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12RANKING_LEVEL_TILE\x10\x01\x12\x17\n\x13RANKING_LEVEL_IMAGE\x10\x02*r\n\nArrayDtype\x12\x1b\n\x17\x41RRAY_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT16\x10\x01\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT32\x10\x02\x12\x15\n\x11\x41RRAY_DTYPE_UINT8\x10\x03*\xcd\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cSKIP_REASON_UNREADABLE_IMAGE\x10\x01\x12\x1f\n\x1bSKIP_REASON_IMAGE_TOO_LARGE\x10\x02\x12\x19\n\x15SKIP_REASON_NO_TISSUE\x10\x03\x12\"\n\x1eSKIP_REASON_DUPLICATE_IMAGE_ID\x10\x04\x12 \n\x1cSKIP_REASON_INVALID_METADATA\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'histoxplain_client._proto.histoxplain.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPLANATIONMETHOD']._serialized_start=1478
-  _globals['_EXPLANATIONMETHOD']._serialized_end=1673
-  _globals['_POLARITY']._serialized_start=1675
-  _globals['_POLARITY']._serialized_end=1758
-  _globals['_EXPLANATIONSIDE']._serialized_start=1761
-  _globals['_EXPLANATIONSIDE']._serialized_end=1899
-  _globals['_RANKINGLEVEL']._serialized_start=1901
-  _globals['_RANKINGLEVEL']._serialized_end=1995
-  _globals['_ARRAYDTYPE']._serialized_start=1997
-  _globals['_ARRAYDTYPE']._serialized_end=2111
-  _globals['_SKIPREASON']._serialized_start=2114
-  _globals['_SKIPREASON']._serialized_end=2319
+  _globals['_EXPLANATIONMETHOD']._serialized_start=1591
+  _globals['_EXPLANATIONMETHOD']._serialized_end=1786
+  _globals['_POLARITY']._serialized_start=1788
+  _globals['_POLARITY']._serialized_end=1871
+  _globals['_EXPLANATIONSIDE']._serialized_start=1874
+  _globals['_EXPLANATIONSIDE']._serialized_end=2012
+  _globals['_RANKINGLEVEL']._serialized_start=2014
+  _globals['_RANKINGLEVEL']._serialized_end=2108
+  _globals['_ARRAYDTYPE']._serialized_start=2110
+  _globals['_ARRAYDTYPE']._serialized_end=2224
+  _globals['_SKIPREASON']._serialized_start=2227
+  _globals['_SKIPREASON']._serialized_end=2432
   _globals['_RAWARRAY']._serialized_start=46
   _globals['_RAWARRAY']._serialized_end=128
-  _globals['_BOX']._serialized_start=130
-  _globals['_BOX']._serialized_end=188
-  _globals['_IMAGERECORD']._serialized_start=190
-  _globals['_IMAGERECORD']._serialized_end=295
-  _globals['_TILINGOPTIONS']._serialized_start=297
-  _globals['_TILINGOPTIONS']._serialized_end=405
-  _globals['_SEARCHHIT']._serialized_start=408
-  _globals['_SEARCHHIT']._serialized_end=599
-  _globals['_HEATMAP']._serialized_start=601
-  _globals['_HEATMAP']._serialized_end=673
-  _globals['_EXPLAINOPTIONS']._serialized_start=676
-  _globals['_EXPLAINOPTIONS']._serialized_end=965
-  _globals['_EXPLAINEDREFERENCE']._serialized_start=968
-  _globals['_EXPLAINEDREFERENCE']._serialized_end=1173
-  _globals['_INDEXINFO']._serialized_start=1175
-  _globals['_INDEXINFO']._serialized_end=1288
-  _globals['_MODELINFO']._serialized_start=1291
-  _globals['_MODELINFO']._serialized_end=1475
+  _globals['_FIELDCONDITION']._serialized_start=130
+  _globals['_FIELDCONDITION']._serialized_end=175
+  _globals['_TILEFILTER']._serialized_start=177
+  _globals['_TILEFILTER']._serialized_end=241
+  _globals['_BOX']._serialized_start=243
+  _globals['_BOX']._serialized_end=301
+  _globals['_IMAGERECORD']._serialized_start=303
+  _globals['_IMAGERECORD']._serialized_end=408
+  _globals['_TILINGOPTIONS']._serialized_start=410
+  _globals['_TILINGOPTIONS']._serialized_end=518
+  _globals['_SEARCHHIT']._serialized_start=521
+  _globals['_SEARCHHIT']._serialized_end=712
+  _globals['_HEATMAP']._serialized_start=714
+  _globals['_HEATMAP']._serialized_end=786
+  _globals['_EXPLAINOPTIONS']._serialized_start=789
+  _globals['_EXPLAINOPTIONS']._serialized_end=1078
+  _globals['_EXPLAINEDREFERENCE']._serialized_start=1081
+  _globals['_EXPLAINEDREFERENCE']._serialized_end=1286
+  _globals['_INDEXINFO']._serialized_start=1288
+  _globals['_INDEXINFO']._serialized_end=1401
+  _globals['_MODELINFO']._serialized_start=1404
+  _globals['_MODELINFO']._serialized_end=1588
 # @@protoc_insertion_point(module_scope)

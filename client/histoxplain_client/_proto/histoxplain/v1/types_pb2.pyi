@@ -243,6 +243,67 @@ class RawArray(_message.Message):
 Global___RawArray: _TypeAlias = RawArray  # noqa: Y015
 
 @_typing.final
+class FieldCondition(_message.Message):
+    """One condition of a TileFilter: the tile's payload value at `key` is one of `values`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Payload key (at most 64 characters): letters, digits and '_', dots for nested keys, e.g.
+    label, source, image_id, level, or a key the ingest stored such as organ or stain.
+    """
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Accepted values, 1 to 1024, each at most 4096 characters; compared exactly (case and
+        whitespace included). For the integer keys (level, tile_index, tiles_in_image, box.x,
+        box.y, box.w, box.h) each value is written as a decimal integer. A tile without the key,
+        or with no value there (an unlabelled tile's label), matches none.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldCondition: _TypeAlias = FieldCondition  # noqa: Y015
+
+@_typing.final
+class TileFilter(_message.Message):
+    """Which tiles a search may return: every condition holds (AND); a condition holds when the
+    payload value is any of its values (OR). At most 32 conditions, each naming a different key.
+    An empty filter (no conditions) keeps every tile.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONDITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldCondition]:
+        """The conditions, at most 32, keys distinct."""
+
+    def __init__(
+        self,
+        *,
+        conditions: _abc.Iterable[Global___FieldCondition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TileFilter: _TypeAlias = TileFilter  # noqa: Y015
+
+@_typing.final
 class Box(_message.Message):
     """A rectangle in pixel coordinates of the source image (at the pyramid level given next to it)."""
 
