@@ -27,16 +27,20 @@ callers and stored data depend on it:
 
 from __future__ import annotations
 
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest
 from histoxplain_model.limits import INDEX_NAME, shorten
 from histoxplain_service.domain.types import IndexInfo, SearchHit, TileFilter, TileRecord
+
+if TYPE_CHECKING:
+    from histoxplain_service.index.tile_store import TileStore
 
 __all__ = [
     "INDEX_NAME_PATTERN",
@@ -47,6 +51,8 @@ __all__ = [
     "validate_index_name",
     "validate_k",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Index names: 1 to ``INDEX_NAME.max_chars`` (64) letters, digits, ``-`` and ``_``, starting with a
 #: letter or digit (safe as a collection name and as a folder name for the tile pixels).
@@ -98,9 +104,11 @@ class VectorIndex(ABC):
 
     Attributes:
         name: the index name (:data:`INDEX_NAME_PATTERN`).
+        tile_store: where tile pixels are kept; ``None`` keeps none.
     """
 
     name: str
+    tile_store: TileStore | None
 
     # -- encoder record ----------------------------------------------------------------------------
 
@@ -178,17 +186,44 @@ class VectorIndex(ABC):
     def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
         """Change the label and source of every tile of one image (no re-embedding)."""
 
-    @abstractmethod
     def finish_image(self, image_id: str, point_ids: Sequence[str]) -> int:
         """Delete the points (and pixels) of ``image_id`` that are not in ``point_ids``.
 
         Called once all of an image's tiles are written, this removes what an older tiling
         left; returns how many points were removed.
         """
+        keep = set(point_ids)
+        stale = [pid for pid in self._image_point_ids([image_id]) if pid not in keep]
+        if stale:
+            self._remove(stale, f"removing stale tiles from {self.name!r}")
+            log.info("removed %d stale tiles of one image from index %s", len(stale), self.name)
+        return len(stale)
 
-    @abstractmethod
     def delete(self, image_ids: Sequence[str]) -> int:
         """Delete every tile of these images (points, then pixels); returns the number of tiles removed."""
+        self.encoder()
+        if not image_ids:
+            return 0
+        point_ids = self._image_point_ids(image_ids)
+        if point_ids:
+            self._remove(point_ids, f"deleting from index {self.name!r}")
+        return len(point_ids)
+
+    def _remove(self, point_ids: Sequence[str], action: str) -> None:
+        """Points first, then their pixels: a failure in between leaves pixels without points,
+        which nothing reads and the next write of the tile replaces."""
+        self._delete_points(point_ids, action)
+        if self.tile_store is not None:
+            self.tile_store.delete(point_ids)
+
+    @abstractmethod
+    def _image_point_ids(self, image_ids: Sequence[str]) -> list[str]:
+        """The point ids of every tile of these images."""
+
+    @abstractmethod
+    def _delete_points(self, point_ids: Sequence[str], action: str) -> None:
+        """Delete these points from the engine, waiting until it has; ``action`` names the
+        operation in the error an engine failure raises."""
 
     def optimize(self) -> None:
         """Make recent writes fast to search (build the HNSW graph of new segments), blocking.

@@ -228,28 +228,9 @@ class EdgeIndex(VectorIndex):
                 qe.UpdateOperation.set_payload_by_filter(image_filter([image_id]), {"label": label, "source": source})
             )
 
-    def finish_image(self, image_id: str, point_ids: Sequence[str]) -> int:
-        keep = set(point_ids)
-        stale = [pid for pid in self._point_ids(image_filter([image_id])) if pid not in keep]
-        if stale:
-            with edge_errors(f"removing stale tiles from {self.name!r}"):
-                self._shard().update(qe.UpdateOperation.delete_points(stale))
-            if self.tile_store is not None:
-                self.tile_store.delete(stale)
-            log.info("removed %d stale tiles of one image from index %s", len(stale), self.name)
-        return len(stale)
-
-    def delete(self, image_ids: Sequence[str]) -> int:
-        self.encoder()
-        if not image_ids:
-            return 0
-        point_ids = self._point_ids(image_filter(image_ids))
-        if point_ids:
-            with edge_errors(f"deleting from index {self.name!r}"):
-                self._shard().update(qe.UpdateOperation.delete_points(point_ids))
-            if self.tile_store is not None:
-                self.tile_store.delete(point_ids)
-        return len(point_ids)
+    def _delete_points(self, point_ids: Sequence[str], action: str) -> None:
+        with edge_errors(action):
+            self._shard().update(qe.UpdateOperation.delete_points(list(point_ids)))
 
     def optimize(self) -> None:
         """Run Qdrant's optimizers on this shard (HNSW for new segments, merges, vacuum), blocking."""
@@ -274,8 +255,8 @@ class EdgeIndex(VectorIndex):
                 if offset is None:
                     return
 
-    def _point_ids(self, scroll_filter: qe.Filter) -> list[str]:
-        return [str(point.id) for point in self._scroll(scroll_filter, False, False)]
+    def _image_point_ids(self, image_ids: Sequence[str]) -> list[str]:
+        return [str(point.id) for point in self._scroll(image_filter(image_ids), False, False)]
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -306,30 +306,12 @@ class QdrantIndex(VectorIndex):
                 self.name, payload={"label": label, "source": source}, points=_image_filter([image_id]), wait=True
             )
 
-    def finish_image(self, image_id: str, point_ids: Sequence[str]) -> int:
-        keep = set(point_ids)
-        stale = [pid for pid in self._point_ids(_image_filter([image_id])) if pid not in keep]
-        if stale:
-            with _qdrant_errors(f"removing stale tiles from {self.name!r}"):
-                self.client.delete(self.name, points_selector=qm.PointIdsList(points=stale), wait=True)
-            if self.tile_store is not None:
-                self.tile_store.delete(stale)
-            log.info("removed %d stale tiles of one image from index %s", len(stale), self.name)
-        return len(stale)
+    def _delete_points(self, point_ids: Sequence[str], action: str) -> None:
+        with _qdrant_errors(action):
+            self.client.delete(self.name, points_selector=qm.PointIdsList(points=list(point_ids)), wait=True)
 
-    def delete(self, image_ids: Sequence[str]) -> int:
-        self.encoder()
-        if not image_ids:
-            return 0
-        point_ids = self._point_ids(_image_filter(image_ids))
-        if point_ids:
-            with _qdrant_errors(f"deleting from index {self.name!r}"):
-                self.client.delete(self.name, points_selector=qm.PointIdsList(points=point_ids), wait=True)
-            if self.tile_store is not None:
-                self.tile_store.delete(point_ids)
-        return len(point_ids)
-
-    def _point_ids(self, scroll_filter: qm.Filter) -> list[str]:
+    def _image_point_ids(self, image_ids: Sequence[str]) -> list[str]:
+        scroll_filter = _image_filter(image_ids)
         ids: list[str] = []
         offset: Any = None
         with _qdrant_errors(f"listing points of {self.name!r}"):
