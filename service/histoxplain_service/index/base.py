@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from histoxplain_model.errors import FailedPrecondition, InvalidRequest
-from histoxplain_model.limits import INDEX_NAME, shorten
+from histoxplain_model.errors import FailedPrecondition, InvalidRequest, NotFound
+from histoxplain_model.limits import INDEX_NAME, POINT_ID, shorten
 from histoxplain_service.domain.types import IndexInfo, SearchHit, TileFilter, TileRecord
 
 if TYPE_CHECKING:
@@ -283,25 +284,55 @@ class VectorIndex(ABC):
             NotFound: missing or empty index.  FailedPrecondition: D is not the index's dimension.
         """
 
-    @abstractmethod
     def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
         """The stored records and vectors (N, D) float32 of these tiles, in the given order.
 
         Raises:
             InvalidRequest: a point id that is not a UUID.  NotFound: one that is not in the index.
         """
+        for position, point_id in enumerate(point_ids):
+            try:
+                POINT_ID.check(point_id, f"point_ids[{position}]")
+                uuid.UUID(point_id)
+            except ValueError:
+                # named by position: a value that is not a point id may be anything the caller had
+                raise InvalidRequest(f"point_ids[{position}] is not a UUID; use point ids from a search") from None
+        _, dim = self.encoder()
+        found = self._retrieve(point_ids)
+        missing = [pid for pid in point_ids if pid not in found]
+        if missing:
+            named = ", ".join(shorten(point_id, POINT_ID.max_chars) for point_id in missing[:5])
+            raise NotFound(f"tile(s) {named} not in index {self.name!r}; use point ids from a search")
+        records = [TileRecord.from_payload(found[pid][0]) for pid in point_ids]
+        vectors = np.asarray([found[pid][1] for pid in point_ids], dtype=np.float32).reshape(len(point_ids), dim)
+        return records, vectors
 
-    @abstractmethod
     def image_tiles(self, image_id: str) -> tuple[list[TileRecord], np.ndarray]:
         """Every tile of one image (in tile order) and its vectors (N, D).
 
         Raises:
             NotFound: no tile with this image id.
         """
+        _, dim = self.encoder()
+        records = [(TileRecord.from_payload(payload), vector) for payload, vector in self._image_points(image_id)]
+        if not records:  # the id is caller text (see the module docstring): not repeated here
+            raise NotFound(f"the image id is not in index {self.name!r}; use image ids from a search")
+        records.sort(key=lambda item: item[0].tile_index)
+        return [r for r, _ in records], np.asarray([v for _, v in records], dtype=np.float32).reshape(-1, dim)
 
-    @abstractmethod
     def load_tile(self, hit: SearchHit | str) -> np.ndarray:
         """Pixels (H, W, 3) uint8 of a hit (or a point id), as they were embedded."""
+        if self.tile_store is None:
+            raise FailedPrecondition(f"index {self.name!r} was opened without a tile store")
+        return self.tile_store.load(hit.point_id if isinstance(hit, SearchHit) else hit)
+
+    @abstractmethod
+    def _retrieve(self, point_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Sequence[float]]]:
+        """(payload, vector) of each of these points that the index holds, by point id."""
+
+    @abstractmethod
+    def _image_points(self, image_id: str) -> Iterable[tuple[dict[str, Any], Sequence[float]]]:
+        """(payload, vector) of every point of one image, in any order."""
 
 
 class IndexEngine(ABC):

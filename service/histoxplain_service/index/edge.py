@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -61,7 +60,6 @@ import numpy as np
 import qdrant_edge as qe
 
 from histoxplain_model.errors import DependencyUnavailable, FailedPrecondition, InvalidRequest, NotFound
-from histoxplain_model.limits import POINT_ID, shorten
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.types import IndexInfo, SearchHit, TileFilter, TileRecord
 from histoxplain_service.index.base import (
@@ -349,40 +347,14 @@ class EdgeIndex(VectorIndex):
         ranked = sorted(best.items(), key=lambda item: (-item[1].score, item[0]))[:limit]
         return dict(ranked)
 
-    def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
-        for position, point_id in enumerate(point_ids):
-            try:
-                POINT_ID.check(point_id, f"point_ids[{position}]")
-                uuid.UUID(point_id)
-            except ValueError:
-                raise InvalidRequest(f"point_ids[{position}] is not a UUID; use point ids from a search") from None
-        _, dim = self.encoder()
+    def _retrieve(self, point_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Sequence[float]]]:
         with edge_errors(f"reading tiles from {self.name!r}"):
             found = self._shard().retrieve(list(point_ids), with_payload=True, with_vector=True)
-        by_id = {str(point.id): point for point in found}
-        missing = [pid for pid in point_ids if pid not in by_id]
-        if missing:
-            named = ", ".join(shorten(point_id, POINT_ID.max_chars) for point_id in missing[:5])
-            raise NotFound(f"tile(s) {named} not in index {self.name!r}; use point ids from a search")
-        records = [TileRecord.from_payload(by_id[pid].payload or {}) for pid in point_ids]
-        vectors = np.asarray([_vector(by_id[pid]) for pid in point_ids], dtype=np.float32).reshape(len(point_ids), dim)
-        return records, vectors
+        return {str(point.id): (point.payload or {}, _vector(point)) for point in found}
 
-    def image_tiles(self, image_id: str) -> tuple[list[TileRecord], np.ndarray]:
-        _, dim = self.encoder()
-        records = [
-            (TileRecord.from_payload(point.payload or {}), _vector(point))
-            for point in self._scroll(image_filter([image_id]), True, True)
-        ]
-        if not records:  # the id is caller text (see the module docstring): not repeated here
-            raise NotFound(f"the image id is not in index {self.name!r}; use image ids from a search")
-        records.sort(key=lambda item: item[0].tile_index)
-        return [r for r, _ in records], np.asarray([v for _, v in records], dtype=np.float32).reshape(-1, dim)
-
-    def load_tile(self, hit: SearchHit | str) -> np.ndarray:
-        if self.tile_store is None:
-            raise FailedPrecondition(f"index {self.name!r} was opened without a tile store")
-        return self.tile_store.load(hit.point_id if isinstance(hit, SearchHit) else hit)
+    def _image_points(self, image_id: str) -> Iterator[tuple[dict[str, Any], Sequence[float]]]:
+        for point in self._scroll(image_filter([image_id]), True, True):
+            yield point.payload or {}, _vector(point)
 
 
 class EdgeEngine(IndexEngine):

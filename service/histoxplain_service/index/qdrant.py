@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -55,7 +54,6 @@ from histoxplain_model.errors import (
     InvalidRequest,
     NotFound,
 )
-from histoxplain_model.limits import POINT_ID, shorten
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.types import FieldMatch, IndexInfo, SearchHit, TileFilter, TileRecord
 from histoxplain_service.index.base import (
@@ -310,19 +308,20 @@ class QdrantIndex(VectorIndex):
         with _qdrant_errors(action):
             self.client.delete(self.name, points_selector=qm.PointIdsList(points=list(point_ids)), wait=True)
 
-    def _image_point_ids(self, image_ids: Sequence[str]) -> list[str]:
-        scroll_filter = _image_filter(image_ids)
-        ids: list[str] = []
+    def _scroll(self, scroll_filter: qm.Filter, with_payload: bool, with_vectors: bool) -> Iterator[Any]:
         offset: Any = None
         with _qdrant_errors(f"listing points of {self.name!r}"):
             while True:
                 points, offset = self.client.scroll(
                     self.name, scroll_filter=scroll_filter, limit=_SCROLL_PAGE, offset=offset,
-                    with_payload=False, with_vectors=False,
+                    with_payload=with_payload, with_vectors=with_vectors,
                 )
-                ids.extend(str(point.id) for point in points)
+                yield from points
                 if offset is None:
-                    return ids
+                    return
+
+    def _image_point_ids(self, image_ids: Sequence[str]) -> list[str]:
+        return [str(point.id) for point in self._scroll(_image_filter(image_ids), False, False)]
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -389,48 +388,14 @@ class QdrantIndex(VectorIndex):
             best.append({str(group.id): _hit(group.hits[0]) for group in result.groups if group.hits})
         return best
 
-    def points(self, point_ids: Sequence[str]) -> tuple[list[TileRecord], np.ndarray]:
-        for position, point_id in enumerate(point_ids):
-            try:
-                POINT_ID.check(point_id, f"point_ids[{position}]")
-                uuid.UUID(point_id)
-            except ValueError:
-                # named by position: a value that is not a point id may be anything the caller had
-                raise InvalidRequest(f"point_ids[{position}] is not a UUID; use point ids from a search") from None
-        _, dim = self.encoder()
+    def _retrieve(self, point_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Sequence[float]]]:
         with _qdrant_errors(f"reading tiles from {self.name!r}"):
             found = self.client.retrieve(self.name, ids=list(point_ids), with_payload=True, with_vectors=True)
-        by_id = {str(point.id): point for point in found}
-        missing = [pid for pid in point_ids if pid not in by_id]
-        if missing:
-            named = ", ".join(shorten(point_id, POINT_ID.max_chars) for point_id in missing[:5])
-            raise NotFound(f"tile(s) {named} not in index {self.name!r}; use point ids from a search")
-        records = [TileRecord.from_payload(by_id[pid].payload or {}) for pid in point_ids]
-        vectors = np.asarray([by_id[pid].vector for pid in point_ids], dtype=np.float32).reshape(len(point_ids), dim)
-        return records, vectors
+        return {str(point.id): (point.payload or {}, point.vector) for point in found}
 
-    def image_tiles(self, image_id: str) -> tuple[list[TileRecord], np.ndarray]:
-        _, dim = self.encoder()
-        records: list[tuple[TileRecord, list[float]]] = []
-        offset: Any = None
-        with _qdrant_errors(f"reading an image from {self.name!r}"):
-            while True:
-                points, offset = self.client.scroll(
-                    self.name, scroll_filter=_image_filter([image_id]), limit=_SCROLL_PAGE, offset=offset,
-                    with_payload=True, with_vectors=True,
-                )
-                records.extend((TileRecord.from_payload(p.payload or {}), p.vector) for p in points)
-                if offset is None:
-                    break
-        if not records:  # the id is caller text (see the module docstring): not repeated here
-            raise NotFound(f"the image id is not in index {self.name!r}; use image ids from a search")
-        records.sort(key=lambda item: item[0].tile_index)
-        return [r for r, _ in records], np.asarray([v for _, v in records], dtype=np.float32).reshape(-1, dim)
-
-    def load_tile(self, hit: SearchHit | str) -> np.ndarray:
-        if self.tile_store is None:
-            raise FailedPrecondition(f"index {self.name!r} was opened without a tile store")
-        return self.tile_store.load(hit.point_id if isinstance(hit, SearchHit) else hit)
+    def _image_points(self, image_id: str) -> Iterator[tuple[dict[str, Any], Sequence[float]]]:
+        for point in self._scroll(_image_filter([image_id]), with_payload=True, with_vectors=True):
+            yield point.payload or {}, point.vector
 
 
 class QdrantEngine(IndexEngine):
