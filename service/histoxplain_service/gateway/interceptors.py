@@ -127,11 +127,11 @@ def _wrap_stream_response(
 class ErrorMappingInterceptor(aio.ServerInterceptor):
     """Maps :class:`~histoxplain_model.errors.HistoxplainError` subclasses to status codes.
 
-    ``InvalidRequest`` -> INVALID_ARGUMENT, ``NotFound`` -> NOT_FOUND, ``FailedPrecondition`` ->
-    FAILED_PRECONDITION, ``DependencyUnavailable`` -> UNAVAILABLE, ``DeadlineExceeded`` (and
-    ``TimeoutError``) -> DEADLINE_EXCEEDED; anything else -> INTERNAL with a generic message.
-    Only async (``grpc.aio``) behaviours are wrapped; the health and reflection services pass
-    through unchanged apart from the same mapping.
+    Each class's ``status_code`` (the table in ``histoxplain_model.errors``), ``TimeoutError`` ->
+    DEADLINE_EXCEEDED, anything else -> INTERNAL with a generic message; request bytes that are
+    no valid message of the RPC -> INVALID_ARGUMENT (grpc would answer UNKNOWN with the parser's
+    text). Only async (``grpc.aio``) behaviours are wrapped; the health and reflection services
+    pass through unchanged apart from the same mapping.
     """
 
     async def intercept_service(

@@ -51,15 +51,16 @@ class EdgeOptions:
     Qdrant's default, 10 MB; tests lower it to build graphs over a few points).
     """
 
-    hnsw_m: int = 16
-    hnsw_ef_construct: int = 100
-    hnsw_ef: int = 128
-    exact: bool = False
-    quantization: str = "none"
-    rescore: bool = True
-    oversampling: float = 2.0
-    vectors_on_disk: bool = False
-    payload_on_disk: bool = True
+    # Defaults are the settings' own (one table: config.py).
+    hnsw_m: int = Settings.hnsw_m
+    hnsw_ef_construct: int = Settings.hnsw_ef_construct
+    hnsw_ef: int = Settings.hnsw_ef
+    exact: bool = Settings.exact_search
+    quantization: str = Settings.quantization
+    rescore: bool = Settings.rescore
+    oversampling: float = Settings.oversampling
+    vectors_on_disk: bool = Settings.vectors_on_disk
+    payload_on_disk: bool = Settings.payload_on_disk
     indexing_threshold_kb: int | None = None
 
     @classmethod
