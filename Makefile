@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
+# checkov (static analysis of docker/k8s/, tests/unit/test_cluster_manifests.py) in its own venv
+# under .venv/checkov: it pins its own versions of requests, pydantic, boto3... (about 290 MB)
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/checkov/bin/checkov
 BUF := $(VENV)/buf/node_modules/.bin/buf
 export OMP_NUM_THREADS ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
@@ -21,6 +25,8 @@ $(STAMP): requirements.txt pyproject.toml client/pyproject.toml
 	# buf (lint / breaking-change checks of proto/) when npm is there; its tests need it
 	if command -v npm >/dev/null 2>&1; then \
 	  npm install --silent --prefix $(VENV)/buf --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION); fi
+	test -x $(CHECKOV) || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
 	touch $(STAMP)
 
 demo: venv

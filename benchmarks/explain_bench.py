@@ -15,6 +15,16 @@ GradCAM section, all variants interleaved round by round in one process (median 
                     a CLS-pooled ViT has no exact decomposition); no backward pass, so its floor
                     is one forward pass. "native": the raw maps on the target layer's grid, what
                     the TorchServe handler returns (the gateway upsamples them with numpy)
+  correspondences   the top 16 region pairs of the query and each of k references
+                    (histoxplain_model.saliency.correspondences, CNNs only), against "forward k+1"
+                    (one forward pass of the query and the k references, the bound): "reused" is
+                    the added cost when the locations come from passes the explanation ran anyway
+                    (GradCAM, GradCAM++, simmap, or embedding the images), "own pass" the cost
+                    with a forward pass of each image for them (stored vectors and SmoothGrad/RISE)
+  verify            ExplainOptions.verify for the k query-side GradCAM maps (histoxplain_model.
+                    faithfulness.verify_maps: deletion and insertion of each map and of its random
+                    map, VERIFY_FORWARD_PASSES_PER_MAP forward passes per map, torch eager here; the
+                    embedded backend scores them with ONNX Runtime), on top of the explanation
 
 SmoothGrad section (n noisy copies, k references), each run in a fresh subprocess so that its
 peak memory can be read as the process's peak RSS (VmHWM, reset after the warm-up):
@@ -29,6 +39,8 @@ Usage:
   .venv/bin/python benchmarks/explain_bench.py --quick        # 3 repeats, SmoothGrad n=5
   --models resnet50 --repeats 7 --no-write
 Results are printed and written to benchmarks/RESULTS.md under "## Explanation latency".
+RISE (N masked forward passes, against k, the floor of N plain forward passes, GradCAM and
+SmoothGrad, and its faithfulness against N): benchmarks/rise_bench.py, section "## RISE".
 """
 
 from __future__ import annotations
@@ -58,7 +70,11 @@ torch.set_num_threads(1)
 import timm  # noqa: E402
 
 from histoxplain_model.options import SmoothGradOptions  # noqa: E402
+from histoxplain_model.faithfulness import feature_grid, verify_maps  # noqa: E402
+from histoxplain_model.limits import MAX_CORRESPONDENCES, VERIFY_FORWARD_PASSES_PER_MAP, VERIFY_STEPS  # noqa: E402
 from histoxplain_model.saliency import GradCAM, GradCAMPlusPlus, SimilarityMap, SmoothGrad  # noqa: E402
+from histoxplain_model.saliency.correspondences import region_correspondences  # noqa: E402
+from histoxplain_model.saliency.locations import forward_locations  # noqa: E402
 from results_md import RESULTS, write_section  # noqa: E402
 
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224")
@@ -126,9 +142,20 @@ def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], obj
         model.zero_grad(set_to_none=True)
         return maps
 
+    query_maps = ours_cam.explain(query, references).heatmaps[0]
+    grid = feature_grid(model, layer, reshape, query)
+
+    def verify() -> object:
+        def score(k: int):
+            return lambda images: F.cosine_similarity(model(images), references[k : k + 1], dim=1)
+
+        with torch.no_grad():
+            return [verify_maps(score(k), query, [query_maps[k]], grid, VERIFY_STEPS, seed=k) for k in range(len(references))]
+
     variants = {
         "forward": forward,
         "forward+backward": forward_backward,
+        "ours verify": verify,
         "ours gradcam": lambda: ours_cam.explain(query, references),
         "ours gradcampp": lambda: ours_campp.explain(query, references),
         "pgc gradcam batch": pgc_batch,
@@ -139,6 +166,23 @@ def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], obj
         variants["ours simmap k=1"] = lambda: ours_simmap.explain(query, references[:1])
         variants["ours simmap"] = lambda: ours_simmap.explain(query, references)
         variants["ours simmap native"] = lambda: ours_simmap.explain(query, references, native=True)
+        images = torch.cat([query, torch.randn(k, 3, size, size, generator=generator)])
+        locations, _ = forward_locations(model, layer, None, images)
+        sizes = [(size, size)] * k
+
+        def forward_all() -> object:
+            with torch.no_grad():
+                return model(images)
+
+        def own_pass() -> object:
+            own, _ = forward_locations(model, layer, None, images)
+            return region_correspondences(own[0], own[1:], MAX_CORRESPONDENCES, (size, size), sizes)
+
+        variants["forward k+1"] = forward_all
+        variants["ours correspondences reused"] = lambda: region_correspondences(
+            locations[0], locations[1:], MAX_CORRESPONDENCES, (size, size), sizes
+        )
+        variants["ours correspondences own pass"] = own_pass
     return variants
 
 
@@ -277,6 +321,38 @@ def markdown(rows: list[dict], args: argparse.Namespace, started: str, load: str
                 f"{t['ours simmap k=1'] / t['forward']:.3f} | {t['ours simmap'] / t['forward']:.3f} | "
                 f"{t['ours simmap native'] / t['forward']:.3f} |"
             )
+    if simmap_rows:
+        lines += [
+            "",
+            f"Region correspondences (top {MAX_CORRESPONDENCES} pairs of the query and each of k={args.k} references), "
+            "same runs (target: no more than one forward pass of each image, `fwd k+1`). `reused`: the added cost "
+            "where the explanation's own passes give the locations; `own pass`: a forward pass of each image for them.",
+            "",
+            "| model | fwd k+1 | reused | own pass | reused / fwd k+1 | own pass / fwd k+1 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in simmap_rows:
+            t = row["gradcam"]
+            floor = t["forward k+1"]
+            lines.append(
+                f"| {row['model']} | {floor * 1e3:.1f} | {t['ours correspondences reused'] * 1e3:.2f} | "
+                f"{t['ours correspondences own pass'] * 1e3:.1f} | {t['ours correspondences reused'] / floor:.3f} | "
+                f"{t['ours correspondences own pass'] / floor:.3f} |"
+            )
+    lines += [
+        "",
+        f"ExplainOptions.verify, k={args.k} query-side GradCAM maps ({VERIFY_STEPS} steps, "
+        f"{VERIFY_FORWARD_PASSES_PER_MAP} forward passes per map, torch eager), added to the explanation:",
+        "",
+        "| model | fwd ms | gradcam ms | verify ms | verify / fwd | verify / gradcam |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t = row["gradcam"]
+        lines.append(
+            f"| {row['model']} | {t['forward'] * 1e3:.1f} | {t['ours gradcam'] * 1e3:.1f} | {t['ours verify'] * 1e3:.0f} | "
+            f"{t['ours verify'] / t['forward']:.0f} | {t['ours verify'] / t['ours gradcam']:.1f} |"
+        )
     if any("smoothgrad" in row for row in rows):
         lines += [
             "",

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 from histoxplain_client.aio import AsyncClient
 from histoxplain_client.client import Client
+from histoxplain_client.dicom import (
+    DicomIndexSummary,
+    DicomRegionExplanation,
+    IndexedSeries,
+    SkippedSeries,
+    StoredDicomObject,
+)
 from histoxplain_client.errors import (
     ApiError,
     Cancelled,
@@ -26,16 +33,21 @@ from histoxplain_client.errors import (
     Unavailable,
 )
 from histoxplain_client.images import ImageInput, IndexImage, images_from_folder
+from histoxplain_client.options import RiseOptions
 from histoxplain_client.results import (
     Box,
     DeleteResult,
+    DicomReference,
     ExplainedReference,
     Explanation,
+    Faithfulness,
     Heatmap,
     Hit,
     IndexInfo,
     IndexSummary,
+    MapFaithfulness,
     ModelInfo,
+    RegionCorrespondence,
     SkippedImage,
 )
 from histoxplain_client.retry import NO_RETRY, RetryPolicy
@@ -49,6 +61,9 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "DeleteResult",
+    "DicomIndexSummary",
+    "DicomReference",
+    "DicomRegionExplanation",
     "ExplainedReference",
     "Explanation",
     "FailedPrecondition",
@@ -57,15 +72,22 @@ __all__ = [
     "ImageInput",
     "IndexImage",
     "IndexInfo",
+    "IndexedSeries",
     "IndexSummary",
     "Internal",
     "InvalidArgument",
     "ModelInfo",
     "NotFound",
     "PermissionDenied",
+    "RegionCorrespondence",
+    "Faithfulness",
+    "MapFaithfulness",
     "ResourceExhausted",
     "RetryPolicy",
+    "RiseOptions",
     "SkippedImage",
+    "SkippedSeries",
+    "StoredDicomObject",
     "Unauthenticated",
     "Unavailable",
     "images_from_folder",

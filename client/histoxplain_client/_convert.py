@@ -9,11 +9,16 @@ from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 from histoxplain_client.arrays import decode_array
 from histoxplain_client.images import ImageInput, IndexImage, encode_image
-from histoxplain_client.enums import HEATMAP_DTYPES, METHODS, POLARITIES, RANKINGS, SIDES
+from histoxplain_client.enums import HEATMAP_DTYPES, METHODS, POLARITIES, RANKINGS, SIDES, TARGETS
+from histoxplain_client.options import RiseOptions
 from histoxplain_client.results import (
     Box,
     DeleteResult,
+    DicomReference,
     ExplainedReference,
+    Faithfulness,
+    MapFaithfulness,
+    RegionCorrespondence,
     Explanation,
     Heatmap,
     Hit,
@@ -46,18 +51,29 @@ def explain_options(
     heatmap_dtype: str,
     smoothgrad_samples: int,
     smoothgrad_noise: float | None,
+    rise: RiseOptions | None = None,
+    target: str = "cosine",
+    correspondences: int = 0,
+    verify: bool = False,
 ) -> types_pb2.ExplainOptions:
     if smoothgrad_samples < 0:
         raise ValueError(f"smoothgrad_samples must be >= 0, got {smoothgrad_samples}")
+    if correspondences < 0:
+        raise ValueError(f"correspondences must be >= 0 (0: none), got {correspondences}")
     options = types_pb2.ExplainOptions(
         method=_enum_value("method", METHODS, method),
         polarity=_enum_value("polarity", POLARITIES, polarity),
         side=_enum_value("side", SIDES, side),
         heatmap_dtype=_enum_value("heatmap dtype", HEATMAP_DTYPES, heatmap_dtype),
         smoothgrad_samples=smoothgrad_samples,
+        target=_enum_value("target", TARGETS, target),
+        correspondences=correspondences,
+        verify=verify,
     )
     if smoothgrad_noise is not None:
         options.smoothgrad_noise = smoothgrad_noise
+    if rise is not None:
+        options.rise.CopyFrom(rise.to_proto())
     return options
 
 
@@ -174,7 +190,8 @@ def image_record(item: IndexImage | ImageInput) -> types_pb2.ImageRecord:
     if not source and isinstance(record.image, (str, os.PathLike)):
         source = os.fspath(record.image)
     message = types_pb2.ImageRecord(
-        image_id=record.image_id, content=encode_image(record.image), label=record.label, source=source
+        image_id=record.image_id, content=encode_image(record.image), label=record.label, source=source,
+        metadata=dict(record.metadata or {}),
     )
     if record.mpp is not None:
         message.mpp = record.mpp
@@ -192,6 +209,15 @@ def decode_hit(message: types_pb2.SearchHit) -> Hit:
         level=message.level,
         mpp=message.mpp if message.HasField("mpp") else None,
         matched_tiles=message.matched_tiles,
+        dicom=_decode_dicom(message.dicom) if message.HasField("dicom") else None,
+        metadata=dict(message.metadata),
+    )
+
+
+def _decode_dicom(message: types_pb2.DicomReference) -> DicomReference:
+    return DicomReference(
+        message.study_instance_uid, message.series_instance_uid, message.sop_instance_uid,
+        message.frame_of_reference_uid,
     )
 
 
@@ -212,6 +238,31 @@ def _decode_reference(message: types_pb2.ExplainedReference) -> ExplainedReferen
         reference_heatmap=(
             _decode_heatmap(message.reference_heatmap) if message.HasField("reference_heatmap") else None
         ),
+        correspondences=tuple(_decode_correspondence(pair) for pair in message.correspondences),
+        faithfulness=_decode_faithfulness(message.faithfulness) if message.HasField("faithfulness") else None,
+    )
+
+
+def _decode_faithfulness(message: types_pb2.Faithfulness) -> Faithfulness:
+    def curves(field: str) -> MapFaithfulness | None:
+        if not message.HasField(field):
+            return None
+        part = getattr(message, field)
+        return MapFaithfulness(part.deletion_auc, part.insertion_auc, part.random_deletion_auc, part.random_insertion_auc)
+
+    return Faithfulness(steps=message.steps, query=curves("query"), reference=curves("reference"))
+
+
+def _decode_box(message: types_pb2.Box) -> Box:
+    return Box(message.x, message.y, message.width, message.height)
+
+
+def _decode_correspondence(message: types_pb2.RegionCorrespondence) -> RegionCorrespondence:
+    return RegionCorrespondence(
+        query_box=_decode_box(message.query_box),
+        reference_box=_decode_box(message.reference_box),
+        share=message.share,
+        rank=message.rank,
     )
 
 

@@ -11,13 +11,15 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from histoxplain_client import _convert
+from histoxplain_client import _convert, dicom
 from histoxplain_client._base import DEFAULT, CapturingIterator, ClientBase, Timeout
 from histoxplain_client._channel import open_channel
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client.errors import Unavailable, from_rpc_error
+from histoxplain_client.dicom import DicomIndexSummary, DicomRegionExplanation
 from histoxplain_client.images import ImageInput, IndexImage
+from histoxplain_client.options import RiseOptions
 from histoxplain_client.results import DeleteResult, Explanation, Hit, IndexInfo, IndexSummary, ModelInfo
 
 __all__ = ["AsyncClient"]
@@ -126,10 +128,17 @@ class AsyncClient(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        rise: RiseOptions | None = None,
+        target: str = "cosine",
+        correspondences: int = 0,
+        verify: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> Explanation:
         """See :meth:`Client.explain`."""
-        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        options = _convert.explain_options(
+            method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise, rise, target, correspondences,
+            verify,
+        )
         request = _convert.explain_request(query, index, image_ids, point_ids, references, k, options)
         return _convert.decode_explanation(await self._unary(self._stub.Explain, request, timeout))
 
@@ -146,11 +155,18 @@ class AsyncClient(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        rise: RiseOptions | None = None,
+        target: str = "cosine",
+        correspondences: int = 0,
+        verify: bool = False,
         filter: Mapping[str, str | Sequence[str]] | None = None,
         timeout: Timeout = DEFAULT,
     ) -> Explanation:
         """See :meth:`Client.search_and_explain`."""
-        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        options = _convert.explain_options(
+            method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise, rise, target, correspondences,
+            verify,
+        )
         request = _convert.search_and_explain_request(index, image, k, ranking, options, filter)
         return _convert.decode_explanation(await self._unary(self._stub.SearchAndExplain, request, timeout))
 
@@ -174,11 +190,63 @@ class AsyncClient(ClientBase):
         response = await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
         return _convert.decode_model_info(response)
 
-    async def _unary(self, rpc: Callable[..., Awaitable[_Response]], request: Any, timeout: Timeout) -> _Response:
+    async def index_dicom(
+        self,
+        index: str,
+        study_uid: str,
+        series_uids: Sequence[str] = (),
+        *,
+        level: int = 0,
+        tile_size: int = 0,
+        stride: int = 0,
+        min_tissue_fraction: float | None = None,
+        label: str = "",
+        timeout: Timeout = DEFAULT,
+    ) -> DicomIndexSummary:
+        """See :meth:`Client.index_dicom`."""
+        tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
+        request = dicom.index_dicom_request(index, study_uid, series_uids, level, tiling, label)
+        return dicom.decode_index_summary(await self._unary(self._stub.IndexDicom, request, timeout))
+
+    async def explain_dicom_region(
+        self,
+        index: str,
+        study_uid: str,
+        series_uid: str,
+        *,
+        region: Sequence[int] | None = None,
+        region_mm: Sequence[float] | None = None,
+        level: int = 0,
+        k: int = 10,
+        ranking: str = "image",
+        method: str = "gradcam",
+        polarity: str = "similar",
+        side: str = "both",
+        heatmap_dtype: str = "float16",
+        smoothgrad_samples: int = 0,
+        smoothgrad_noise: float | None = None,
+        filter: Mapping[str, str | Sequence[str]] | None = None,
+        store_results: bool = False,
+        store_overlay: bool = False,
+        store_background: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> DicomRegionExplanation:
+        """See :meth:`Client.explain_dicom_region`."""
+        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        request = dicom.explain_region_request(
+            index, study_uid, series_uid, region, region_mm, level, k, ranking, options, filter, store_results,
+            store_overlay, store_background,
+        )
+        response = await self._unary(self._stub.ExplainDicomRegion, request, timeout, retryable=not store_results)
+        return dicom.decode_region_explanation(response)
+
+    async def _unary(
+        self, rpc: Callable[..., Awaitable[_Response]], request: Any, timeout: Timeout, retryable: bool = True
+    ) -> _Response:
         async def call(remaining: float | None) -> _Response:
             return await rpc(request, timeout=remaining, metadata=self._metadata)
 
-        return await self._invoke(call, timeout, retryable=True)
+        return await self._invoke(call, timeout, retryable=retryable)
 
     async def _invoke(
         self, call: Callable[[float | None], Awaitable[_Response]], timeout: Timeout, retryable: bool

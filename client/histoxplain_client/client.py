@@ -10,13 +10,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from histoxplain_client import _convert
+from histoxplain_client import _convert, dicom
 from histoxplain_client._base import DEFAULT, CapturingIterator, ClientBase, Timeout
 from histoxplain_client._channel import open_channel
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client.errors import Unavailable, from_rpc_error
+from histoxplain_client.dicom import DicomIndexSummary, DicomRegionExplanation
 from histoxplain_client.images import ImageInput, IndexImage
+from histoxplain_client.options import RiseOptions
 from histoxplain_client.results import DeleteResult, Explanation, Hit, IndexInfo, IndexSummary, ModelInfo
 
 __all__ = ["Client"]
@@ -137,13 +139,26 @@ class Client(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        rise: RiseOptions | None = None,
+        target: str = "cosine",
+        correspondences: int = 0,
+        verify: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> Explanation:
         """Explain ``query`` against indexed images/tiles (``index`` + ``image_ids`` /
         ``point_ids``) or against ``references`` sent along; ``k`` > 0 keeps only the k most
-        similar. ``method``: gradcam | gradcampp | smoothgrad | simmap; ``polarity``: similar |
-        dissimilar; ``side``: query | retrieved | both."""
-        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        similar. ``method``: gradcam | gradcampp | smoothgrad | simmap | rise (its masks:
+        ``rise``, :class:`~histoxplain_client.options.RiseOptions`); ``polarity``: similar |
+        dissimilar; ``side``: query | retrieved | both. ``target``: cosine (default) | projection
+        (e . r_hat, which ranks the hits as the cosine does on the query side); ``correspondences``:
+        the top N matched region pairs per reference, 0 (none) to 16
+        (``ExplainedReference.correspondences``; mean-pooled encoders only). ``verify``: also
+        measure each map's deletion and insertion AUC against a random map of its own grid on this
+        very pair (``ExplainedReference.faithfulness``; 30 forward passes per map)."""
+        options = _convert.explain_options(
+            method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise, rise, target, correspondences,
+            verify,
+        )
         request = _convert.explain_request(query, index, image_ids, point_ids, references, k, options)
         return _convert.decode_explanation(self._unary(self._stub.Explain, request, timeout))
 
@@ -160,12 +175,19 @@ class Client(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        rise: RiseOptions | None = None,
+        target: str = "cosine",
+        correspondences: int = 0,
+        verify: bool = False,
         filter: Mapping[str, str | Sequence[str]] | None = None,
         timeout: Timeout = DEFAULT,
     ) -> Explanation:
         """Search (``filter`` as in :meth:`search`), then explain ``image`` against each of the
         ``k`` hits, in one call."""
-        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        options = _convert.explain_options(
+            method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise, rise, target, correspondences,
+            verify,
+        )
         request = _convert.search_and_explain_request(index, image, k, ranking, options, filter)
         return _convert.decode_explanation(self._unary(self._stub.SearchAndExplain, request, timeout))
 
@@ -189,11 +211,73 @@ class Client(ClientBase):
         response = self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
         return _convert.decode_model_info(response)
 
+    def index_dicom(
+        self,
+        index: str,
+        study_uid: str,
+        series_uids: Sequence[str] = (),
+        *,
+        level: int = 0,
+        tile_size: int = 0,
+        stride: int = 0,
+        min_tissue_fraction: float | None = None,
+        label: str = "",
+        timeout: Timeout = DEFAULT,
+    ) -> DicomIndexSummary:
+        """Index the slide series ``series_uids`` of a study in the gateway's PACS (every slide
+        series of the study when empty) at pyramid ``level``, tiled as in :meth:`index_images`.
+        Indexing a series again updates it, never duplicates it (so the call is retried on
+        UNAVAILABLE). Raises FailedPrecondition when the gateway has no PACS, NotFound for an
+        unknown study or series, InvalidArgument for a series that is not a slide."""
+        tiling = _convert.tiling_options(tile_size, stride, min_tissue_fraction)
+        request = dicom.index_dicom_request(index, study_uid, series_uids, level, tiling, label)
+        return dicom.decode_index_summary(self._unary(self._stub.IndexDicom, request, timeout))
+
+    def explain_dicom_region(
+        self,
+        index: str,
+        study_uid: str,
+        series_uid: str,
+        *,
+        region: Sequence[int] | None = None,
+        region_mm: Sequence[float] | None = None,
+        level: int = 0,
+        k: int = 10,
+        ranking: str = "image",
+        method: str = "gradcam",
+        polarity: str = "similar",
+        side: str = "both",
+        heatmap_dtype: str = "float16",
+        smoothgrad_samples: int = 0,
+        smoothgrad_noise: float | None = None,
+        filter: Mapping[str, str | Sequence[str]] | None = None,
+        store_results: bool = False,
+        store_overlay: bool = False,
+        store_background: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> DicomRegionExplanation:
+        """Search the slides most similar to a region of a slide in the gateway's PACS and explain
+        them: ``region=(x, y, width, height)`` in level-0 pixels or ``region_mm=(...)`` in slide
+        millimetres, read at ``level``. ``ranking``: image (one case per slide) or tile; ``side``:
+        query or both. ``store_results`` also writes a Parametric Map, an SR and a Key Object
+        Selection into the study (needs the writer role; such a call is never retried), and
+        ``store_overlay`` a Secondary Capture of the heatmap over the region. ``store_background``:
+        the call returns once the explanation is done, with the objects' UIDs ``state="queued"``;
+        the gateway stores them afterwards (poll the study for them; a full write-back queue is
+        RESOURCE_EXHAUSTED). Otherwise they are in the PACS when the call returns."""
+        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        request = dicom.explain_region_request(
+            index, study_uid, series_uid, region, region_mm, level, k, ranking, options, filter, store_results,
+            store_overlay, store_background,
+        )
+        response = self._unary(self._stub.ExplainDicomRegion, request, timeout, retryable=not store_results)
+        return dicom.decode_region_explanation(response)
+
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _unary(self, rpc: Callable[..., _Response], request: Any, timeout: Timeout) -> _Response:
+    def _unary(self, rpc: Callable[..., _Response], request: Any, timeout: Timeout, retryable: bool = True) -> _Response:
         return self._invoke(
-            lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata), timeout, retryable=True
+            lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata), timeout, retryable=retryable
         )
 
     def _invoke(self, call: Callable[[float | None], _Response], timeout: Timeout, retryable: bool) -> _Response:

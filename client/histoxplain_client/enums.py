@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
 
-__all__ = ["HEATMAP_DTYPES", "METHODS", "POLARITIES", "RANKINGS", "SIDES"]
+__all__ = ["HEATMAP_DTYPES", "METHODS", "POLARITIES", "RANKINGS", "SIDES", "TARGETS"]
 
 METHODS = {
     "gradcam": types_pb2.EXPLANATION_METHOD_GRADCAM,
     "gradcampp": types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS,
     "smoothgrad": types_pb2.EXPLANATION_METHOD_SMOOTHGRAD,
     "simmap": types_pb2.EXPLANATION_METHOD_SIMMAP,
+    "rise": types_pb2.EXPLANATION_METHOD_RISE,
 }
 POLARITIES = {"similar": types_pb2.POLARITY_SIMILAR, "dissimilar": types_pb2.POLARITY_DISSIMILAR}
 SIDES = {
@@ -25,5 +26,6 @@ SIDES = {
     "retrieved": types_pb2.EXPLANATION_SIDE_RETRIEVED,
     "both": types_pb2.EXPLANATION_SIDE_BOTH,
 }
+TARGETS = {"cosine": types_pb2.EXPLANATION_TARGET_COSINE, "projection": types_pb2.EXPLANATION_TARGET_PROJECTION}
 RANKINGS = {"tile": types_pb2.RANKING_LEVEL_TILE, "image": types_pb2.RANKING_LEVEL_IMAGE}
 HEATMAP_DTYPES = {"float16": types_pb2.ARRAY_DTYPE_FLOAT16, "float32": types_pb2.ARRAY_DTYPE_FLOAT32}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -60,6 +60,9 @@ class IndexImage:
 
     ``image_id`` empty: the server uses the SHA-256 of the bytes (re-sending an image updates
     it, never duplicates it). ``source`` empty and ``image`` a path: the path is the source.
+    ``metadata``: descriptive fields stored with every tile and returned on hits, e.g.
+    ``{"organ": "colon", "stain": "HE"}`` (at most 16; keys: letters, digits, '_'; values at most
+    256 characters); search with ``filter={"organ": "colon"}``.
     """
 
     image: ImageInput
@@ -67,6 +70,7 @@ class IndexImage:
     label: str = ""
     source: str = ""
     mpp: float | None = None
+    metadata: Mapping[str, str] | None = None
 
 
 def images_from_folder(root: str | os.PathLike) -> Iterator[IndexImage]:

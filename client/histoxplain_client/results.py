@@ -7,7 +7,7 @@ Method, polarity, side and ranking names are the library's strings (``"gradcam"`
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -15,9 +15,13 @@ from PIL import Image
 __all__ = [
     "Box",
     "DeleteResult",
+    "DicomReference",
     "ExplainedReference",
     "Explanation",
+    "Faithfulness",
     "Heatmap",
+    "MapFaithfulness",
+    "RegionCorrespondence",
     "Hit",
     "IndexInfo",
     "IndexSummary",
@@ -37,8 +41,22 @@ class Box:
 
 
 @dataclass(frozen=True)
+class DicomReference:
+    """Where a tile of a DICOM slide lives in the gateway's PACS (its hit's box is then in
+    level-0 pixels): Study, Series and SOP Instance UIDs of the level read, and the slide's
+    Frame of Reference UID (empty when it declares none)."""
+
+    study_uid: str
+    series_uid: str
+    instance_uid: str
+    frame_of_reference_uid: str
+
+
+@dataclass(frozen=True)
 class Hit:
-    """One retrieved tile (or, ranking images, one image and its best tile)."""
+    """One retrieved tile (or, ranking images, one image and its best tile); ``dicom`` for a
+    tile of a DICOM slide indexed from a PACS; ``metadata``: the image's descriptive fields as
+    indexed (``IndexImage.metadata``)."""
 
     score: float
     image_id: str
@@ -49,6 +67,8 @@ class Hit:
     level: int
     mpp: float | None
     matched_tiles: int = 0
+    dicom: DicomReference | None = None
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +90,55 @@ class Heatmap:
         return image
 
 
+@dataclass(frozen=True)
+class RegionCorrespondence:
+    """A query region matched to a region of the reference (``correspondences=`` on explain /
+    search_and_explain): the query cell and the reference cell of the encoder's target-layer grid,
+    each as a :class:`Box` in pixels of that image as sent or stored; ``share``: this pair's exact
+    share of the cosine similarity (all pairs of cells sum to it); ``rank``: 1 for the best."""
+
+    query_box: Box
+    reference_box: Box
+    share: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class MapFaithfulness:
+    """One map's deletion and insertion AUC on this pair, and a smooth random map's on the same
+    image (the chance level). Deletion: lower is more faithful; insertion: higher."""
+
+    deletion_auc: float
+    insertion_auc: float
+    random_deletion_auc: float
+    random_insertion_auc: float
+
+    @property
+    def deletion_difference(self) -> float:
+        """Below 0: the map beat chance on deletion for this pair."""
+        return self.deletion_auc - self.random_deletion_auc
+
+    @property
+    def insertion_difference(self) -> float:
+        """Above 0: the map beat chance on insertion for this pair."""
+        return self.insertion_auc - self.random_insertion_auc
+
+    @property
+    def beats_random(self) -> bool:
+        """Better than the random map on both curves."""
+        return self.deletion_difference < 0 < self.insertion_difference
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """``verify=True``: how faithful each map of one pair is (``steps`` deletion/insertion steps,
+    blur baseline); ``query`` / ``reference``: None for a side that was not explained."""
+
+    steps: int
+    query: MapFaithfulness | None
+    reference: MapFaithfulness | None
+
+
 @dataclass(frozen=True, eq=False)
 class ExplainedReference:
     """The explanation of the query against one reference.
@@ -77,6 +146,8 @@ class ExplainedReference:
     ``reference_index``: the hit's rank (search_and_explain) or the reference's position in the
     request (explain). ``hit``: the indexed tile, None for references sent as images.
     ``query_heatmap`` / ``reference_heatmap``: None when the requested side excluded them.
+    ``correspondences``: matched region pairs, best first (empty unless asked).
+    ``faithfulness``: each map's deletion/insertion against a random map (None unless ``verify``).
     """
 
     reference_index: int
@@ -84,6 +155,8 @@ class ExplainedReference:
     similarity: float
     query_heatmap: Heatmap | None
     reference_heatmap: Heatmap | None
+    correspondences: tuple[RegionCorrespondence, ...] = ()
+    faithfulness: Faithfulness | None = None
 
 
 @dataclass(frozen=True, eq=False)

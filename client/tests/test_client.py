@@ -792,3 +792,20 @@ def test_bad_search_filters_are_refused_before_sending(bad, error):
 
     with pytest.raises(error):
         _convert.search_request("idx", png((1, 2, 3)), 3, "tile", bad)
+
+
+def test_rise_options_travel_typed(client, fake):
+    from histoxplain_client import RiseOptions
+
+    seed(client)
+    explanation = client.search_and_explain(
+        "crc", png(RED), k=2, method="rise", side="query", rise=RiseOptions(masks=200, grid=5, fill="mean", seed=4)
+    )
+    sent = fake.requests["SearchAndExplain"].options
+    assert sent.method == types_pb2.EXPLANATION_METHOD_RISE and explanation.method == "rise"
+    assert (sent.rise.masks, sent.rise.grid, sent.rise.fill, sent.rise.seed) == (200, 5, types_pb2.RiseOptions.FILL_MEAN, 4)
+    assert not sent.rise.HasField("keep_probability")  # unset: the server's default
+    client.search_and_explain("crc", png(RED), k=1, method="rise")
+    assert not fake.requests["SearchAndExplain"].options.HasField("rise")
+    with pytest.raises(ValueError, match="unknown RISE fill 'zero'; known: blur, mean"):
+        client.search_and_explain("crc", png(RED), k=1, method="rise", rise=RiseOptions(fill="zero"))  # type: ignore[arg-type]

@@ -48,6 +48,7 @@ __all__ = [
     "preset_names",
     "load_encoder",
     "efficientnet_lite0_package_weights",
+    "previous_stage_layer",
     "token_reshape_transform",
     "nhwc_reshape_transform",
 ]
@@ -402,3 +403,31 @@ def load_encoder(preset: str, weights: str | os.PathLike[str] | None = None, dev
     spec = replace(spec, embedding_dim=dim, target_layer=target_name, layout=layout)
     log.info("loaded encoder %s (%s, %d-d, target %s) on %s", spec.name, spec.architecture, dim, target_name, torch_device)
     return Encoder(spec, model, data_config, target_layer, transform, torch_device)
+
+
+def previous_stage_layer(encoder: Encoder) -> tuple[str, nn.Module]:
+    """(dotted name, module) of the stage before the encoder's target layer: the finer grid.
+
+    For the CNN presets (``nchw`` and ``nhwc`` layouts), timm's ``feature_info`` lists the
+    stages with their strides; the last stage whose stride is below the target layer's is
+    taken (EfficientNet-Lite0: ``blocks.4``, 14x14 at 224 px, under ``bn2``'s 7x7; ResNets:
+    ``layer3`` under ``layer4``). GradCAM and GradCAM++ run on it unchanged; it is not the
+    embedding's pooled map, so the similarity decomposition refuses it.
+
+    Raises:
+        InvalidRequest: a token encoder (ViTs have one token grid) or a model without
+            ``feature_info``.
+    """
+    if encoder.preset.layout == "tokens" or not hasattr(encoder.model, "feature_info"):
+        raise InvalidRequest(
+            f"encoder {encoder.preset.name} has no finer stage to explain from (token encoders have one grid); "
+            "evaluate the last target layer only"
+        )
+    stages = [(info["module"], info["reduction"]) for info in encoder.model.feature_info]
+    names = [name for name, _ in stages]
+    target_name = encoder.preset.target_layer or names[-1]
+    target_stride = dict(stages).get(target_name, stages[-1][1])
+    finer = [name for name, stride in stages if stride < target_stride]
+    if not finer:
+        raise InvalidRequest(f"encoder {encoder.preset.name} has no stage finer than its target layer")
+    return finer[-1], _resolve_module(encoder.model, finer[-1])

@@ -19,9 +19,11 @@ import torch
 
 from histoxplain_model.deadlines import check_deadline, deadline
 from histoxplain_model.errors import InvalidRequest
+from histoxplain_model.faithfulness import verify_explanation
+from histoxplain_model.matching import QUERY, REFERENCES, Embedder, RegionMatcher
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import RetrievalExplanation
-from histoxplain_model.saliency import get_explainer
+from histoxplain_model.saliency import PixelEmbedder, get_explainer
 
 __all__ = ["explain_retrieval"]
 
@@ -32,15 +34,18 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _embeddings(
-    encoder: Any, pixels: torch.Tensor, given: np.ndarray | None, count: int
+    encoder: Any, pixels: torch.Tensor, given: np.ndarray | None, count: int, embed: Embedder | None = None
 ) -> torch.Tensor:
+    """(count, D): the given vectors, else ``embed`` (default ``encoder.embed``) of ``pixels``."""
     if given is None:
-        return encoder.embed(pixels).float()
+        return (embed or encoder.embed)(pixels).float()
     vectors = torch.as_tensor(np.asarray(given, dtype=np.float32)).reshape(count, -1)
     return vectors.to(pixels.device)
 
 
-def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: bool = False) -> RetrievalExplanation:
+def explain_retrieval(
+    encoder: Any, request: ExplainRequest, *, native_cams: bool = False, pixel_embedder: PixelEmbedder | None = None
+) -> RetrievalExplanation:
     """Explain why the request's query and each of its K reference images are similar (or
     dissimilar); the request was checked when it was built (:class:`ExplainRequest`).
 
@@ -48,16 +53,21 @@ def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: boo
     embedding that side.
     native_cams: CAM methods and simmap return raw maps at the target layer's resolution with ``map_size``
     set (a few hundred bytes a map instead of H*W values; see :meth:`RetrievalExplanation.finished`).
+    pixel_embedder: the backend's faster embedder (ONNX Runtime), for rise's masked images.
     """
     explainer = get_explainer(
-        request.method, encoder.model, encoder.target_layer, encoder.reshape_transform, request.options
+        request.method, encoder.model, encoder.target_layer, encoder.reshape_transform, request.options,
+        pixel_embedder=pixel_embedder,
     )
     device = _model_device(encoder.model)
     query_pixels = encoder.preprocess([request.query]).to(device)
     reference_pixels = encoder.preprocess(list(request.references)).to(device)
     count = reference_pixels.shape[0]
-    query_vector = _embeddings(encoder, query_pixels, request.query_embedding, 1)
-    reference_vectors = _embeddings(encoder, reference_pixels, request.reference_embeddings, count)
+    matcher = RegionMatcher(encoder, explainer, request.correspondences)
+    query_vector = _embeddings(encoder, query_pixels, request.query_embedding, 1, matcher.embedder(QUERY))
+    reference_vectors = _embeddings(
+        encoder, reference_pixels, request.reference_embeddings, count, matcher.embedder(REFERENCES)
+    )
     if query_vector.shape[1] != reference_vectors.shape[1]:
         raise InvalidRequest(
             f"query embedding is {query_vector.shape[1]}-d but the references are "
@@ -70,13 +80,27 @@ def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: boo
     with deadline(request.deadline):
         if side in ("query", "both"):
             check_deadline()
-            result = explainer.explain(query_pixels, reference_vectors, polarity, native=native_cams)
+            with matcher.during(QUERY):
+                result = explainer.explain(
+                    query_pixels, reference_vectors, polarity, native=native_cams, target=request.target
+                )
             query_heatmaps, native = result.heatmaps[0], result.native
         if side in ("retrieved", "both"):
             check_deadline()
             # (K, 1, H, W): reference k against the single query embedding.
-            result = explainer.explain(reference_pixels, query_vector, polarity, native=native_cams)
+            with matcher.during(REFERENCES):
+                result = explainer.explain(
+                    reference_pixels, query_vector, polarity, native=native_cams, target=request.target
+                )
             reference_heatmaps, native = result.heatmaps[:, 0], result.native
+        check_deadline()
+        correspondences = matcher.correspondences(query_pixels, reference_pixels, request.query, request.references)
+        verified = (None, None)
+        if request.verify:
+            verified = verify_explanation(
+                encoder, query_pixels, reference_pixels, query_vector, reference_vectors, query_heatmaps,
+                reference_heatmaps, native, polarity, pixel_embedder,
+            )
     scores = torch.nn.functional.cosine_similarity(query_vector, reference_vectors, dim=1)
     return RetrievalExplanation(
         method=request.method,
@@ -85,4 +109,7 @@ def explain_retrieval(encoder: Any, request: ExplainRequest, *, native_cams: boo
         query_heatmaps=query_heatmaps,
         reference_heatmaps=reference_heatmaps,
         map_size=(int(query_pixels.shape[-2]), int(query_pixels.shape[-1])) if native else None,
+        correspondences=correspondences,
+        query_faithfulness=verified[0],
+        reference_faithfulness=verified[1],
     )

@@ -27,12 +27,14 @@ for files read from disk, ``HISTOXPLAIN_MAX_REQUEST_PIXELS`` for images sent as 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from histoxplain_model.errors import InvalidRequest
 
 __all__ = [
     "DETAIL",
+    "DICOM_UID",
     "ECHO_CHARS",
     "FILTER_KEY",
     "FILTER_VALUE",
@@ -40,18 +42,33 @@ __all__ = [
     "INDEX_NAME",
     "LABEL",
     "MAX_IMAGE_ID_CHARS",
+    "MAX_CORRESPONDENCES",
+    "MAX_BACKGROUND_STORES",
+    "MAX_DICOM_SERIES",
     "MAX_INDEX_NAME_CHARS",
     "MAX_K",
+    "MAX_METADATA_ENTRIES",
+    "METADATA_KEY",
+    "METADATA_VALUE",
     "MAX_MESSAGE_BYTES",
     "MAX_MPP",
     "MAX_N_SAMPLES",
+    "MAX_PYRAMID_LEVEL",
+    "MAX_RISE_BATCH",
+    "MAX_RISE_GRID",
+    "MAX_RISE_MASKS",
+    "MIN_RISE_GRID",
     "MAX_TILE_SIZE",
     "MIN_TILE_SIZE",
     "POINT_ID",
     "SOURCE",
     "TEXT_LIMITS",
     "TextLimit",
+    "VERIFY_FORWARD_PASSES_PER_MAP",
+    "VERIFY_STEPS",
     "check_mpp",
+    "check_pyramid_level",
+    "check_uid",
     "shorten",
 ]
 
@@ -59,6 +76,21 @@ __all__ = [
 MAX_K = 100
 #: The most noisy copies one SmoothGrad request may ask for (cost grows linearly with n).
 MAX_N_SAMPLES = 256
+#: The most random masks one RISE request may ask for: each is one forward pass of each image it
+#: explains (query side: N for all k references; retrieved side: N per reference).
+MAX_RISE_MASKS = 2000
+#: RISE's mask grid, cells per side: 2x2 up to 32x32 (finer grids need many more masks).
+MIN_RISE_GRID, MAX_RISE_GRID = 2, 32
+#: The most masked images RISE sends through the encoder in one forward pass (bounds memory).
+MAX_RISE_BATCH = 256
+#: The most region-to-region correspondences one explained pair may ask for
+#: (``ExplainOptions.correspondences``; they cost a top-N over the (HW)^2 cell pairs).
+MAX_CORRESPONDENCES = 16
+#: Deletion/insertion steps of ``ExplainOptions.verify`` (fixed: the caller cannot raise the cost).
+VERIFY_STEPS = 8
+#: Forward passes verify adds per explained map: the map's and its random map's deletion and
+#: insertion interiors, 4 (steps - 1), plus the image and its blurred baseline.
+VERIFY_FORWARD_PASSES_PER_MAP = 4 * (VERIFY_STEPS - 1) + 2
 #: Default largest gRPC message, both directions (gateway and gateway -> TorchServe).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Largest microns per pixel accepted (exclusive lower bound 0). Level-0 scans are 0.1-1 µm/px;
@@ -118,28 +150,48 @@ class TextLimit:
 INDEX_NAME = TextLimit(
     "index", 64,
     ("IndexImagesConfig.index", "IndexImagesResponse.index", "SearchRequest.index", "IndexedReferences.index",
-     "SearchAndExplainRequest.index", "DeleteImagesRequest.index", "DescribeIndexRequest.index", "IndexInfo.name"),
+     "SearchAndExplainRequest.index", "DeleteImagesRequest.index", "DescribeIndexRequest.index", "IndexInfo.name",
+     "IndexDicomRequest.index", "IndexDicomResponse.index", "ExplainDicomRegionRequest.index"),
 )
 #: Image ids are SHA-256 hex by default (40 characters kept); callers may use their own.
 IMAGE_ID = TextLimit(
     "image_id", 256,
     ("ImageRecord.image_id", "SkippedImage.image_id", "IndexedReferences.image_ids", "DeleteImagesRequest.image_ids",
-     "DeleteImagesResponse.missing_image_ids", "SearchHit.image_id"),
+     "DeleteImagesResponse.missing_image_ids", "SearchHit.image_id", "IndexedDicomSeries.image_id"),
 )
 #: A class label (tissue type, diagnosis): a short name, stored with every tile.
-LABEL = TextLimit("label", 256, ("ImageRecord.label", "SearchHit.label"))
+LABEL = TextLimit("label", 256, ("ImageRecord.label", "SearchHit.label", "IndexDicomRequest.label"))
 #: Provenance: 4096 is Linux's PATH_MAX, so any local path fits; DICOM UIDs are at most 64 each.
 SOURCE = TextLimit("source", 4096, ("ImageRecord.source", "SearchHit.source"))
 #: Point ids are UUIDs in their canonical 36-character form.
 POINT_ID = TextLimit("point_id", 36, ("IndexedReferences.point_ids", "SearchHit.point_id"))
 #: Text the server writes about one skipped input (cut to this length, never the caller's text).
-DETAIL = TextLimit("message", 1024, ("SkippedImage.message",))
+DETAIL = TextLimit("message", 1024, ("SkippedImage.message", "SkippedDicomSeries.message"))
+#: A DICOM UID (PS3.5 9.1): at most 64 characters; :func:`check_uid` also checks its form.
+DICOM_UID = TextLimit(
+    "DICOM UID", 64,
+    ("IndexDicomRequest.study_instance_uid", "IndexDicomRequest.series_instance_uids",
+     "IndexedDicomSeries.series_instance_uid", "SkippedDicomSeries.series_instance_uid",
+     "ExplainDicomRegionRequest.study_instance_uid", "ExplainDicomRegionRequest.series_instance_uid",
+     "StoredDicomObject.series_instance_uid", "StoredDicomObject.sop_instance_uid", "StoredDicomObject.sop_class_uid",
+     "DicomReference.study_instance_uid", "DicomReference.series_instance_uid", "DicomReference.sop_instance_uid",
+     "DicomReference.frame_of_reference_uid"),
+)
+
+#: An image's descriptive fields (ImageRecord.metadata, stored with every tile and returned on
+#: every hit): at most this many entries, keys like one segment of a filter key, short values.
+MAX_METADATA_ENTRIES = 16
+METADATA_KEY = TextLimit("metadata key", 64, ())
+METADATA_VALUE = TextLimit("metadata value", 256, ())
 
 #: Search filters (never stored): a payload key, and one accepted value (a label, a source...).
 FILTER_KEY = TextLimit("filter key", 64, ("FieldCondition.key",))
 FILTER_VALUE = TextLimit("filter value", 4096, ("FieldCondition.values",))
 
-TEXT_LIMITS: tuple[TextLimit, ...] = (INDEX_NAME, IMAGE_ID, LABEL, SOURCE, POINT_ID, DETAIL, FILTER_KEY, FILTER_VALUE)
+TEXT_LIMITS: tuple[TextLimit, ...] = (
+    INDEX_NAME, IMAGE_ID, LABEL, SOURCE, POINT_ID, DETAIL, FILTER_KEY, FILTER_VALUE, DICOM_UID, METADATA_KEY,
+    METADATA_VALUE,
+)
 MAX_INDEX_NAME_CHARS = INDEX_NAME.max_chars
 MAX_IMAGE_ID_CHARS = IMAGE_ID.max_chars
 
@@ -157,4 +209,45 @@ def check_mpp(mpp: float | None, where: str = "") -> float | None:
     if not (math.isfinite(value) and 0.0 < value <= MAX_MPP):
         at = f" of {where}" if where else ""
         raise InvalidRequest(f"mpp{at} is {value}; it must be a finite number in (0, {MAX_MPP:g}] µm/px, or unset")
+    return value
+
+
+#: The most series one IndexDicom request may name (a study's slides; each is read whole at its
+#: level, so the call's deadline bounds the rest).
+MAX_DICOM_SERIES = 64
+#: The most region results one process holds for its background PACS write-back (ExplainDicomRegion
+#: with STORE_MODE_BACKGROUND); each holds its region's heatmap (and pixels with store_overlay),
+#: itself within the request pixel limit. Past it such requests are refused with RESOURCE_EXHAUSTED.
+MAX_BACKGROUND_STORES = 16
+#: The deepest pyramid level a DICOM request may name (a level halves the size: 2^31 is past any slide).
+MAX_PYRAMID_LEVEL = 31
+
+
+def check_pyramid_level(level: int, where: str = "level") -> int:
+    """``level`` when it is 0 (full resolution) to :data:`MAX_PYRAMID_LEVEL`.
+
+    Raises:
+        InvalidRequest: naming ``where`` (e.g. ``--level``) and the range.
+    """
+    if not 0 <= level <= MAX_PYRAMID_LEVEL:
+        raise InvalidRequest(f"{where}={level} is out of range; use 0 (full resolution) to {MAX_PYRAMID_LEVEL}")
+    return level
+
+
+_UID_FORM = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+
+
+def check_uid(value: str, where: str) -> str:
+    """``value`` when it is a DICOM UID: 1 to 64 characters, numbers without leading zeros
+    joined by dots (PS3.5 9.1). UIDs go into DICOMweb URLs, so nothing else may pass.
+
+    Raises:
+        InvalidRequest: naming ``where`` (e.g. ``series_instance_uids[2]``), never the value.
+    """
+    DICOM_UID.check(value, where)
+    if not _UID_FORM.fullmatch(value):
+        raise InvalidRequest(
+            f"{where} is not a DICOM UID; give 1 to {DICOM_UID.max_chars} characters of digits and dots, "
+            "each component without leading zeros"
+        )
     return value

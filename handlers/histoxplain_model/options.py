@@ -24,8 +24,8 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.limits import MAX_N_SAMPLES
-from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SIMMAP, SMOOTHGRAD, check_name
+from histoxplain_model.limits import MAX_N_SAMPLES, MAX_RISE_BATCH, MAX_RISE_GRID, MAX_RISE_MASKS, MIN_RISE_GRID
+from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, RISE, SIMMAP, SMOOTHGRAD, check_name
 
 __all__ = [
     "GRADCAMPP_GRADIENT_SCALES",
@@ -33,6 +33,8 @@ __all__ = [
     "OptionsT",
     "GradCAMOptions",
     "GradCAMPlusPlusOptions",
+    "RISE_FILLS",
+    "RiseOptions",
     "SaliencyOptions",
     "SimMapOptions",
     "SmoothGradOptions",
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 GRADCAMPP_GRADIENT_SCALES = ("unit", "raw")
+#: What RISE puts where a mask hides the image: a blurred copy of it, or its mean colour.
+RISE_FILLS = ("blur", "mean")
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,56 @@ class SimMapOptions:
     """
 
 
+@dataclass(frozen=True)
+class RiseOptions:
+    """RISE's options (Petsiuk et al. 2018; see ``histoxplain_model.saliency.rise``).
+
+    n_masks: N random masks, 1 to ``MAX_RISE_MASKS``; each costs one forward pass of each
+        explained image. Default 200: on the sample data (benchmarks/RESULTS.md, "RISE
+        faithfulness against N") N = 100 to 800 all beat smooth random maps on deletion and
+        insertion, and beyond 200 the paired differences do not improve beyond their intervals
+        while the cost doubles with each step; 100 won fewer pairs on both curves.
+    grid: s, the mask grid's cells per side (s x s), ``MIN_RISE_GRID`` to ``MAX_RISE_GRID``.
+    keep_probability: p, the chance that a cell shows the image, in (0, 1).
+    fill: what hidden cells show: "blur" (the image blurred with a Gaussian of sigma = 1/10
+        of its shorter side) or "mean" (the image's mean colour).
+    seed: seed of the mask generator, >= 0 (same seed, same masks, same maps).
+    batch_size: masked images per forward pass, 1 to ``MAX_RISE_BATCH``; bounds memory,
+        never changes the maps.
+    """
+
+    n_masks: int = 200
+    grid: int = 7
+    keep_probability: float = 0.5
+    fill: Literal["blur", "mean"] = "blur"
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not (_is_integer(self.n_masks) and 1 <= self.n_masks <= MAX_RISE_MASKS):
+            raise InvalidRequest(
+                f"n_masks (RISE masks) must be an integer from 1 to {MAX_RISE_MASKS}, got {self.n_masks!r}"
+            )
+        if not (_is_integer(self.grid) and MIN_RISE_GRID <= self.grid <= MAX_RISE_GRID):
+            raise InvalidRequest(
+                f"grid (RISE mask cells per side) must be an integer from {MIN_RISE_GRID} to "
+                f"{MAX_RISE_GRID}, got {self.grid!r}"
+            )
+        if not (_is_real(self.keep_probability) and 0.0 < self.keep_probability < 1.0):
+            raise InvalidRequest(
+                f"keep_probability (RISE) must be a number in (0, 1), e.g. 0.5; got {self.keep_probability!r}"
+            )
+        if self.fill not in RISE_FILLS:
+            raise InvalidRequest(f"fill (RISE) must be 'blur' or 'mean', got {self.fill!r}")
+        if not (_is_integer(self.seed) and 0 <= self.seed < 2**63):
+            raise InvalidRequest(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        if not (_is_integer(self.batch_size) and 1 <= self.batch_size <= MAX_RISE_BATCH):
+            raise InvalidRequest(
+                f"batch_size (RISE masked images per forward pass) must be an integer from 1 to "
+                f"{MAX_RISE_BATCH}, got {self.batch_size!r}"
+            )
+
+
 def _is_integer(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -133,9 +187,9 @@ def _is_real(value: object) -> bool:
 
 
 #: The options of any one method.
-SaliencyOptions = GradCAMOptions | GradCAMPlusPlusOptions | SmoothGradOptions | SimMapOptions
+SaliencyOptions = GradCAMOptions | GradCAMPlusPlusOptions | SmoothGradOptions | SimMapOptions | RiseOptions
 #: One method's options type, for code generic over the methods (``saliency.base.BaseCAM``).
-OptionsT = TypeVar("OptionsT", GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions, SimMapOptions)
+OptionsT = TypeVar("OptionsT", GradCAMOptions, GradCAMPlusPlusOptions, SmoothGradOptions, SimMapOptions, RiseOptions)
 
 #: Method name -> its options type (the same names as ``histoxplain_model.saliency.METHODS``).
 OPTIONS_TYPES: Mapping[str, type[SaliencyOptions]] = MappingProxyType({
@@ -143,6 +197,7 @@ OPTIONS_TYPES: Mapping[str, type[SaliencyOptions]] = MappingProxyType({
     GRADCAM_PLUS_PLUS: GradCAMPlusPlusOptions,
     SMOOTHGRAD: SmoothGradOptions,
     SIMMAP: SimMapOptions,
+    RISE: RiseOptions,
 })
 
 

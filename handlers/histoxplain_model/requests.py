@@ -18,7 +18,8 @@ import numpy as np
 
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.options import SaliencyOptions, check_options
-from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, POLARITIES, SIDES, check_name
+from histoxplain_model.limits import MAX_CORRESPONDENCES
+from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, DEFAULT_TARGET, POLARITIES, SIDES, TARGETS, check_name
 
 __all__ = ["ExplainRequest"]
 
@@ -37,6 +38,14 @@ class ExplainRequest:
         embed them again; ``None``: that side is embedded. Kept as float32 arrays.
     deadline: wall-clock time (``time.time()``) after which the explanation stops itself
         (``histoxplain_model.deadlines``); ``None``: none.
+    target: "cosine" (default) or "projection": the score the maps explain
+        (``histoxplain_model.saliency.targets``); the scores returned are the cosine either way.
+    correspondences: 0 (default, none) or 1 to ``MAX_CORRESPONDENCES``: the top region-to-region
+        correspondences of each pair (``histoxplain_model.saliency.correspondences``), beside
+        any method.
+    verify: also measure each map's deletion and insertion AUC against a random map of its own
+        grid (``histoxplain_model.faithfulness.verify_explanation``; ``VERIFY_FORWARD_PASSES_PER_MAP``
+        forward passes per map).
 
     Raises (when built):
         UnknownNameError: an unknown method, polarity or side (the message lists the known ones).
@@ -53,12 +62,22 @@ class ExplainRequest:
     query_embedding: np.ndarray | None = None
     reference_embeddings: np.ndarray | None = None
     deadline: float | None = None
+    target: str = DEFAULT_TARGET
+    correspondences: int = 0
+    verify: bool = False
 
     def __post_init__(self) -> None:
         # object.__setattr__: the documented way to normalise fields of a frozen dataclass.
         object.__setattr__(self, "options", check_options(self.method, self.options))
         check_name("polarity", self.polarity, POLARITIES)
         check_name("side", self.side, SIDES)
+        check_name("target", self.target, TARGETS)
+        if not isinstance(self.verify, bool):
+            raise InvalidRequest("verify must be true or false")
+        if isinstance(self.correspondences, bool) or not isinstance(self.correspondences, int) or not (
+            0 <= self.correspondences <= MAX_CORRESPONDENCES
+        ):
+            raise InvalidRequest(f"correspondences must be an integer from 0 to {MAX_CORRESPONDENCES} (0: none)")
         references = tuple(self.references)
         if not references:
             raise InvalidRequest("no reference images to explain against; give at least one")

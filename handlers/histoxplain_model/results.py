@@ -12,7 +12,7 @@ import numpy as np
 
 from histoxplain_model.wire.cams import finish_cams
 
-__all__ = ["ModelInfo", "RetrievalExplanation"]
+__all__ = ["Faithfulness", "ModelInfo", "RegionCorrespondence", "RetrievalExplanation"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,47 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Faithfulness:
+    """How one map fared on deletion and insertion (blur baseline, ``steps`` steps) against a
+    smooth random map of its own grid on the same image (``ExplainOptions.verify``).
+
+    AUCs are in units of the explained score (cosine for ``similar``, minus the cosine for
+    ``dissimilar``). Deletion: lower is more faithful; insertion: higher is more faithful.
+    """
+
+    deletion_auc: float
+    insertion_auc: float
+    random_deletion_auc: float
+    random_insertion_auc: float
+    steps: int
+
+    @property
+    def deletion_difference(self) -> float:
+        """Map minus random deletion AUC: below 0 the map beat chance on this pair."""
+        return self.deletion_auc - self.random_deletion_auc
+
+    @property
+    def insertion_difference(self) -> float:
+        """Map minus random insertion AUC: above 0 the map beat chance on this pair."""
+        return self.insertion_auc - self.random_insertion_auc
+
+
+@dataclass(frozen=True)
+class RegionCorrespondence:
+    """A query cell matched to a reference cell (``histoxplain_model.saliency.correspondences``).
+
+    query_box / reference_box: (x, y, width, height) in pixels of the query / reference image as
+    sent or stored (not the model input). share: C(i, j), this pair's exact share of the cosine
+    (all pairs of cells sum to it). rank: 1 for the largest share, then 2, 3, ...
+    """
+
+    query_box: tuple[int, int, int, int]
+    reference_box: tuple[int, int, int, int]
+    share: float
+    rank: int
+
+
+@dataclass(frozen=True)
 class RetrievalExplanation:
     """Heatmaps at the model input resolution (H, W), float32 in [0, 1].
 
@@ -43,6 +84,10 @@ class RetrievalExplanation:
     map_size: None for finished maps. (H, W) when the heatmaps are raw maps (K, h, w) >= 0 at
         the target layer's resolution (CAMs and simmap; ``explain_retrieval(..., native_cams=True)``,
         what the TorchServe handler sends); :meth:`finished` turns them into the maps above.
+    correspondences: None unless asked (``ExplainRequest.correspondences``); then one tuple per
+        reference of its best-matched region pairs, best first.
+    query_faithfulness / reference_faithfulness: None unless ``ExplainRequest.verify``; then one
+        :class:`Faithfulness` per reference for each side that was explained.
     """
 
     method: str
@@ -51,6 +96,9 @@ class RetrievalExplanation:
     query_heatmaps: np.ndarray | None
     reference_heatmaps: np.ndarray | None
     map_size: tuple[int, int] | None = None
+    correspondences: tuple[tuple[RegionCorrespondence, ...], ...] | None = None
+    query_faithfulness: tuple[Faithfulness, ...] | None = None
+    reference_faithfulness: tuple[Faithfulness, ...] | None = None
 
     def finished(self) -> RetrievalExplanation:
         """The same explanation with finished maps (upsampled to ``map_size``, min-max; numpy)."""

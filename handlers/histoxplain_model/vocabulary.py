@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_POLARITY",
     "DEFAULT_PRESET",
     "DEFAULT_SIDE",
+    "DEFAULT_TARGET",
     "GRADCAM",
     "GRADCAM_PLUS_PLUS",
     "METHOD_NAMES",
@@ -24,11 +25,14 @@ __all__ = [
     "POLARITIES",
     "RANKINGS",
     "SIDES",
+    "RISE",
     "SIMMAP",
     "SMOOTHGRAD",
+    "TARGETS",
     "Polarity",
     "Ranking",
     "Side",
+    "Target",
     "check_name",
 ]
 
@@ -37,20 +41,29 @@ GRADCAM_PLUS_PLUS = "gradcampp"
 SMOOTHGRAD = "smoothgrad"
 #: The exact decomposition of the cosine over the target layer's locations (Stylianou et al. 2019).
 SIMMAP = "simmap"
+#: Random smooth masks, the similarity weighted by each mask (Petsiuk et al. 2018); forward passes only.
+RISE = "rise"
 #: Every explanation method, in the order menus list them.
-METHOD_NAMES: tuple[str, ...] = (GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD, SIMMAP)
+METHOD_NAMES: tuple[str, ...] = (GRADCAM, GRADCAM_PLUS_PLUS, SMOOTHGRAD, SIMMAP, RISE)
 #: How reports title each method.
 METHOD_TITLES: dict[str, str] = {
     GRADCAM: "Grad-CAM",
     GRADCAM_PLUS_PLUS: "Grad-CAM++",
     SMOOTHGRAD: "SmoothGrad",
     SIMMAP: "Similarity map",
+    RISE: "RISE",
 }
 
 #: "similar" explains the cosine similarity, "dissimilar" its negation.
 Polarity = Literal["similar", "dissimilar"]
 POLARITIES: tuple[str, ...] = get_args(Polarity)
 DEFAULT_POLARITY: Polarity = "similar"
+#: What an explanation explains: "cosine" the cosine similarity cos(e, r), "projection" the
+#: projection e . r_hat of the explained image's embedding onto the other's unit embedding
+#: (``histoxplain_model.saliency.targets``).
+Target = Literal["cosine", "projection"]
+TARGETS: tuple[str, ...] = get_args(Target)
+DEFAULT_TARGET: Target = "cosine"
 #: Which images of a retrieval are explained: the query, each retrieved image, or both.
 Side = Literal["query", "retrieved", "both"]
 SIDES: tuple[str, ...] = get_args(Side)

@@ -7,9 +7,12 @@ import this module.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from histoxplain_model.errors import InvalidRequest
 from histoxplain_service.backends.base import ModelBackend
 from histoxplain_service.config import GatewaySettings, Settings
 from histoxplain_service.domain.retrieval import Retrieval
@@ -22,6 +25,7 @@ if TYPE_CHECKING:  # imported when a PACS is configured: wsidicom and highdicom 
 
 __all__ = [
     "create_backend", "embedded_backend", "open_gateway_index", "open_index_engine", "open_pacs", "open_retrieval",
+    "opened_retrieval",
 ]
 
 
@@ -61,9 +65,15 @@ def open_index_engine(settings: Settings, timeout_s: int | None = None) -> Index
 
     Raises:
         FailedPrecondition: the embedded store's folder is held by another process.
+        InvalidRequest: tile pixels in the payload asked of the embedded engine.
     """
     if settings.qdrant_url or settings.index_engine == "local":
         return QdrantEngine(settings, open_qdrant(settings, timeout_s))
+    if settings.tile_pixels == "payload":
+        raise InvalidRequest(
+            "HISTOXPLAIN_TILE_PIXELS=payload needs a Qdrant server (QDRANT_URL) or HISTOXPLAIN_INDEX_ENGINE=local; "
+            "the embedded engine keeps tile pixels in the data folder (HISTOXPLAIN_TILE_PIXELS=local)"
+        )
     return EdgeEngine(settings)
 
 
@@ -92,3 +102,14 @@ def open_retrieval(settings: Settings, backend: ModelBackend | None = None) -> R
         settings, backend or embedded_backend(settings), open_index_engine(settings),
         dicom_tiles=None if pacs is None else pacs.read_tile,
     )
+
+
+@contextlib.contextmanager
+def opened_retrieval(settings: Settings) -> Iterator[Retrieval]:
+    """:func:`open_retrieval` whose index engine is closed when the block ends, however it ends
+    (the embedded engine holds its folder's lock until then): for commands that open one."""
+    retrieval = open_retrieval(settings)
+    try:
+        yield retrieval
+    finally:
+        retrieval.index_engine.close()

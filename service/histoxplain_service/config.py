@@ -36,6 +36,10 @@ variable                            field                   default             
 ``HISTOXPLAIN_OVERSAMPLING``        ``oversampling``        2.0                              number 1..16 (candidates rescored)
 ``HISTOXPLAIN_VECTORS_ON_DISK``     ``vectors_on_disk``     0                                1 or 0 (float vectors memory-mapped)
 ``HISTOXPLAIN_PAYLOAD_ON_DISK``     ``payload_on_disk``     1                                1 or 0
+``HISTOXPLAIN_TILE_PIXELS``         ``tile_pixels``         ``local``                        ``local`` (data folder) or ``payload``
+``..._SHARD_NUMBER``                ``shard_number``        1                                integer 1..1024 (server collections)
+``..._REPLICATION_FACTOR``          ``replication_factor``  1                                integer 1..16 (copies of each shard)
+``..._WRITE_CONSISTENCY_FACTOR``    ``write_consistency_factor`` 1                           integer 1..replication_factor
 ``HISTOXPLAIN_DICOMWEB_URL``        ``dicomweb_url``        unset: no PACS                   an ``http://`` or ``https://`` URL
 ``HISTOXPLAIN_DICOMWEB_USER``       ``dicomweb_user``       unset: no authentication         a user name (HTTP Basic)
 ``HISTOXPLAIN_DICOMWEB_PASSWORD``   ``dicomweb_password``   unset                            any string (prefer the file below)
@@ -55,6 +59,13 @@ in-process (qdrant-edge, under ``<data_dir>/edge``) or qdrant-client's local mod
 ``<data_dir>/qdrant``, the store of earlier versions; ``histoxplain migrate`` moves its indexes).
 The HNSW, quantization and on-disk settings shape an index when it is created (an existing index
 keeps its own); ``hnsw_ef``, ``exact_search``, ``rescore`` and ``oversampling`` apply per search.
+They apply to collections the gateway creates on a Qdrant server too, with the cluster settings
+``HISTOXPLAIN_SHARD_NUMBER``, ``HISTOXPLAIN_REPLICATION_FACTOR`` and
+``HISTOXPLAIN_WRITE_CONSISTENCY_FACTOR`` (Qdrant's ``shard_number``, ``replication_factor``,
+``write_consistency_factor``; a single server keeps 1, 1, 1). ``tile_pixels`` says where the
+pixels of indexed tiles are kept: ``local`` under ``<data_dir>/tiles`` (one machine), ``payload``
+as a PNG in each point's payload, so every gateway replica in front of one Qdrant reads them
+(``docs/SERVING.md``, "From one machine to a cluster"; not available on the edge engine).
 
 ``device`` is where the in-process (embedded) encoder runs; its spelling is checked here,
 whether that GPU exists when the encoder is loaded. An empty value counts as unset. A bad value raises
@@ -78,8 +89,8 @@ from histoxplain_model.limits import MAX_K, MAX_MESSAGE_BYTES, MAX_TILE_SIZE, MI
 from histoxplain_model.vocabulary import DEFAULT_PRESET
 
 __all__ = [
-    "BACKENDS", "INDEX_ENGINES", "QUANTIZATIONS", "BackendKind", "GatewaySettings", "IndexEngineKind",
-    "QuantizationKind", "Settings",
+    "BACKENDS", "INDEX_ENGINES", "QUANTIZATIONS", "TILE_PIXELS", "BackendKind", "GatewaySettings", "IndexEngineKind",
+    "QuantizationKind", "Settings", "TilePixelsKind",
 ]
 
 
@@ -136,6 +147,8 @@ IndexEngineKind = Literal["edge", "local"]
 INDEX_ENGINES: tuple[IndexEngineKind, ...] = ("edge", "local")
 QuantizationKind = Literal["none", "int8"]
 QUANTIZATIONS: tuple[QuantizationKind, ...] = ("none", "int8")
+TilePixelsKind = Literal["local", "payload"]
+TILE_PIXELS: tuple[TilePixelsKind, ...] = ("local", "payload")
 
 
 _VARIABLES: tuple[_Var, ...] = (
@@ -169,6 +182,13 @@ _VARIABLES: tuple[_Var, ...] = (
     _Var("oversampling", "HISTOXPLAIN_OVERSAMPLING", float, lambda v: 1.0 <= v <= 16.0, "a number from 1 to 16"),
     _Var("vectors_on_disk", "HISTOXPLAIN_VECTORS_ON_DISK", _flag, None, "1 or 0"),
     _Var("payload_on_disk", "HISTOXPLAIN_PAYLOAD_ON_DISK", _flag, None, "1 or 0"),
+    _Var("tile_pixels", "HISTOXPLAIN_TILE_PIXELS", str.lower, lambda v: v in TILE_PIXELS,
+         f"one of {', '.join(TILE_PIXELS)}"),
+    _Var("shard_number", "HISTOXPLAIN_SHARD_NUMBER", _int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+    _Var("replication_factor", "HISTOXPLAIN_REPLICATION_FACTOR", _int, lambda v: 1 <= v <= 16,
+         "an integer from 1 to 16"),
+    _Var("write_consistency_factor", "HISTOXPLAIN_WRITE_CONSISTENCY_FACTOR", _int, lambda v: 1 <= v <= 16,
+         "an integer from 1 to 16, at most HISTOXPLAIN_REPLICATION_FACTOR"),
     _Var("dicomweb_url", "HISTOXPLAIN_DICOMWEB_URL", _url, None,
          "the http:// or https:// URL of a DICOMweb service (e.g. http://127.0.0.1:8042/dicom-web), or unset"),
     _Var("dicomweb_user", "HISTOXPLAIN_DICOMWEB_USER", _optional_str),
@@ -213,6 +233,11 @@ class Settings:
         oversampling: with quantization, candidates fetched per hit before rescoring.
         vectors_on_disk: new indexes keep float vectors memory-mapped instead of in RAM.
         payload_on_disk: new indexes keep tile payloads memory-mapped instead of in RAM.
+        tile_pixels: ``local``: tile PNGs under ``<data_dir>/tiles``; ``payload``: a PNG in each
+            point's payload (every gateway in front of one Qdrant server or cluster reads it).
+        shard_number: shards of a collection created on a Qdrant server (cluster: spread over nodes).
+        replication_factor: copies of each shard on a Qdrant cluster (2: one node may fail).
+        write_consistency_factor: replicas that must acknowledge a write before it succeeds.
         dicomweb_url: the DICOMweb service (QIDO-RS, WADO-RS, STOW-RS root) of the PACS that DICOM
             slides are read from and results are stored into; ``None``: no PACS.
         dicomweb_user: HTTP Basic user for the PACS; ``None``: no authentication.
@@ -248,6 +273,10 @@ class Settings:
     oversampling: float = 2.0
     vectors_on_disk: bool = False
     payload_on_disk: bool = True
+    tile_pixels: TilePixelsKind = "local"
+    shard_number: int = 1
+    replication_factor: int = 1
+    write_consistency_factor: int = 1
     dicomweb_url: str | None = None
     dicomweb_user: str | None = None
     dicomweb_password: str | None = field(default=None, repr=False)  # a secret: kept out of logs
@@ -261,6 +290,11 @@ class Settings:
         if self.weights is not None:
             object.__setattr__(self, "weights", Path(self.weights))
         _check(self, _VARIABLES)
+        if self.write_consistency_factor > self.replication_factor:
+            raise InvalidRequest(
+                f"HISTOXPLAIN_WRITE_CONSISTENCY_FACTOR={self.write_consistency_factor} is above "
+                f"HISTOXPLAIN_REPLICATION_FACTOR={self.replication_factor}; a write cannot wait for more copies than exist"
+            )
 
     @property
     def tile_stride(self) -> int:

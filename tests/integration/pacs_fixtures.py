@@ -11,6 +11,9 @@ Import them into a test module (``from pacs_fixtures import orthanc, stored_slid
     machine can reach it; without ``unshare -n`` it runs on the host's loopback, where
     ``RemoteAccessAllowed: false`` and the credentials keep others out.
 
+``pacs`` (module) -> DicomWeb
+    The DICOMweb client of ``orthanc`` (closed after the module).
+
 ``stored_slides`` (module) -> dict[str, StoredSlide]
     The demo slide converted to DICOM twice (:func:`~histoxplain_service.pacs.dicomize.dicomize`)
     and stored by STOW-RS as two studies of two patients: ``"query"`` and ``"case"``.
@@ -21,13 +24,15 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from histoxplain_service.pacs.connection import PacsConnection
-from histoxplain_service.pacs.orthanc import OrthancProcess, private_network_available
+from histoxplain_service.pacs.dicomweb import DicomWeb
+from histoxplain_service.pacs.orthanc import OrthancConfig, OrthancProcess, private_network_available
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +61,15 @@ def require_orthanc() -> None:
         pytest.fail("the PACS tests need Orthanc: apt-get install orthanc orthanc-dicomweb orthanc-wsi (.ci/run does this)")
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOrthanc]:
+@contextmanager
+def running_orthanc(work_dir: Path, config: OrthancConfig | None = None) -> Iterator[RunningOrthanc]:
+    """Orthanc started in ``work_dir`` (with ``config``, default: OrthancProcess's), the calling
+    thread in its network namespace until the block ends; stopped afterwards."""
     require_orthanc()
     private = private_network_available()
     if not private:
         log.warning("no private network namespace here (needs root and unshare): Orthanc runs on loopback")
-    process = OrthancProcess(tmp_path_factory.mktemp("orthanc"), private_network=private)
+    process = OrthancProcess(work_dir, config, private_network=private)
     process.start()
     try:
         connection = PacsConnection(process.dicomweb_url, process.config.user, process.config.password, 30.0)
@@ -73,12 +80,25 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOrthanc
 
 
 @pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOrthanc]:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pacs(orthanc: RunningOrthanc) -> Iterator[DicomWeb]:
+    """The module's Orthanc as a :class:`~histoxplain_service.pacs.dicomweb.DicomWeb`."""
+    connection = DicomWeb(orthanc.connection)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
 def stored_slides(orthanc: RunningOrthanc, tmp_path_factory: pytest.TempPathFactory) -> dict[str, StoredSlide]:
     import pydicom
 
     from histoxplain_service.app.samples import he_slide_path
     from histoxplain_service.pacs.dicomize import dicomize
-    from histoxplain_service.pacs.dicomweb import DicomWeb
 
     slides = {}
     pacs = DicomWeb(orthanc.connection)

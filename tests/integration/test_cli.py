@@ -13,6 +13,7 @@ from PIL import Image
 
 from histoxplain_service.app.cli import main
 from histoxplain_service.app.samples import write_sample_dataset
+from histoxplain_service.index.edge import EdgeEngine
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +98,31 @@ def test_explain_with_the_similarity_map(dataset: Path, indexed: Path, tmp_path:
     assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", "--method", "simmap",
                  "--samples", "3", "--out", str(tmp_path / "o"), "--data-dir", str(indexed)]) == 2
     assert "--method smoothgrad only" in _error(capsys)
+
+
+def test_explain_prints_and_draws_matched_regions(
+    dataset: Path, indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    query = _query(dataset)
+    width, height = Image.open(query).size
+    capsys.readouterr()
+    argv = ["explain", str(query), "--index", "tiles", "-k", "2", "--method", "gradcam", "--target", "projection",
+            "--correspondences", "3", "--data-dir", str(indexed)]
+    assert main([*argv, "--json", "--out", str(tmp_path / "json")]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(printed[: printed.rindex("]") + 1])
+    assert [row["rank"] for row in rows] == [1, 2]
+    for row in rows:
+        assert [pair["rank"] for pair in row["correspondences"]] == [1, 2, 3]
+        for pair in row["correspondences"]:
+            x, y, w, h = pair["query_box"]
+            assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+    page = (tmp_path / "json" / "index.html").read_text()
+    assert "<th>Matched regions</th>" in page and page.count('data-rank="3"') == 4
+    assert main([*argv, "--out", str(tmp_path / "text")]) == 0
+    assert "hit 1: cosine" in capsys.readouterr().out
+    assert main([*argv[:-4], "--correspondences", "17", "--out", str(tmp_path / "bad"), "--data-dir", str(indexed)]) == 2
+    assert "correspondences must be an integer from 0 to 16" in _error(capsys)
 
 
 def test_explain_smoothgrad_samples_and_noise_reach_the_model(
@@ -217,9 +243,69 @@ def test_delete_removes_an_image(dataset: Path, tmp_path: Path, capsys: pytest.C
     assert info[0]["n_images"] == 1
 
 
+def test_metadata_is_stored_searchable_and_shown(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = str(tmp_path / "data")
+    skin, colon = sorted((dataset / "HE_skin").glob("*.png"))[:2], sorted((dataset / "IHC_colon").glob("*.png"))[:2]
+    for files, organ in ((skin, "skin"), (colon, "colon")):
+        assert main(["index", *map(str, files), "--index", "m", "--data-dir", data_dir, "--no-progress",
+                     "--metadata", f"organ={organ}", "--metadata", "stain=mixed"]) == 0
+    capsys.readouterr()
+    args = ["search", str(skin[0]), "--index", "m", "-k", "4", "--json", "--data-dir", data_dir]
+    assert main([*args, "--filter", "organ=colon"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and all(h["metadata"] == {"organ": "colon", "stain": "mixed"} for h in hits)
+    assert main(["index", str(skin[0]), "--index", "m", "--data-dir", data_dir, "--metadata", "label=x"]) == 2
+    assert "not one of" in capsys.readouterr().err
+    assert main(["index", str(skin[0]), "--index", "m", "--data-dir", data_dir, "--metadata", "organ"]) == 2
+
+
+def test_every_command_closes_the_engine_it_opens(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The edge engine holds its folder's lock and unflushed shards until closed: each command,
+    # failing ones too, must close what it opened (a real engine, its close() counted on the way).
+    closed: list[int] = []
+    real_close = EdgeEngine.close
+
+    def counted_close(engine: EdgeEngine) -> None:
+        closed.append(1)
+        real_close(engine)
+
+    monkeypatch.setattr(EdgeEngine, "close", counted_close)
+    data_dir = str(tmp_path / "data")
+    image = str(sorted((dataset / "HE_skin").glob("*.png"))[0])
+    commands = [
+        (["index", image, "--index", "c", "--no-progress"], 0),
+        (["search", image, "--index", "c", "-k", "1"], 0),
+        (["explain", image, "--index", "c", "-k", "1", "--method", "gradcam", "--out", str(tmp_path / "report")], 0),
+        (["info"], 0),
+        (["delete", "no-such-image", "--index", "c"], 0),
+        (["search", image, "--index", "missing", "-k", "1"], 3),
+    ]
+    for number, (argv, code) in enumerate(commands, start=1):
+        assert main([*argv, "--data-dir", data_dir]) == code, argv
+        assert len(closed) == number, f"{argv[0]} left its engine open"
+    capsys.readouterr()
+
+
 def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("histoxplain")
     result = subprocess.run([str(exe), "search", str(tmp_path / "missing.png"), "--index", "x", "-k", "1",
                              "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "histoxplain: error:" in result.stderr
+
+
+def test_explain_with_rise(dataset: Path, indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rise"
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "2", "--method", "rise", "--side", "query",
+                 "--rise-masks", "16", "--rise-grid", "5", "--rise-fill", "mean", "--out", str(out),
+                 "--data-dir", str(indexed)]) == 0
+    page = (out / "index.html").read_text()
+    assert "RISE" in page and len(sorted(out.glob("*.png"))) == 1 + 2 * 2  # query; per hit: tile, query map
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", "--method", "rise",
+                 "--rise-masks", "0", "--out", str(tmp_path / "o"), "--data-dir", str(indexed)]) == 2
+    assert "--rise-masks: n_masks (RISE masks) must be an integer from 1 to 2000" in _error(capsys)
+    assert main(["explain", str(_query(dataset)), "--index", "tiles", "-k", "1", "--method", "gradcam",
+                 "--rise-grid", "4", "--out", str(tmp_path / "o"), "--data-dir", str(indexed)]) == 2
+    assert "--rise-grid apply to --method rise only" in _error(capsys)

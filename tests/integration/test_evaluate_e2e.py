@@ -61,63 +61,74 @@ def test_retrieval_on_each_layout(layouts: dict[str, Path], tmp_path: Path, layo
 
 
 def test_explanations_end_to_end(layouts: dict[str, Path], tmp_path: Path) -> None:
+    from histoxplain_model.saliency import METHODS
+
     out = tmp_path / "out"
     argv = [
         str(layouts["bracs"]), "--layout", "bracs", "--out", str(out), "--tile-size", "96",
-        "--pairs", "2", "--steps", "4", "--smoothgrad-samples", "4", "--seed", "3",
+        "--pairs", "3", "--steps", "4", "--road-steps", "2", "--smoothgrad-samples", "4", "--seed", "3",
+        "--resamples", "200", "--option", "rise.n_masks=16",
     ]
     assert evaluate("explanations", *argv) == 0
     result = json.loads((out / "explanations.json").read_text())["results"]
-    summary = result["summary"]
-    assert len(result["pairs"]) == 2
-    rows = {(r["side"], r["polarity"], r["map"]) for r in summary["faithfulness"]}
-    for method in ("gradcam", "gradcampp", "smoothgrad", "simmap", "random", "gaussian", "random_pixel"):
-        for side in ("query", "retrieved"):
-            for polarity in ("similar", "dissimilar"):
-                assert (side, polarity, method) in rows
-    for row in summary["faithfulness"]:
-        assert len(row["mean_deletion_curve"]) == 5
-        assert -1.0 <= row["deletion_auc_mean"] <= 1.0
-    settings = result["settings"]
+    summary, settings = result["summary"], result["settings"]
+    assert len(result["pairs"]) == 3
+    variants = {v["name"] for v in settings["variants"]}
+    # Every registered method, the CAMs on the finer stage too, the projection target where it differs.
+    assert set(METHODS) <= variants and {"gradcam@previous", "gradcampp@previous", "gradcam+projection"} <= variants
+    assert "simmap@previous" in settings["skipped_variants"] and "simmap+projection" in settings["skipped_variants"]
+    assert settings["random_grids"] == {"random": [7, 7], "random@previous": [14, 14]}
     expected_scorer = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
     assert settings["curve_scorer"] == expected_scorer
+    rows = {(r["side"], r["polarity"], r["perturbation"], r["map"]) for r in summary["faithfulness"]}
+    comparisons = {(c["side"], c["polarity"], c["perturbation"], c["curve"], c["map"]): c for c in summary["comparisons"]}
+    for name in variants:
+        for side in ("query", "retrieved"):
+            for polarity in ("similar", "dissimilar"):
+                for perturbation in ("blur", "road"):
+                    assert (side, polarity, perturbation, name) in rows
+                    for curve in ("deletion", "insertion"):
+                        compared = comparisons[(side, polarity, perturbation, curve, name)]
+                        assert compared["against"] == ("random@previous" if name.endswith("@previous") else "random")
+                        assert compared["verdict"] in ("better than random", "no different", "worse than random")
+                        assert compared["ci95"][0] <= compared["mean_difference"] <= compared["ci95"][1]
+                        assert compared["pairs"] == 3 and 1 <= compared["clusters"] <= 3 and 0.0 <= compared["flat_maps"] <= 1.0
+    for row in summary["faithfulness"]:
+        assert len(row["mean_deletion_curve"]) == (5 if row["perturbation"] == "blur" else 3)
+        assert -1.0 <= row["deletion_auc_mean"] <= 1.0
     for pair in result["pairs"]:
         curves = pair["curves"]["query"]
-        # The first deletion point is the unmodified pair's similarity (torch), whatever scored the curves.
-        assert curves["similar"]["blur"]["gradcam"]["deletion"][0] == pytest.approx(pair["score"], abs=1e-3)
+        # The first point is the unmodified pair's similarity (torch), whatever scored the curves.
+        for perturbation in ("blur", "road"):
+            assert curves["similar"][perturbation]["gradcam"]["deletion"][0] == pytest.approx(pair["score"], abs=1e-3)
         # Maps shared by both polarities are scored once: the dissimilar curve is the similar one negated.
-        for shared in ("random", "gaussian", "random_pixel"):
+        for shared in ("random", "random@previous", "gaussian", "random_pixel"):
             similar, dissimilar = curves["similar"]["blur"][shared], curves["dissimilar"]["blur"][shared]
             assert dissimilar["deletion"] == [-v for v in similar["deletion"]]
         # Every method has a dissimilar map of its own (SmoothGrad's signed form included).
         for method in ("smoothgrad", "simmap"):
             similar, dissimilar = curves["similar"]["blur"][method], curves["dissimilar"]["blur"][method]
             assert dissimilar["deletion"] != [-v for v in similar["deletion"]], method
-        assert curves["similar"]["blur"]["random"] != curves["similar"]["blur"]["random_pixel"]
+        assert curves["similar"]["blur"]["random"] != curves["similar"]["blur"]["random@previous"]
+        assert "gaussian" not in curves["similar"]["road"]  # ROAD only for what the comparisons need
         assert all(len(rhos) == 2 for rhos in pair["sanity_spearman"].values())
-    assert set(summary["sanity"]) == {"gradcam", "gradcampp", "smoothgrad", "simmap"}
+        assert pair["query"]["group"] and isinstance(pair["flat_maps"], list)
+    assert set(summary["sanity"]) == set(METHODS)  # the served variants only
     # Default cascade: 2 steps, the second adds the block below the first.
-    assert settings["randomised_modules"][0] == "blocks.6"
     assert [names[0] for names in settings["randomised_cascade"]] == ["blocks.6", "blocks.5"]
     assert set(settings["randomised_cascade"][0]) < set(settings["randomised_cascade"][1])
-    for values in summary["sanity"].values():
-        assert [step["step"] for step in values["steps"]] == [1, 2]
-        assert values["passes"] == values["steps"][-1]["passes"]
-    # The smooth random map lives on the target layer's grid: 7x7 for EfficientNet-Lite0 at its 224 px input.
-    assert settings["random_grid"] == [7, 7]
-    assert all(summary["runtime_median_s"][m]["query"] > 0 for m in summary["runtime_median_s"])
+    assert all(summary["runtime_median_s"][name]["query"] > 0 for name in variants)
+    assert result["cost"]["pairs_computed"] == 3 and result["cost"]["seconds_per_pair_median"] > 0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64") >= 4 + 6  # curves + best/worst grids
-    assert "step 2 Spearman" in html and "del. beats random_pixel" in html
-    for row in summary["faithfulness"]:
-        assert 0.0 <= row["deletion_beats_random_pixel"] <= 1.0
-        if row["map"] == "random":
-            assert row["deletion_beats_random"] == row["insertion_beats_random"] == 0.0
-    journal = (out / "explanations.pairs.jsonl").read_text().splitlines()
-    assert len(journal) == 2
-    # Resume: nothing is recomputed, the journal does not grow.
-    assert evaluate("explanations", *argv) == 0
-    assert len((out / "explanations.pairs.jsonl").read_text().splitlines()) == 2
+    assert "ROAD MoRF" in html and "resampling query groups" in html and "verdict" in html and "step 2 Spearman" in html
+    assert html.count("data:image/png;base64") >= 4 + 8 + 10  # forest plots + curves + best/worst grids
+    # Resume with more pairs: the first three are reused (a prefix of the same permutation).
+    more = list(argv)
+    more[more.index("--pairs") + 1] = "4"
+    assert evaluate("explanations", *more) == 0
+    resumed = json.loads((out / "explanations.json").read_text())["results"]
+    assert resumed["pairs"][:3] == result["pairs"] and resumed["cost"]["pairs_computed"] == 1
+    assert len((out / "explanations.pairs.jsonl").read_text().splitlines()) == 4
 
 
 def test_bad_input_is_invalid_request(layouts: dict[str, Path], tmp_path: Path) -> None:
@@ -133,3 +144,7 @@ def test_bad_input_is_invalid_request(layouts: dict[str, Path], tmp_path: Path) 
         evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--reference-maps", "random,noise")
     with pytest.raises(InvalidRequest, match="--forward-batch must be >= 1"):
         evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--forward-batch", "0")
+    with pytest.raises(InvalidRequest, match="unknown perturbation 'noise'"):
+        evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--perturbations", "blur,noise")
+    with pytest.raises(InvalidRequest, match="--option rise.masks: expected METHOD.FIELD=VALUE"):
+        evaluate("explanations", str(layouts["folders"]), "--layout", "folders", "--out", str(tmp_path), "--option", "rise.masks=3")

@@ -216,6 +216,40 @@ def test_a_filtered_search_returns_only_tiles_with_the_wanted_label(embedded: Ru
         client.search("filtered", query, k=3, filter={"level": "PATIENT"})
 
 
+def test_matched_regions_and_the_projection_target_through_the_gateway(embedded: Running, tiles: dict[str, bytes]) -> None:
+    client = embedded.client
+    from skimage import data
+
+    ihc = data.immunohistochemistry()
+    query = _png(np.ascontiguousarray(ihc[:300, :200]))  # non-square: boxes in its own 200x300 px
+    references = [tiles["ihc-0-1"], tiles["ihc-1-2"]]
+    explained = client.explain(query, references=references, method="gradcam", target="projection", correspondences=4)
+    assert explained.references and all(1 <= len(ref.correspondences) <= 4 for ref in explained.references)
+    for ref in explained.references:
+        assert [pair.rank for pair in ref.correspondences] == list(range(1, len(ref.correspondences) + 1))
+        for pair in ref.correspondences:
+            q, r = pair.query_box, pair.reference_box
+            assert q.x + q.width <= 200 and q.y + q.height <= 300 and r.x + r.width <= INPUT and r.y + r.height <= INPUT
+    plain = client.explain(query, references=references, method="gradcam")
+    assert all(ref.correspondences == () for ref in plain.references)
+    np.testing.assert_allclose(explained.scores, plain.scores, atol=1e-6)  # the scores stay the cosine
+    assert not np.allclose(explained.query_heatmaps, plain.query_heatmaps, atol=0.05)  # another target, another map
+    with pytest.raises(hc.InvalidArgument, match="correspondences=17 is out of range"):
+        client.explain(query, references=references, method="gradcam", correspondences=17)
+
+
+def test_verify_through_the_gateway_gives_each_maps_faithfulness(embedded: Running, tiles: dict[str, bytes]) -> None:
+    references = [tiles["ihc-0-1"], tiles["ihc-1-2"]]
+    explained = embedded.client.explain(tiles["ihc-0-0"], references=references, method="gradcam", verify=True)
+    for reference in explained.references:
+        verified = reference.faithfulness
+        assert verified.steps == 8 and verified.query is not None and verified.reference is not None
+        for curves in (verified.query, verified.reference):
+            assert 0.0 < curves.deletion_auc < 1.0 and 0.0 < curves.random_insertion_auc < 1.0
+            assert curves.deletion_difference == pytest.approx(curves.deletion_auc - curves.random_deletion_auc)
+    assert all(ref.faithfulness is None for ref in embedded.client.explain(tiles["ihc-0-0"], references=references).references)
+
+
 @pytest.fixture(scope="module")
 def errors_index(embedded: Running, tiles: dict[str, bytes]) -> str:
     embedded.client.index_images("errors", [hc.IndexImage(tiles["ihc-0-0"], image_id="a")])
@@ -310,6 +344,37 @@ def test_smoothgrad_samples_and_noise_are_honoured(
         served(smoothgrad_samples=100000)
     with pytest.raises(hc.InvalidArgument, match=r"smoothgrad_noise=.* use a number in \(0, 1\]"):
         served(smoothgrad_noise=1.5)
+
+
+def test_rise_options_are_honoured(embedded: Running, embedded_backend: Any, tiles: dict[str, bytes]) -> None:
+    """RiseOptions from the SDK give the library's map with those options (the gateway's backend
+    runs the masked images through ONNX Runtime, the library call here through torch); out of
+    range: INVALID_ARGUMENT naming the field."""
+    from histoxplain_model.explain import explain_retrieval
+    from histoxplain_model.options import RiseOptions
+    from histoxplain_model.requests import ExplainRequest
+
+    query_png, reference_png = tiles["ihc-0-1"], tiles["ihc-1-2"]
+
+    def served(rise: hc.RiseOptions) -> np.ndarray:
+        explained = embedded.client.explain(
+            query_png, references=[reference_png], method="rise", side="query", heatmap_dtype="float32", rise=rise
+        )
+        assert explained.method == "rise"
+        return explained.query_heatmaps[0]
+
+    options = RiseOptions(n_masks=16, grid=5, fill="mean", seed=2)
+    in_process = explain_retrieval(
+        embedded_backend.encoder,
+        ExplainRequest(_pixels(query_png), [_pixels(reference_png)], "rise", side="query", options=options),
+    ).query_heatmaps[0]
+    chosen = served(hc.RiseOptions(masks=16, grid=5, fill="mean", seed=2))
+    np.testing.assert_allclose(chosen, in_process, atol=5e-3)
+    assert np.abs(served(hc.RiseOptions(masks=16, grid=5, fill="mean", seed=3)) - chosen).max() > 0.05
+    with pytest.raises(hc.InvalidArgument, match=r"n_masks \(RISE masks\) must be an integer from 1 to 2000"):
+        served(hc.RiseOptions(masks=5000))
+    with pytest.raises(hc.InvalidArgument, match=r"keep_probability \(RISE\)"):
+        served(hc.RiseOptions(masks=4, keep_probability=1.0))
 
 
 # -- TorchServe --------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from test_stopping import _free_port
+
 pytestmark = pytest.mark.integration
 
 _SCRIPT = r'''
@@ -24,7 +26,7 @@ import asyncio, io, json, sys
 import numpy as np
 from PIL import Image
 from skimage import data
-from histoxplain_client import Client, IndexImage
+from histoxplain_client import Client, IndexImage, Unavailable, RiseOptions
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_service.bootstrap import create_backend, open_gateway_index
 from histoxplain_service.config import GatewaySettings
@@ -50,12 +52,21 @@ def every_rpc(port):
         client.list_indexes(); called.add("ListIndexes")
         client.describe_index("cases"); called.add("DescribeIndex")
         client.search("cases", query, k=2); client.search("cases", query, k=2, ranking="image"); called.add("Search")
-        for method in ("gradcam", "gradcampp", "smoothgrad", "simmap"):
-            client.search_and_explain("cases", query, k=2, method=method, smoothgrad_samples=2)
+        for method in ("gradcam", "gradcampp", "smoothgrad", "simmap", "rise"):
+            client.search_and_explain("cases", query, k=2, method=method, smoothgrad_samples=2, rise=RiseOptions(masks=8))
         client.search_and_explain("cases", query, k=2, ranking="image"); called.add("SearchAndExplain")
         client.explain(query, index="cases", image_ids=image_ids[:2]); client.explain(query, references=tiles[:2])
         called.add("Explain")
         client.delete("cases", image_ids[:1]); called.add("DeleteImages")
+        # the PACS RPCs load the pacs package (wsidicom, highdicom); no PACS listens: UNAVAILABLE
+        for pacs_call in (lambda: client.index_dicom("cases", "1.2.3"),
+                          lambda: client.explain_dicom_region("cases", "1.2.3", "1.2.4", region=(0, 0, 8, 8), k=1)):
+            try:
+                pacs_call()
+                raise AssertionError("a PACS answered where none listens")
+            except Unavailable:
+                pass
+        called.update(("IndexDicom", "ExplainDicomRegion"))
 
 async def main():
     settings = GatewaySettings.from_env()
@@ -83,6 +94,7 @@ def test_every_rpc_runs_without_importing_torch(torchserve, tmp_path: Path) -> N
         "HISTOXPLAIN_DATA": str(tmp_path / "data"),
         "HISTOXPLAIN_PORT": "0",
         "QDRANT_URL": "",  # the embedded index: this test is about the gateway process itself
+        "HISTOXPLAIN_DICOMWEB_URL": f"http://127.0.0.1:{_free_port()}/dicom-web",  # a PACS that is down
     }
     result = subprocess.run(
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False

@@ -7,10 +7,12 @@ pyramid level 1 (1110 x 1484 px of the demo's slide, a few dozen tiles) to keep 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,11 @@ from histoxplain_service.pacs.dicomweb import DicomWeb
 from histoxplain_service.pacs.explain import Region, RegionExplanation, explain_region
 from histoxplain_service.pacs.indexing import index_dicom
 from histoxplain_service.pacs.slides import dicom_image_id
+from histoxplain_service.pacs.writeback import BackgroundWriter, WriteBackCounts
 
-from pacs_fixtures import RunningOrthanc, StoredSlide, orthanc, stored_slides  # noqa: F401 -- fixtures
+from pacs_fixtures import (  # noqa: F401 -- fixtures
+    RunningOrthanc, StoredSlide, orthanc, pacs, running_orthanc, stored_slides,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +51,6 @@ def backend() -> Iterator[Any]:
     model = EmbeddedBackend(load_encoder("efficientnet-lite0-imagenet"))
     yield model
     model.close()
-
-
-@pytest.fixture(scope="module")
-def pacs(orthanc: RunningOrthanc) -> Iterator[DicomWeb]:
-    connection = DicomWeb(orthanc.connection)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +252,52 @@ def test_orthanc_is_reachable_only_inside_its_private_network(orthanc: RunningOr
     assert outside.returncode != 0 and "ConnectionRefusedError" in outside.stderr
     inside = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert inside.returncode == 0, inside.stderr
+
+
+def test_a_pacs_that_goes_down_under_a_background_store_leaves_a_logged_counted_failure_and_no_partial_set(
+    query_box: Box, retrieval: Retrieval, indexed: Any, stored_slides: dict[str, StoredSlide], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import pydicom
+
+    query = stored_slides["query"]
+    region = Region(query_box.x, query_box.y, query_box.w, query_box.h)
+    with running_orthanc(tmp_path / "orthanc") as second:  # a PACS of its own, holding the same slides
+        other = DicomWeb(second.connection)
+        for slide in stored_slides.values():
+            other.store([pydicom.dcmread(path) for path in slide.files], slide.study_uid)
+        writer = BackgroundWriter(attempts=3, backoff_s=0.2)
+        gate = threading.Event()
+
+        def held() -> list[bytes]:  # keeps the writer busy, so the region's set waits in the queue
+            gate.wait(60)
+            raise RuntimeError("held, never built")
+
+        writer.reserve().submit(held, other, query.study_uid)
+        result = explain_region(
+            retrieval, INDEX, other, query.study_uid, query.series_uid, region, level=LEVEL, k=3, store=True,
+            writer=writer,
+        )
+        assert [(item.kind, item.state) for item in result.stored] == [
+            ("map", "queued"), ("report", "queued"), ("selection", "queued")
+        ]
+        assert result.objects == () and writer.counts().waiting == 2
+        second.process.stop()  # the PACS goes down with the set queued
+        with caplog.at_level(logging.INFO, logger="histoxplain_service.pacs.writeback"):
+            gate.set()
+            assert writer.wait_idle(60)
+        assert writer.close(1.0) == WriteBackCounts(waiting=0, stored=0, failed=2)  # the held one and the set
+        assert "3 objects not stored after 3 attempts (DependencyUnavailable)" in caplog.text
+        assert caplog.text.count("the PACS is unavailable, attempt") == 2
+        uids = [query.study_uid, *(item.instance_uid for item in result.stored), *(i.series_uid for i in result.stored)]
+        assert not any(uid in caplog.text for uid in uids)
+        second.process.start()  # up again: none of the set is in the study
+        with second.process.network():
+            back = DicomWeb(second.connection)
+            found = {item["0020000E"]["Value"][0] for item in back.client.search_for_series(query.study_uid)}
+            back.close()
+        other.close()
+    assert found == {query.series_uid}
 
 
 def test_a_pacs_that_is_down_is_unavailable_and_names_the_url_setting(

@@ -31,9 +31,10 @@ import torch
 from histoxplain_model import errors
 from histoxplain_model.wire.envelope import decode_envelope, encode_request_image
 from histoxplain_model.wire.cams import finish_cams
-from histoxplain_model.options import SmoothGradOptions
+from histoxplain_model.options import RiseOptions, SmoothGradOptions
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.wire.inputs import encode_float32
+from histoxplain_model.wire.outputs import decode_explanation
 from histoxplain_service.backends.torchserve.backend import TorchServeBackend, TorchServeConfig
 from histoxplain_service.backends.torchserve.mar import stage_weights
 from histoxplain_service.backends.torchserve.process import TorchServeProcess
@@ -191,6 +192,26 @@ def test_handler_uses_given_embeddings_and_a_bad_one_fails_alone(handler, tiles,
         assert float(np.max(np.abs(finished - getattr(local, name)))) <= CAM_ATOL, name
 
 
+def test_handler_serves_matched_regions_and_the_projection_target(handler, tiles, embedded) -> None:
+    """Correspondences and the target through the handler's input map and envelope, inside
+    inference mode: the same pairs and maps as in-process."""
+    instance, context = handler
+    request = {
+        "mode": b"explain", "method": b"gradcam", "target": b"projection", "correspondences": b"3",
+        "query": encode_request_image(tiles[0]), "reference.0": encode_request_image(tiles[1]),
+        "reference.1": encode_request_image(tiles[2]),
+    }
+    with torch.inference_mode():
+        (response,) = instance.handle([request], context)
+    served = decode_explanation(*decode_envelope(response))
+    local = embedded.explain(ExplainRequest(tiles[0], tiles[1:3], "gradcam", target="projection", correspondences=3))
+    assert served.correspondences is not None and len(served.correspondences) == 2
+    for ours, theirs in zip(served.correspondences, local.correspondences):
+        assert [(p.query_box, p.reference_box, p.rank) for p in ours] == [(p.query_box, p.reference_box, p.rank) for p in theirs]
+        np.testing.assert_allclose([p.share for p in ours], [p.share for p in theirs], atol=1e-6)
+    assert float(np.max(np.abs(served.query_heatmaps - local.query_heatmaps))) <= CAM_ATOL
+
+
 @pytest.mark.parametrize("polarity", ["similar", "dissimilar"])
 def test_handler_serves_the_similarity_decomposition(handler, tiles, embedded, polarity) -> None:
     """simmap through the handler: raw maps on the 7x7 grid (like GradCAM's), finished by the
@@ -277,6 +298,28 @@ def test_explanations_match_in_process(torchserve_backend, embedded, tiles, meth
         tolerance = HEATMAP_ATOL if method == "smoothgrad" else CAM_ATOL
         assert float(np.max(np.abs(served_maps - local_maps))) <= tolerance, name
         assert float(local_maps.max()) > 0  # not a vacuous comparison of empty maps
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("polarity", "side", "count"), [("similar", "both", 2), ("dissimilar", "query", 3)])
+def test_rise_matches_in_process(torchserve_backend, embedded, tiles, polarity, side, count) -> None:
+    """RISE through the handler (torch, its options on the wire as text) against the in-process
+    backend (its masked images through ONNX Runtime): finished maps, float16 on the wire."""
+    options = RiseOptions(n_masks=12, grid=4, keep_probability=0.4, fill="mean", seed=3, batch_size=6)
+    request = ExplainRequest(tiles[0], tiles[1 : 1 + count], "rise", polarity, side, options=options)
+    served = torchserve_backend.explain(request, timeout=120)
+    local = embedded.explain(request)
+    assert (served.method, served.polarity, served.map_size) == ("rise", polarity, None)
+    np.testing.assert_allclose(served.scores, local.scores, atol=SCORE_ATOL)
+    for name in ("query_heatmaps", "reference_heatmaps"):
+        served_maps, local_maps = getattr(served, name), getattr(local, name)
+        if local_maps is None:
+            assert served_maps is None
+            continue
+        assert served_maps.shape == local_maps.shape == (count, 224, 224)
+        # ONNX Runtime vs torch moves the masked cosines by ~1e-6, float16 rounds the maps.
+        assert float(np.max(np.abs(served_maps - local_maps))) <= 5e-3, name
+        assert float(local_maps.max()) > 0
 
 
 @pytest.mark.integration

@@ -8,7 +8,8 @@
 Methods: "gradcam", "gradcampp" (both from one forward pass for all K references),
 "smoothgrad" (input gradients averaged over noisy copies; needs no target layer) and "simmap"
 (the cosine decomposed exactly over the target layer's locations; one forward pass, no
-gradients; mean-pooled encoders only).
+gradients; mean-pooled encoders only) and "rise" (random smooth masks weighted by the cosine they
+leave; forward passes only, any encoder; the K references share the masked passes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from histoxplain_model.errors import UnknownNameError
 from histoxplain_model.options import SaliencyOptions, check_options
-from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, SIMMAP, SMOOTHGRAD
+from histoxplain_model.vocabulary import GRADCAM, GRADCAM_PLUS_PLUS, RISE, SIMMAP, SMOOTHGRAD
 from histoxplain_model.saliency.base import (
     BaseCAM,
     Explainer,
@@ -30,6 +31,7 @@ from histoxplain_model.saliency.base import (
     upsample_maps,
 )
 from histoxplain_model.saliency.gradcam import GradCAM, GradCAMPlusPlus
+from histoxplain_model.saliency.rise import PixelEmbedder, Rise
 from histoxplain_model.saliency.simmap import SimilarityDecomposition, SimilarityMap
 from histoxplain_model.saliency.smoothgrad import InputGradient, SmoothGrad
 from histoxplain_model.saliency.targets import (
@@ -52,8 +54,10 @@ __all__ = [
     "GradCAMPlusPlus",
     "InputGradient",
     "LayerMapExplainer",
+    "PixelEmbedder",
     "Polarity",
     "ReshapeTransform",
+    "Rise",
     "SaliencyResult",
     "SimilarityDecomposition",
     "SimilarityMap",
@@ -75,6 +79,7 @@ METHODS: dict[str, type[Explainer]] = {
     GRADCAM_PLUS_PLUS: GradCAMPlusPlus,
     SMOOTHGRAD: SmoothGrad,
     SIMMAP: SimilarityMap,
+    RISE: Rise,
 }
 
 
@@ -91,6 +96,7 @@ def get_explainer(
     target_layer: nn.Module | None = None,
     reshape_transform: ReshapeTransform | None = None,
     options: SaliencyOptions | None = None,
+    pixel_embedder: PixelEmbedder | None = None,
 ) -> Explainer:
     """Build the explainer registered as ``method``.
 
@@ -100,6 +106,11 @@ def get_explainer(
     layer's map (its mean must be the embedding).
     ``options``: the method's own options type (``histoxplain_model.options.OPTIONS_TYPES``);
     ``None``: its defaults; another method's options raise :class:`InvalidRequest`.
+    ``pixel_embedder``: a faster forward pass (the ONNX Runtime session) for the method that needs
+    embeddings only (rise); the gradient methods need the torch model and ignore it.
     """
     explainer_class = METHODS[check_method(method)]
-    return explainer_class(encoder_model, target_layer, reshape_transform, check_options(method, options))
+    checked = check_options(method, options)
+    if explainer_class is Rise:
+        return Rise(encoder_model, target_layer, reshape_transform, checked, pixel_embedder=pixel_embedder)
+    return explainer_class(encoder_model, target_layer, reshape_transform, checked)

@@ -40,6 +40,7 @@ from torch import nn
 from histoxplain_model.deadlines import check_deadline
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.options import OptionsT, options_or_defaults
+from histoxplain_model.vocabulary import DEFAULT_TARGET
 from histoxplain_model.saliency.targets import (
     SimilarityTarget,
     check_polarity,
@@ -197,7 +198,12 @@ class Explainer(ABC):
         self.reshape_transform = reshape_transform
 
     def explain(
-        self, pixels: torch.Tensor, references: torch.Tensor, polarity: str = "similar", native: bool = False
+        self,
+        pixels: torch.Tensor,
+        references: torch.Tensor,
+        polarity: str = "similar",
+        native: bool = False,
+        target: str = DEFAULT_TARGET,
     ) -> SaliencyResult:
         """Heatmaps of each image's evidence for (or against) its similarity to each reference.
 
@@ -206,6 +212,8 @@ class Explainer(ABC):
         polarity: "similar" explains the cosine similarity, "dissimilar" its negation.
         native: CAM methods and simmap return their maps before the upsample and min-max (see
             :class:`SaliencyResult`; what the TorchServe handler sends); SmoothGrad ignores it.
+        target: "cosine" (default) explains the cosine, "projection" e . r_hat
+            (``histoxplain_model.saliency.targets``); the scores are the cosine either way.
         Returns heatmaps (B, K, H, W) float32 in [0, 1] at the input resolution and the
         cosine scores (B, K).
         """
@@ -220,9 +228,9 @@ class Explainer(ABC):
         with gradient_mode():
             pixels = _detached_input(pixels)
             references = _detached_input(references)
-            target = similarity_target(references, polarity)
+            score = similarity_target(references, polarity, target)
             heatmaps, embeddings, is_native = (
-                self._native_maps(pixels, target) if native else (*self._heatmaps(pixels, target), False)
+                self._native_maps(pixels, score) if native else (*self._heatmaps(pixels, score), False)
             )
             scores = cosine_scores(embeddings.detach(), references.to(embeddings))
         return SaliencyResult(

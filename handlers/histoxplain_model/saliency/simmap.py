@@ -24,12 +24,16 @@ Polarity (the map drawn; :meth:`SimilarityMap.decompose` gives the signed shares
   (the shortfalls of the ones drawn equal the surplus of the others). The plain negative share ReLU(-m(i)) would be nearly always empty: after a ReLU the activations
   and embeddings are non-negative, so A(i) . r >= 0.
 
-Exactness is checked on every call: the mean of the per-location embeddings must give the
-model's own embedding (relative deviation <= ``EXACTNESS_TOLERANCE``). Where it does not, the
-method is not available for the encoder and :class:`FailedPrecondition` says so: a ViT pooled
-by its CLS token (UNI, Phikon, Lunit DINO, HistoEncoder's XCiT), a Swin whose final LayerNorm
-follows the target layer (CTransPath), a pooling other than the mean, or a head with a
-non-linearity. No approximation is offered for those.
+Projection target (``explain(..., target="projection")``): the shares of e . r_hat instead,
+m(i) = A(i) . r_hat / HW (no 1/|e|), which sum to the projection; the polarities read the same
+with the projection in place of s. This is also GradCAM's map for that target before its ReLU.
+
+Exactness is checked on every call (``histoxplain_model.saliency.locations``): the mean of the
+per-location embeddings must give the model's own embedding. Where it does not, the method is
+not available for the encoder and :class:`FailedPrecondition` says so: a ViT pooled by its CLS
+token (UNI, Phikon, Lunit DINO, HistoEncoder's XCiT), a Swin whose final LayerNorm follows the
+target layer (CTransPath), a pooling other than the mean, or a head with a non-linearity. No
+approximation is offered for those.
 """
 
 from __future__ import annotations
@@ -37,55 +41,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from histoxplain_model.deadlines import check_deadline
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest
 from histoxplain_model.options import SimMapOptions
-from histoxplain_model.saliency.base import LayerMapExplainer, check_feature_map, forward_capturing
+from histoxplain_model.saliency.base import LayerMapExplainer
+from histoxplain_model.saliency.locations import check_mean_pooled, forward_locations
 from histoxplain_model.saliency.targets import CosineTarget, SimilarityTarget, similarity_target
 from histoxplain_model.vocabulary import METHOD_NAMES, SIMMAP
 
-__all__ = ["EXACTNESS_TOLERANCE", "SimilarityDecomposition", "SimilarityMap", "linear_head"]
-
-#: Largest |mean_i z(i) - e| / |e| accepted as the same embedding (float32 rounding is ~1e-7;
-#: an encoder that is not mean-pooled misses by far more, e.g. 0.3 to 1 for a CLS-pooled ViT).
-EXACTNESS_TOLERANCE = 1e-3
+__all__ = ["SimilarityDecomposition", "SimilarityMap"]
 
 
 @dataclass(frozen=True)
 class SimilarityDecomposition:
     """shares (B, K, h, w) float32: m(i) of image b against reference k, signed; they sum over
-    (h, w) to ``cosines``. cosines (B, K): cos(e_b, r_k). embeddings (B, D): the model's output."""
+    (h, w) to ``totals``. cosines (B, K): cos(e_b, r_k). embeddings (B, D): the model's output.
+    totals (B, K): what the shares decompose, the cosines (default) or, for the projection
+    target, the projections e_b . r_hat_k."""
 
     shares: torch.Tensor
     cosines: torch.Tensor
     embeddings: torch.Tensor
+    totals: torch.Tensor | None = None
 
     def polarity_maps(self, polarity: str) -> torch.Tensor:
         """(B, K, h, w) >= 0: ReLU(m) for "similar", ReLU(s/HW - m) for "dissimilar" (module docstring)."""
         if polarity == "dissimilar":
-            even_share = self.cosines / (self.shares.shape[-2] * self.shares.shape[-1])
+            total = self.cosines if self.totals is None else self.totals
+            even_share = total / (self.shares.shape[-2] * self.shares.shape[-1])
             return (even_share[..., None, None] - self.shares).clamp_(min=0)
         return self.shares.clamp(min=0)
-
-
-def linear_head(model: nn.Module) -> nn.Linear | None:
-    """The model's classifier when it is one ``nn.Linear`` (timm's ``get_classifier()``), else None.
-
-    An identity head (timm with ``num_classes=0``, every preset) needs nothing; any other head is
-    left out here and then fails the exactness check unless it really is the identity.
-    """
-    get_classifier = getattr(model, "get_classifier", None)
-    head = get_classifier() if callable(get_classifier) else None
-    return head if isinstance(head, nn.Linear) else None
-
-
-def _model_name(model: nn.Module) -> str:
-    config = getattr(model, "pretrained_cfg", None)
-    architecture = config.get("architecture") if isinstance(config, dict) else None
-    return str(architecture or type(model).__name__)
 
 
 class SimilarityMap(LayerMapExplainer[SimMapOptions]):
@@ -99,60 +85,38 @@ class SimilarityMap(LayerMapExplainer[SimMapOptions]):
 
     options_type = SimMapOptions
 
-    def decompose(self, pixels: torch.Tensor, references: torch.Tensor) -> SimilarityDecomposition:
-        """The signed shares of each image's cosine to each reference.
+    def decompose(
+        self, pixels: torch.Tensor, references: torch.Tensor, target: str = "cosine"
+    ) -> SimilarityDecomposition:
+        """The signed shares of each image's cosine (or projection, ``target="projection"``) to
+        each reference.
 
         pixels (B, 3, H, W) float, preprocessed; references (K, D) or (D,), normalised or not.
         Raises :class:`FailedPrecondition` where the encoder is not mean-pooled (module docstring).
         """
         if references.ndim == 1:
             references = references[None]
-        return self._decompose(pixels.detach(), similarity_target(references))
+        return self._decompose(pixels.detach(), similarity_target(references, target=target))
 
-    def location_embeddings(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z (B, h, w, D): per-location embeddings whose mean over (h, w) is the embedding,
-        the model output (B, D)); one forward pass, no autograd. Not checked for exactness."""
-        check_deadline()
-        target_layer: nn.Module = self.target_layer  # set in __init__
-        activations, embeddings = forward_capturing(self.model, target_layer, pixels, start_graph=False)
-        if self.reshape_transform is not None:
-            activations = self.reshape_transform(activations)
-        check_feature_map(activations)
-        locations = activations.permute(0, 2, 3, 1).float()  # (B, h, w, C)
-        head = linear_head(self.model)
-        if head is not None and locations.shape[-1] == head.in_features:
-            # Every location gets W A(i) + b: the mean over locations keeps b once (b/HW each).
-            locations = F.linear(locations, head.weight.float(), None if head.bias is None else head.bias.float())
-        return locations, embeddings.detach()
-
-    @torch.no_grad()  # nothing here needs a gradient (the head's weights would record a graph)
+    @torch.no_grad()  # nothing here needs a gradient
     def _decompose(self, pixels: torch.Tensor, target: CosineTarget) -> SimilarityDecomposition:
-        locations, embeddings = self.location_embeddings(pixels)
+        target_layer: nn.Module = self.target_layer  # set in __init__
+        locations, embeddings = forward_locations(self.model, target_layer, self.reshape_transform, pixels)
         target.check_dim(embeddings)
-        mean = locations.mean(dim=(1, 2))  # (B, D): the embedding, rebuilt from the locations
-        self._check_exact(locations, mean, embeddings.float())
+        try:
+            mean = check_mean_pooled(self.model, locations, embeddings, f"method {SIMMAP!r}")
+        except FailedPrecondition as error:
+            others = ", ".join(name for name in METHOD_NAMES if name != SIMMAP)
+            raise FailedPrecondition(f"{error}; use {others}") from None
         unit_references = target.unit_references(locations)  # (K, D)
         norms = mean.norm(dim=1).clamp_(min=1e-12)  # F.normalize's eps: a zero embedding has 0 shares
         count = locations.shape[1] * locations.shape[2]
-        shares = torch.einsum("bhwd,kd->bkhw", locations, unit_references).div_((count * norms)[:, None, None, None])
-        cosines = (mean @ unit_references.T) / norms[:, None]
-        return SimilarityDecomposition(shares, cosines, embeddings)
-
-    def _check_exact(self, locations: torch.Tensor, mean: torch.Tensor, embeddings: torch.Tensor) -> None:
-        if mean.shape == embeddings.shape:
-            scale = embeddings.norm(dim=1).clamp(min=1e-12)
-            deviation = float(((mean - embeddings).norm(dim=1) / scale).max())
-            if deviation <= EXACTNESS_TOLERANCE:
-                return
-            why = f"the mean of its target layer's map misses the embedding by {deviation:.2g} of its norm"
-        else:
-            why = f"its target layer has {locations.shape[-1]} channels, the embedding {embeddings.shape[-1]}"
-        others = ", ".join(name for name in METHOD_NAMES if name != SIMMAP)
-        raise FailedPrecondition(
-            f"method {SIMMAP!r} is not available for this encoder ({_model_name(self.model)}): it needs an "
-            f"embedding that is the mean of the target layer's activations (with at most a linear head), "
-            f"and {why} (e.g. a CLS-pooled ViT); use {others}"
-        )
+        divisor = count * norms if target.normalises_embedding else torch.full_like(norms, count)
+        projections = mean @ unit_references.T  # (B, K)
+        shares = torch.einsum("bhwd,kd->bkhw", locations, unit_references).div_(divisor[:, None, None, None])
+        cosines = projections / norms[:, None]
+        totals = None if target.normalises_embedding else projections
+        return SimilarityDecomposition(shares, cosines, embeddings, totals)
 
     def _layer_maps(self, pixels: torch.Tensor, target: SimilarityTarget) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(target, CosineTarget):

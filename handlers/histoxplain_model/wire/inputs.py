@@ -19,6 +19,9 @@ the two cannot drift apart:
                                           again.
                    deadline               optional wall-clock time (seconds since the epoch, as
                                           text) after which the worker stops the explanation
+                   target                 cosine (default) | projection
+                   correspondences        optional: region pairs per reference, 1..16 as text
+                   verify                 optional: "1" measures each map's faithfulness
     mode=info      (nothing else)         the served encoder's description
 
 Text values are UTF-8. An image is an encoded file (PNG, JPEG, TIFF) or a pixel envelope
@@ -41,12 +44,13 @@ from histoxplain_model.options import (
     OPTIONS_TYPES,
     GradCAMOptions,
     GradCAMPlusPlusOptions,
+    RiseOptions,
     SaliencyOptions,
     SimMapOptions,
     SmoothGradOptions,
 )
 from histoxplain_model.requests import ExplainRequest
-from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, check_name
+from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, DEFAULT_TARGET, check_name
 from histoxplain_model.wire.envelope import decode_request_image
 
 __all__ = [
@@ -77,6 +81,8 @@ REFERENCE = "reference"  # numbered: reference.0, reference.1, ...
 METHOD, POLARITY, SIDE = "method", "polarity", "side"
 QUERY_EMBEDDING, REFERENCE_EMBEDDINGS = "query_embedding", "reference_embeddings"
 DEADLINE = "deadline"
+TARGET, CORRESPONDENCES = "target", "correspondences"
+VERIFY = "verify"
 
 #: Options type -> {field name: input key}. The keys name their method, so a request's options
 #: read on their own say what they configure.
@@ -90,6 +96,14 @@ OPTION_KEYS: Mapping[type[SaliencyOptions], Mapping[str, str]] = MappingProxyTyp
         "seed": "smoothgrad_seed",
     },
     SimMapOptions: {},
+    RiseOptions: {
+        "n_masks": "rise_masks",
+        "grid": "rise_grid",
+        "keep_probability": "rise_keep_probability",
+        "fill": "rise_fill",
+        "seed": "rise_seed",
+        "batch_size": "rise_batch_size",
+    },
 })
 
 
@@ -143,6 +157,12 @@ def explain_inputs(request: ExplainRequest, query: bytes, references: Sequence[b
         inputs[REFERENCE_EMBEDDINGS] = encode_float32(request.reference_embeddings)
     if request.deadline is not None:
         inputs[DEADLINE] = repr(request.deadline).encode("utf-8")
+    if request.target != DEFAULT_TARGET:
+        inputs[TARGET] = request.target.encode("utf-8")
+    if request.correspondences:
+        inputs[CORRESPONDENCES] = str(request.correspondences).encode("utf-8")
+    if request.verify:
+        inputs[VERIFY] = b"1"
     return inputs
 
 
@@ -186,7 +206,24 @@ def decode_explain_request(inputs: Mapping[str, object], max_pixels: int, dim: i
         query_embedding=decode_float32(inputs, QUERY_EMBEDDING, None, dim),
         reference_embeddings=decode_float32(inputs, REFERENCE_EMBEDDINGS, len(references), dim),
         deadline=_deadline(inputs),
+        target=_text(inputs, TARGET, DEFAULT_TARGET),
+        correspondences=_correspondences(inputs),
+        verify=_verify(inputs),
     )
+
+
+def _verify(inputs: Mapping[str, object]) -> bool:
+    text = _text(inputs, VERIFY, "0")
+    if text not in ("0", "1"):
+        raise errors.InvalidRequest(f"input {VERIFY!r} must be 0 or 1")
+    return text == "1"
+
+
+def _correspondences(inputs: Mapping[str, object]) -> int:
+    text = _text(inputs, CORRESPONDENCES, "0")
+    if not text.isdigit():
+        raise errors.InvalidRequest(f"input {CORRESPONDENCES!r} must be a whole number of region pairs")
+    return int(text)  # its range is checked by ExplainRequest
 
 
 def _deadline(inputs: Mapping[str, object]) -> float | None:

@@ -9,6 +9,7 @@ aside and moved into place, and indexing can be re-run to finish an interrupted 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,9 +33,14 @@ from histoxplain_model.vocabulary import (
     check_name,
 )
 from histoxplain_service.app.demo import run_demo
+from histoxplain_service.app.dicom_cli import add_dicom_arguments, cmd_explain_dicom, cmd_index_dicom, dicom_requested
 from histoxplain_service.app.migrate import add_migrate_parser
+from histoxplain_service.app.pacs_watch import add_pacs_watch_parser
 from histoxplain_service.app.report import write_report
-from histoxplain_service.bootstrap import open_index_engine, open_retrieval
+from histoxplain_service.app.rise_args import add_rise_arguments, rise_options_from_args
+from histoxplain_service.app.correspondence_args import add_correspondence_arguments, print_correspondences
+from histoxplain_service.app.verify_args import add_verify_argument, print_faithfulness
+from histoxplain_service.bootstrap import open_index_engine, opened_retrieval
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.retrieval import check_k
 from histoxplain_service.domain.types import INTEGER_FILTER_KEYS, TileFilter
@@ -97,6 +103,18 @@ def tile_filter_from_args(items: Sequence[str]) -> TileFilter | None:
     return TileFilter.from_mapping(values) if values else None
 
 
+def metadata_from_args(items: Sequence[str]) -> dict[str, str]:
+    """``["organ=colon", "stain=HE"]`` -> ``{"organ": "colon", "stain": "HE"}`` (checked when indexing)."""
+    metadata: dict[str, str] = {}
+    for position, item in enumerate(items, start=1):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or key.strip() in metadata:
+            # named by position only: the value may carry patient data
+            raise InvalidRequest(f"--metadata number {position} is not KEY=VALUE with a new KEY (e.g. --metadata organ=colon)")
+        metadata[key.strip()] = value
+    return metadata
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histoxplain",
@@ -106,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", help="index images, folders and whole-slide files")
-    index.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (labels from sub-folder names) or slides")
+    index.add_argument("paths", nargs="*", metavar="PATH",
+                       help="image files, folders (labels from sub-folder names) or slides; or a DICOM study below")
     _index_option(index)
     _common(index)
     index.add_argument("--label", help="label for files named directly (folders use sub-folder names)")
@@ -115,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--level", type=int, help="pyramid level read from whole-slide files (default 0)")
     index.add_argument("--min-tissue", type=float, help="fraction of tissue a tile needs (default 0.25)")
     index.add_argument("--no-progress", action="store_true", help="no progress bars")
+    index.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                       help="a descriptive field stored with every tile of these images (e.g. organ=colon, "
+                            "stain=HE), returned on hits and searchable with --filter KEY=VALUE; repeatable, "
+                            "at most 16")
+    add_dicom_arguments(index, region=False)
     index.set_defaults(func=cmd_index)
 
     search = commands.add_parser("search", help="find the indexed tiles (or images) most similar to an image")
@@ -128,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     explain = commands.add_parser("explain", help="search, then write heatmaps of why each hit matches")
-    explain.add_argument("image", type=Path, metavar="IMAGE")
+    explain.add_argument("image", type=Path, nargs="?", metavar="IMAGE", help="the query image (or a DICOM region below)")
     _index_option(explain)
     explain.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
     _filter_option(explain)
@@ -139,8 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--noise", type=float, metavar="SIGMA",
                          help="SmoothGrad only: noise std as a fraction of the image's value range, "
                               "in (0, 1] (default 0.15)")
+    add_rise_arguments(explain)
+    add_correspondence_arguments(explain)
+    add_verify_argument(explain)
     explain.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for overlay PNGs and index.html")
     _common(explain)
+    add_dicom_arguments(explain, region=True)
     explain.set_defaults(func=cmd_explain)
 
     info = commands.add_parser("info", help="describe the indexes and the model")
@@ -162,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(commands)
     add_migrate_parser(commands)
+    add_pacs_watch_parser(commands)
     return parser
 
 
@@ -183,8 +212,15 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
 
 def cmd_index(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    retrieval = open_retrieval(settings)
-    summary = retrieval.index_paths(args.index, args.paths, label=args.label, show_progress=not args.no_progress)
+    if dicom_requested(args):
+        return cmd_index_dicom(args, settings)
+    if not args.paths:
+        raise InvalidRequest("give the files or folders to index (PATH ...), or a DICOM study (--dicomweb URL --study UID)")
+    metadata = metadata_from_args(args.metadata)
+    with opened_retrieval(settings) as retrieval:
+        summary = retrieval.index_paths(
+            args.index, args.paths, label=args.label, show_progress=not args.no_progress, metadata=metadata
+        )
     print(
         f"index {summary.index}: {summary.images_indexed} image(s) indexed ({summary.tiles_indexed} tiles), "
         f"{summary.images_unchanged} already indexed, {len(summary.skipped)} skipped"
@@ -210,6 +246,7 @@ def _hit_json(hit) -> dict:
         "box": asdict(hit.box),
         "level": hit.level,
         "mpp": hit.mpp,
+        "metadata": dict(hit.metadata),
     }
 
 
@@ -218,16 +255,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     tile_filter = tile_filter_from_args(args.filter)
     settings = settings_from_args(args)
     image = _read_query(args.image, settings)
-    retrieval = open_retrieval(settings)
-    if args.images:
-        image_hits = retrieval.search_images(args.index, image, args.k, tile_filter=tile_filter)
-        rows = [
-            {"score": round(hit.score, 6), "image_id": hit.image_id, "label": hit.label, "source": hit.source,
-             "box": asdict(hit.tiles[0].box), "tiles": [_hit_json(tile) for tile in hit.tiles]}
-            for hit in image_hits
-        ]
-    else:
-        rows = [_hit_json(hit) for hit in retrieval.search(args.index, image, args.k, tile_filter=tile_filter)]
+    with opened_retrieval(settings) as retrieval:
+        if args.images:
+            image_hits = retrieval.search_images(args.index, image, args.k, tile_filter=tile_filter)
+            rows = [
+                {"score": round(hit.score, 6), "image_id": hit.image_id, "label": hit.label, "source": hit.source,
+                 "box": asdict(hit.tiles[0].box), "tiles": [_hit_json(tile) for tile in hit.tiles]}
+                for hit in image_hits
+            ]
+        else:
+            rows = [_hit_json(hit) for hit in retrieval.search(args.index, image, args.k, tile_filter=tile_filter)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -241,18 +278,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     check_k(args.k)
     check_name("method", args.method, METHOD_NAMES)
-    options = smoothgrad_options(args.method, args.samples, args.noise)
+    rise_options = rise_options_from_args(args.method, args)  # both checked: a flag of another method fails
+    options = smoothgrad_options(args.method, args.samples, args.noise) or rise_options
     tile_filter = tile_filter_from_args(args.filter)
     settings = settings_from_args(args)
+    if dicom_requested(args):
+        return cmd_explain_dicom(args, settings, options, tile_filter)
+    if args.image is None:
+        raise InvalidRequest("give a query IMAGE, or a DICOM region (--dicomweb URL --study UID --series UID --region X,Y,W,H)")
     image = _read_query(args.image, settings)
-    retrieval = open_retrieval(settings)
-    explained = retrieval.search_and_explain(
-        args.index, image, args.k, args.method, args.polarity, args.side, options=options, tile_filter=tile_filter
-    )
+    with opened_retrieval(settings) as retrieval:
+        explained = retrieval.search_and_explain(
+            args.index, image, args.k, args.method, args.polarity, args.side, options=options, tile_filter=tile_filter,
+            target=args.target, correspondences=args.correspondences, verify=args.verify,
+        )
     page = write_report(
         [explained], args.out, title=f"histoxplain: {args.image.name} against index {args.index}",
         notes=[f"encoder: {retrieval.model.preset}", f"index: {args.index}", f"query: {args.image}"],
     )
+    print_correspondences(explained, as_json=args.json)
+    print_faithfulness(explained, as_json=args.json)
     print(f"wrote {page}")
     return 0
 
@@ -277,15 +322,16 @@ def smoothgrad_options(method: str, samples: int | None, noise: float | None) ->
 
 def cmd_info(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    engine = open_index_engine(settings)
-    infos = [engine.open_index(args.index).describe()] if args.index else engine.list_indexes()
+    with contextlib.closing(open_index_engine(settings)) as engine:
+        infos = [engine.open_index(args.index).describe()] if args.index else engine.list_indexes()
     print(json.dumps([asdict(info) for info in infos], indent=2))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    removed = open_index_engine(settings).open_index(args.index).delete(args.image_ids)
+    with contextlib.closing(open_index_engine(settings)) as engine:
+        removed = engine.open_index(args.index).delete(args.image_ids)
     print(f"deleted {removed} tile(s) of {len(args.image_ids)} image(s) from {args.index}")
     return 0
 

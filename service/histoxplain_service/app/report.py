@@ -17,6 +17,7 @@ from PIL import Image
 
 from histoxplain_model.overlay import overlay_png
 from histoxplain_model.vocabulary import METHOD_TITLES
+from histoxplain_service.app.matched_regions import matched_regions_cell
 from histoxplain_service.domain.types import ExplainedSearch
 
 
@@ -26,6 +27,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 
 table { border-collapse: collapse; } td, th { padding: 6px 10px; vertical-align: top; text-align: left; }
 tr:nth-child(even) { background: #f6f6f6; }
 img { width: 200px; height: 200px; object-fit: contain; border: 1px solid #ddd; }
+svg.matches { width: 200px; height: 200px; border: 1px solid #ddd; margin-right: 4px; }
 .meta { color: #555; font-size: 0.9em; } .score { font-weight: bold; font-size: 1.1em; }
 .legend { display: inline-block; width: 200px; height: 12px;
           background: linear-gradient(to right, #00007f, #0000ff, #00ffff, #ffff00, #ff0000, #7f0000); }
@@ -59,6 +61,7 @@ def _write_section(search: ExplainedSearch, folder: Path, number: int) -> str:
     query_name = f"{prefix}-query.png"
     Image.fromarray(search.query_image).save(folder / query_name)
     rows = []
+    matched = any(explained.correspondences for explained in search.hits)
     for rank, explained in enumerate(search.hits, start=1):
         hit = explained.hit
         hit_name = f"{prefix}-hit{rank:02d}.png"
@@ -73,6 +76,9 @@ def _write_section(search: ExplainedSearch, folder: Path, number: int) -> str:
                                    explained.query_heatmap, "query, regions driving this match"))
         cells.append(_heatmap_cell(folder, f"{prefix}-hit{rank:02d}-hit-map.png", explained.image,
                                    explained.hit_heatmap, "retrieved tile, regions driving this match"))
+        if matched:
+            cells.append(matched_regions_cell(explained.correspondences, query_name, search.query_image.shape[:2],
+                                              hit_name, explained.image.shape[:2]))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     method = METHOD_TITLES.get(search.method, search.method)
     polarity = "similarity" if search.polarity == "similar" else "dissimilarity"
@@ -80,7 +86,8 @@ def _write_section(search: ExplainedSearch, folder: Path, number: int) -> str:
         f"<h2>{html.escape(method)}: what drives the {polarity}</h2>"
         f'<p><img src="{query_name}" alt="query"><br><b>Query</b></p>'
         "<table><tr><th>Rank</th><th>Cosine similarity</th><th>Retrieved tile</th>"
-        "<th>Query heatmap</th><th>Retrieved heatmap</th></tr>" + "".join(rows) + "</table>"
+        "<th>Query heatmap</th><th>Retrieved heatmap</th>"
+        + ("<th>Matched regions</th>" if matched else "") + "</tr>" + "".join(rows) + "</table>"
     )
 
 

@@ -28,8 +28,8 @@ PixelEmbedder = Callable[[np.ndarray], np.ndarray]
 class EmbeddedBackend:
     """Embeds and explains with an :class:`~histoxplain_model.encoders.Encoder` in this process.
 
-    ``pixel_embedder`` replaces torch for embeddings only (the ONNX Runtime path); gradients
-    always come from torch. Concurrent explanations need no lock: each builds its own explainer,
+    ``pixel_embedder`` replaces torch for embeddings only (the ONNX Runtime path, also rise's
+    masked images); gradients always come from torch. Concurrent explanations need no lock: each builds its own explainer,
     keeps its state in local variables, and its forward hook on the shared target layer ignores
     the forward passes of other threads (``histoxplain_model.saliency.base``;
     ``tests/unit/model/test_saliency.py::test_concurrent_calls_on_one_model_do_not_mix``).
@@ -76,7 +76,7 @@ class EmbeddedBackend:
             if self._pixel_embedder is not None:
                 request = self._with_embeddings(request, timeout)
             check_deadline()
-            return explain_retrieval(self._encoder, request)
+            return explain_retrieval(self._encoder, request, pixel_embedder=self._pixel_embedder)
 
     def _with_embeddings(self, request: ExplainRequest, timeout: float | None) -> ExplainRequest:
         """``request`` with both sides' embeddings, the missing ones from ONNX Runtime: it embeds

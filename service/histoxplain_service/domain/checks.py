@@ -15,7 +15,7 @@ What messages say
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +25,7 @@ from histoxplain_model.imageio import MAX_PIXELS_ENV, MAX_REQUEST_PIXELS_ENV, de
 from histoxplain_model.limits import IMAGE_ID, LABEL, SOURCE, TextLimit, check_mpp
 
 from histoxplain_service.config import Settings
+from histoxplain_service.domain.types import check_metadata
 
 __all__ = [
     "REQUEST_PIXEL_BUDGET",
@@ -53,6 +54,8 @@ class EncodedImage(NamedTuple):
     label: str | None = None
     image_id: str | None = None
     mpp: float | None = None
+    #: descriptive fields stored with every tile (``domain.types.check_metadata``'s rules)
+    metadata: Mapping[str, str] | None = None
 
 
 def request_pixel_limit(settings: Settings) -> tuple[int, str]:
@@ -109,7 +112,7 @@ def decode_request_images(images: Sequence[bytes], settings: Settings, what: str
 
 
 def check_image_metadata(image: EncodedImage, where: str) -> None:
-    """An image's id, label, source and mpp within the limits.
+    """An image's id, label, source, mpp and metadata within the limits.
 
     Raises:
         InvalidRequest: naming the field, ``where`` and the limit (never the value).
@@ -120,6 +123,7 @@ def check_image_metadata(image: EncodedImage, where: str) -> None:
         LABEL.check(image.label, where)
     SOURCE.check(image.source, where)
     check_mpp(image.mpp, where)
+    check_metadata(image.metadata, where)
 
 
 def check_texts(values: Sequence[str], limit: TextLimit, field: str) -> list[str]:

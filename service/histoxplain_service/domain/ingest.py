@@ -54,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -70,7 +70,7 @@ from histoxplain_model.limits import LABEL, SOURCE, check_mpp
 from histoxplain_service.config import Settings
 from histoxplain_service.domain.checks import EncodedImage, check_image_metadata, decode_request_image
 from histoxplain_service.domain.tiling import pad_tile, plan_tile_boxes
-from histoxplain_service.domain.types import Box, DicomReference, TileRecord
+from histoxplain_service.domain.types import Box, DicomReference, Metadata, TileRecord, check_metadata
 from histoxplain_service.index.base import VectorIndex
 
 __all__ = [
@@ -204,6 +204,7 @@ class ImageSource(Protocol):
     width: int
     height: int
     dicom: DicomReference | None
+    metadata: Metadata
 
     def thumbnail(self, max_side: int) -> np.ndarray: ...
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray: ...
@@ -222,6 +223,7 @@ class ArraySource:
     level: int = 0
     downsample: float = 1.0
     dicom: DicomReference | None = None
+    metadata: Metadata = ()
 
     @property
     def width(self) -> int:
@@ -247,7 +249,9 @@ class SlideSource:
 
     dicom: DicomReference | None = None
 
-    def __init__(self, path: Path, level: int, image_id: str, label: str | None = None) -> None:
+    def __init__(
+        self, path: Path, level: int, image_id: str, label: str | None = None, metadata: Metadata = ()
+    ) -> None:
         import tiffslide  # imported here: only slides need it
 
         try:
@@ -263,6 +267,7 @@ class SlideSource:
         self.image_id = image_id
         self.source = str(path)
         self.label = label
+        self.metadata = metadata
         self.level = level
         self.width, self.height = (int(v) for v in self._slide.level_dimensions[level])
         self.downsample = float(self._slide.level_downsamples[level])
@@ -300,8 +305,8 @@ def _is_pyramid_tiff(path: Path) -> bool:
         return False
 
 
-def open_source(item: InputFile, settings: Settings) -> ImageSource:
-    """Open one file as an image source (a slide level or a decoded image).
+def open_source(item: InputFile, settings: Settings, metadata: Metadata = ()) -> ImageSource:
+    """Open one file as an image source (a slide level or a decoded image) with ``metadata``.
 
     Raises:
         InvalidRequest (ImageDecodeError, ImageTooLargeError): the file cannot be used.
@@ -313,13 +318,13 @@ def open_source(item: InputFile, settings: Settings) -> ImageSource:
         raise ImageDecodeError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
     suffix = path.suffix.lower()
     if suffix in SLIDE_SUFFIXES or (suffix in (".tif", ".tiff") and _is_pyramid_tiff(path)):
-        return SlideSource(path, settings.slide_level, image_id, item.label)
+        return SlideSource(path, settings.slide_level, image_id, item.label, metadata)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
     image = decode_image(data, settings.max_pixels, source=repr(str(path)))
-    return ArraySource(image, image_id, str(path), item.label)
+    return ArraySource(image, image_id, str(path), item.label, metadata=metadata)
 
 
 # -- tiling --------------------------------------------------------------------------------------
@@ -343,7 +348,8 @@ def plan_tiles(source: ImageSource, tile_size: int, stride: int, min_tissue: flo
     level0 = [Box(round(x * ds), round(y * ds), round(w * ds), round(h * ds)) for x, y, w, h in boxes]
     return [
         TileRecord(
-            source.image_id, source.source, source.label, box, source.level, source.mpp, i, len(level0), source.dicom
+            source.image_id, source.source, source.label, box, source.level, source.mpp, i, len(level0), source.dicom,
+            source.metadata,
         )
         for i, box in enumerate(level0)
     ]
@@ -452,7 +458,7 @@ class _Indexer:
         state = self.index.image_state(records)
         if state != "incomplete":
             if state == "metadata":
-                self.index.set_image_metadata(source.image_id, source.label, source.source)
+                self.index.set_image_metadata(source.image_id, source.label, source.source, source.metadata)
             status = "unchanged" if state == "complete" else "relabelled"
             return IndexedImage(source.image_id, source.source, source.label, len(records), status)
         self.pending[source.image_id] = _Pending(records, len(records))
@@ -572,6 +578,7 @@ def index_paths(
     dim: int,
     label: str | None = None,
     show_progress: bool = True,
+    metadata: Mapping[str, str] | None = None,
 ) -> IndexSummary:
     """Index every image and slide under ``paths`` (see the module docstring).
 
@@ -583,14 +590,16 @@ def index_paths(
         preset, dim: the encoder behind ``embed_fn`` (an index built with another is refused).
         label: label of explicitly named files.
         show_progress: tqdm progress bars on stderr.
+        metadata: descriptive fields stored with every tile of every input (``organ``, ``stain``).
 
     Raises:
         InvalidRequest: a PATH that does not exist or has an unsupported extension (nothing written).
         FailedPrecondition: the index was built with another encoder.
     """
+    checked = check_metadata(metadata, "--metadata")
     inputs = discover_inputs(paths, label)
     items = [
-        (position, str(item.path), lambda item=item: open_source(item, settings))
+        (position, str(item.path), lambda item=item: open_source(item, settings, checked))
         for position, item in enumerate(inputs)
     ]
     return _run(items, index, embed_fn, settings, preset, dim, show_progress, len(items), named_inputs=True)
@@ -643,7 +652,10 @@ def index_images(
     def opener(position: int, image: EncodedImage) -> Callable[[], ImageSource]:
         def open_() -> ImageSource:
             pixels = decode_request_image(image.data, settings, f"image {position}")
-            return ArraySource(pixels, image.image_id or bytes_id(image.data), image.source, image.label, image.mpp)
+            return ArraySource(
+                pixels, image.image_id or bytes_id(image.data), image.source, image.label, image.mpp,
+                metadata=check_metadata(image.metadata),
+            )
 
         return open_
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from histoxplain_model.deadlines import time_left
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest, NotFound
 from histoxplain_model.limits import IMAGE_ID, MAX_K, POINT_ID
-from histoxplain_model.vocabulary import POLARITIES, SIDES, check_name
+from histoxplain_model.vocabulary import DEFAULT_TARGET, POLARITIES, SIDES, check_name
 from histoxplain_model.options import SaliencyOptions
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import ModelInfo
@@ -102,12 +102,15 @@ class Retrieval:
         return DeleteSummary(len(present), tiles, tuple(image_id for image_id in wanted if image_id not in held))
 
     def index_paths(
-        self, name: str, paths: Iterable[str | os.PathLike[str]], label: str | None = None, show_progress: bool = True
+        self, name: str, paths: Iterable[str | os.PathLike[str]], label: str | None = None, show_progress: bool = True,
+        metadata: Mapping[str, str] | None = None,
     ) -> IndexSummary:
+        """Index files and folders (``metadata``: descriptive fields stored with every tile)."""
         index = self.index(name)
         summary = index_paths(
             paths, index, self._embed_tiles, self.settings,
             preset=self.model.preset, dim=self.model.embedding_dim, label=label, show_progress=show_progress,
+            metadata=metadata,
         )
         _settle(index, summary)
         return summary
@@ -174,7 +177,8 @@ class Retrieval:
     def search_images_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
         side: str = "both", timeout: float | None = None, options: SaliencyOptions | None = None,
-        tile_filter: TileFilter | None = None,
+        tile_filter: TileFilter | None = None, target: str = DEFAULT_TARGET, correspondences: int = 0,
+        verify: bool = False,
     ) -> tuple[list[ImageHit], ExplainedSearch]:
         """:meth:`search_images`, then each image's best tile explained against the query.
 
@@ -182,7 +186,10 @@ class Retrieval:
         self._check_explain_options(method, polarity, side)
         image_hits = self.search_images(name, image, k, timeout=timeout, tile_filter=tile_filter)
         tiles = [max(hit.tiles, key=lambda tile: tile.score) for hit in image_hits]
-        return image_hits, self.explain_hits(name, image, tiles, method, polarity, side, timeout, options)
+        return image_hits, self.explain_hits(
+            name, image, tiles, method, polarity, side, timeout, options, target=target, correspondences=correspondences,
+            verify=verify,
+        )
 
     # -- explain -----------------------------------------------------------------------------------
 
@@ -195,12 +202,16 @@ class Retrieval:
         self, name: str, image: np.ndarray, hits: Sequence[SearchHit], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
         options: SaliencyOptions | None = None, query_embedding: np.ndarray | None = None,
+        target: str = DEFAULT_TARGET, correspondences: int = 0, verify: bool = False,
     ) -> ExplainedSearch:
         """Explain the query against indexed tiles (their stored pixels and vectors).
 
         ``options``: the method's own options type (e.g. ``SmoothGradOptions`` for its samples and
         noise; another method's raise InvalidRequest); ``None``: the method's defaults.
         ``query_embedding``: the query's vector when the caller has it.
+        ``target`` ("cosine" or "projection"), ``correspondences`` (region pairs per hit, 0:
+        none) and ``verify`` (each map's faithfulness): as
+        :class:`histoxplain_model.requests.ExplainRequest` (every explain method here).
         """
         self._check_explain_options(method, polarity, side)
         if not hits:
@@ -210,6 +221,7 @@ class Retrieval:
         return self._explain(
             image, references, list(hits), method, polarity, side, timeout, options,
             query_embedding=query_embedding, reference_embeddings=self._stored_vectors(index, hits),
+            target=target, correspondences=correspondences, verify=verify,
         )
 
     def _load_tile(self, index: VectorIndex, hit: SearchHit) -> np.ndarray:
@@ -234,14 +246,16 @@ class Retrieval:
     def explain_images(
         self, image: np.ndarray, references: Sequence[np.ndarray], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
-        options: SaliencyOptions | None = None,
+        options: SaliencyOptions | None = None, target: str = DEFAULT_TARGET, correspondences: int = 0,
+        verify: bool = False,
     ) -> ExplainedSearch:
         """Explain the query against reference images given directly (no index)."""
         self._check_explain_options(method, polarity, side)
         if not references:
             raise InvalidRequest("no reference images to explain against; give at least one")
         return self._explain(
-            image, list(references), [None] * len(references), method, polarity, side, timeout, options
+            image, list(references), [None] * len(references), method, polarity, side, timeout, options,
+            target=target, correspondences=correspondences, verify=verify,
         )
 
     def indexed_hits(
@@ -279,7 +293,8 @@ class Retrieval:
     def explain_indexed(
         self, name: str, image: np.ndarray, image_ids: Sequence[str], point_ids: Sequence[str], method: str,
         polarity: str = "similar", side: str = "both", timeout: float | None = None,
-        options: SaliencyOptions | None = None,
+        options: SaliencyOptions | None = None, target: str = DEFAULT_TARGET, correspondences: int = 0,
+        verify: bool = False,
     ) -> ExplainedSearch:
         """:meth:`indexed_hits` then :meth:`explain_hits`, embedding the query once, so the
         backend embeds nothing again."""
@@ -287,13 +302,15 @@ class Retrieval:
         query_vector = self.embed_query(image, timeout)
         hits = self.indexed_hits(name, image, image_ids, point_ids, timeout, query_embedding=query_vector)
         return self.explain_hits(
-            name, image, hits, method, polarity, side, timeout, options, query_embedding=query_vector
+            name, image, hits, method, polarity, side, timeout, options, query_embedding=query_vector,
+            target=target, correspondences=correspondences, verify=verify,
         )
 
     def search_and_explain(
         self, name: str, image: np.ndarray, k: int, method: str, polarity: str = "similar",
         side: str = "both", label: str | None = None, timeout: float | None = None,
         options: SaliencyOptions | None = None, tile_filter: TileFilter | None = None,
+        target: str = DEFAULT_TARGET, correspondences: int = 0, verify: bool = False,
     ) -> ExplainedSearch:
         """:meth:`search` (``label`` and ``tile_filter`` as there) then :meth:`explain_hits`,
         reusing the query's embedding and the hits' stored vectors so the backend embeds nothing again."""
@@ -310,12 +327,14 @@ class Retrieval:
         return self._explain(
             image, references, hits, method, polarity, side, timeout, options,
             query_embedding=query_vector, reference_embeddings=vectors,
+            target=target, correspondences=correspondences, verify=verify,
         )
 
     def _explain(
         self, image: np.ndarray, references: list[np.ndarray], hits: list[SearchHit | None],
         method: str, polarity: str, side: str, timeout: float | None, options: SaliencyOptions | None,
         query_embedding: np.ndarray | None = None, reference_embeddings: np.ndarray | None = None,
+        target: str = DEFAULT_TARGET, correspondences: int = 0, verify: bool = False,
     ) -> ExplainedSearch:
         # The deadline travels with the request, so the explanation stops itself once its
         # caller has given up, also inside a TorchServe worker (histoxplain_model.deadlines).
@@ -323,6 +342,7 @@ class Retrieval:
             image, references, method, polarity, side, options,
             query_embedding=query_embedding, reference_embeddings=reference_embeddings,
             deadline=None if timeout is None else time.time() + timeout,
+            target=target, correspondences=correspondences, verify=verify,
         )
         result = self.backend.explain(request, timeout=timeout)
         explained = tuple(
@@ -333,6 +353,9 @@ class Retrieval:
                 image=references[i],
                 query_heatmap=None if result.query_heatmaps is None else result.query_heatmaps[i],
                 hit_heatmap=None if result.reference_heatmaps is None else result.reference_heatmaps[i],
+                correspondences=() if result.correspondences is None else result.correspondences[i],
+                query_faithfulness=None if result.query_faithfulness is None else result.query_faithfulness[i],
+                hit_faithfulness=None if result.reference_faithfulness is None else result.reference_faithfulness[i],
             )
             for i, hit in enumerate(hits)
         )

@@ -11,6 +11,14 @@ Tile filters
     condition a set of accepted values. Every engine translates the same filter to its own
     conditions, so a filter means the same on each (``tests/unit/service/test_index_congruence.py``).
 
+Image metadata
+    An image may carry descriptive fields (``{"organ": "colon", "stain": "HE"}``, at most
+    :data:`~histoxplain_model.limits.MAX_METADATA_ENTRIES`), stored with each of its tiles under
+    the payload key ``metadata`` and returned on every hit. A filter names such a field by its
+    own key (``organ``): :func:`payload_key` maps it to ``metadata.organ``, where the engines
+    keep a keyword payload index per field. Built-in keys cannot be metadata keys, so a filter
+    key is never ambiguous.
+
 DICOM tiles
     A tile cut from a DICOM whole-slide series read over DICOMweb carries a
     :class:`DicomReference` (payload key ``dicom``): the PACS is the system of record for its
@@ -35,7 +43,8 @@ from typing import Any
 import numpy as np
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.limits import SOURCE, shorten
+from histoxplain_model.limits import MAX_METADATA_ENTRIES, METADATA_KEY, METADATA_VALUE, SOURCE, shorten
+from histoxplain_model.results import Faithfulness, RegionCorrespondence
 
 __all__ = [
     "Box",
@@ -47,9 +56,13 @@ __all__ = [
     "FilterValue",
     "ImageHit",
     "IndexInfo",
+    "METADATA_PAYLOAD_KEY",
+    "Metadata",
     "SearchHit",
     "TileFilter",
     "TileRecord",
+    "check_metadata",
+    "payload_key",
     "point_id_for",
 ]
 
@@ -114,6 +127,47 @@ class DicomReference:
         )
 
 
+#: An image's descriptive fields as sorted (key, value) pairs (hashable, so records stay hashable).
+Metadata = tuple[tuple[str, str], ...]
+#: The payload key that holds them (a JSON object).
+METADATA_PAYLOAD_KEY = "metadata"
+#: Payload keys histoxplain writes itself: no metadata key may take one of these names.
+BUILTIN_PAYLOAD_KEYS = frozenset({
+    "image_id", "source", "label", "box", "level", "mpp", "tile_index", "tiles_in_image", "dicom", METADATA_PAYLOAD_KEY,
+})
+_METADATA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_metadata(metadata: Mapping[str, str] | None, where: str = "") -> Metadata:
+    """An image's metadata as sorted pairs, checked: entries, key form and length, value length.
+
+    Raises:
+        InvalidRequest: naming the rule and a key (short, the caller's own field name), never a value.
+    """
+    if not metadata:
+        return ()
+    at = f" of {where}" if where else ""
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidRequest(f"the metadata{at} has {len(metadata)} entries; the limit is {MAX_METADATA_ENTRIES}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequest(f"metadata{at} must map text keys to text values")
+        METADATA_KEY.check(key, where)
+        if not _METADATA_KEY.fullmatch(key) or key in BUILTIN_PAYLOAD_KEYS:
+            raise InvalidRequest(
+                f"metadata key {shorten(key)}{at} is not allowed; use letters, digits and '_' (starting with a "
+                f"letter or '_'), not one of {', '.join(sorted(BUILTIN_PAYLOAD_KEYS))}"
+            )
+        METADATA_VALUE.check(value, f"key {shorten(key)}{at}")
+    return tuple(sorted(metadata.items()))
+
+
+def payload_key(key: str) -> str:
+    """Where a filter key lives in the payload: built-in keys (``label``, ``box.w``) as they are,
+    any other (an image's metadata field, ``organ``) under ``metadata.``."""
+    return key if key.split(".", 1)[0] in BUILTIN_PAYLOAD_KEYS else f"{METADATA_PAYLOAD_KEY}.{key}"
+
+
 @dataclass(frozen=True)
 class TileRecord:
     """What the index stores about one tile (its payload); ``dicom`` only for tiles of DICOM slides."""
@@ -127,6 +181,7 @@ class TileRecord:
     tile_index: int
     tiles_in_image: int
     dicom: DicomReference | None = None
+    metadata: Metadata = ()
 
     @property
     def point_id(self) -> str:
@@ -142,7 +197,9 @@ class TileRecord:
             "mpp": self.mpp,
             "tile_index": self.tile_index,
             "tiles_in_image": self.tiles_in_image,
-        } | ({} if self.dicom is None else {"dicom": self.dicom.as_dict()})
+        } | ({} if self.dicom is None else {"dicom": self.dicom.as_dict()}) | (
+            {METADATA_PAYLOAD_KEY: dict(self.metadata)} if self.metadata else {}
+        )
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TileRecord:
@@ -156,6 +213,7 @@ class TileRecord:
             tile_index=int(payload.get("tile_index", 0)),
             tiles_in_image=int(payload.get("tiles_in_image", 1)),
             dicom=None if payload.get("dicom") is None else DicomReference.from_dict(payload["dicom"]),
+            metadata=tuple(sorted((payload.get(METADATA_PAYLOAD_KEY) or {}).items())),
         )
 
 
@@ -278,13 +336,14 @@ class SearchHit:
     mpp: float | None
     tile_index: int
     dicom: DicomReference | None = None
+    metadata: Metadata = ()
 
     @classmethod
     def from_record(cls, record: TileRecord, score: float, point_id: str | None = None) -> SearchHit:
         """The hit of a stored tile; ``point_id`` as the engine returned it (default: the record's)."""
         return cls(
             score, record.point_id if point_id is None else point_id, record.image_id, record.label,
-            record.source, record.box, record.level, record.mpp, record.tile_index, record.dicom,
+            record.source, record.box, record.level, record.mpp, record.tile_index, record.dicom, record.metadata,
         )
 
 
@@ -326,6 +385,10 @@ class ExplainedHit:
         hit_heatmap: (h, w) float32 in [0, 1]: where the reference drives it.
         position: the reference's place among those explained (its rank in the search, or its
             position in the request); kept when the hits are re-ranked.
+        correspondences: matched region pairs (query cell <-> this reference's cell), best
+            first; empty unless asked.
+        query_faithfulness / hit_faithfulness: each map's deletion/insertion against a random
+            map (``verify``); ``None`` unless asked and that side was explained.
     """
 
     hit: SearchHit | None
@@ -334,6 +397,9 @@ class ExplainedHit:
     query_heatmap: np.ndarray | None
     hit_heatmap: np.ndarray | None
     position: int = 0
+    correspondences: tuple[RegionCorrespondence, ...] = ()
+    query_faithfulness: Faithfulness | None = None
+    hit_faithfulness: Faithfulness | None = None
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.vocabulary import DEFAULT_PRESET, METHOD_NAMES, POLARITIES
+from histoxplain_model.vocabulary import DEFAULT_PRESET, POLARITIES, TARGETS
 from histoxplain_service.evaluation.datasets import DEFAULT_CRC_PATTERN, LAYOUTS, TilingPolicy
-from histoxplain_service.evaluation.faithfulness import BASELINES, REFERENCE_MAPS
+from histoxplain_service.evaluation.faithfulness import PERTURBATIONS, REFERENCE_MAPS
 from histoxplain_service.evaluation.metrics import DEFAULT_KS
 from histoxplain_service.evaluation.report import environment, write_json, write_report
 
@@ -106,15 +106,22 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
 
 
 def run_explanations_command(args: argparse.Namespace) -> int:
-    from histoxplain_service.evaluation.explanations import ExplanationConfig, run_explanations
+    from histoxplain_service.evaluation.explanations import FULL_PRESET, ExplanationConfig, run_explanations
     from histoxplain_service.evaluation.retrieval import load_dataset
 
     config = config_from_args(args)
-    explanation = ExplanationConfig(
-        methods=args.methods, polarities=args.polarities, pairs=args.pairs, steps=args.steps,
-        baselines=args.baselines, randomised_blocks=args.randomised_blocks, smoothgrad_samples=args.smoothgrad_samples,
-        reference_maps=args.reference_maps, forward_batch=args.forward_batch, onnx=args.onnx,
-    )
+    given = {
+        "polarities": args.polarities, "pairs": args.pairs, "steps": args.steps, "perturbations": args.perturbations,
+        "road_steps": args.road_steps, "target_layers": args.target_layers, "targets": args.targets,
+        "randomised_blocks": args.randomised_blocks, "smoothgrad_samples": args.smoothgrad_samples,
+        "reference_maps": args.reference_maps, "forward_batch": args.forward_batch, "onnx": args.onnx,
+        "resamples": args.resamples, "method_options": tuple(args.method_options),
+    }
+    if args.methods is not None:  # default: every method in the library's registry
+        given["methods"] = args.methods
+    if args.full:
+        given = {**given, **{name: max(given[name], value) for name, value in FULL_PRESET.items()}}
+    explanation = ExplanationConfig(**given)
     explanation.check()
     load_dataset(config)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -137,16 +144,27 @@ def add_evaluate_parser(subparsers) -> None:
     explanations = commands.add_parser("explanations", help="deletion/insertion AUC, randomisation sanity check, runtime")
     _common(explanations)
     explanations.add_argument("--pairs", type=int, default=8, help="query/hit pairs to explain (default 8)")
+    explanations.add_argument("--full", action="store_true",
+                              help="the full preset: at least 200 pairs (cost: docs/EVALUATION.md), every other option as given")
     explanations.add_argument("--steps", type=int, default=16, help="deletion/insertion steps per curve (default 16)")
-    explanations.add_argument("--methods", type=_csv(str), default=METHOD_NAMES, help=f"comma-separated (default {','.join(METHOD_NAMES)})")
+    explanations.add_argument("--road-steps", type=int, default=5, help="ROAD MoRF/LeRF steps per curve (default 5: 20 %% ... 100 %%)")
+    explanations.add_argument("--methods", type=_csv(str), default=None, help="comma-separated (default: every method the library registers)")
     explanations.add_argument("--polarities", type=_csv(str), default=POLARITIES, help=f"comma-separated (default {','.join(POLARITIES)})")
-    explanations.add_argument("--baselines", type=_csv(str), default=("blur",), help=f"comma-separated, of {', '.join(BASELINES)} (default blur)")
+    explanations.add_argument("--perturbations", type=_csv(str), default=("blur", "road"),
+                              help=f"comma-separated, of {', '.join(PERTURBATIONS)} (default blur,road)")
+    explanations.add_argument("--target-layers", type=_csv(str), default=("last", "previous"),
+                              help="comma-separated, of last (the preset's target layer), previous (the stage before it, a finer grid; "
+                                   "CAM methods only; CNN presets) (default last,previous)")
+    explanations.add_argument("--targets", type=_csv(str), default=TARGETS, help=f"comma-separated, of {', '.join(TARGETS)} (default all)")
     explanations.add_argument("--randomised-blocks", type=int, default=2,
-                              help="steps of the sanity check's cascade: step k re-initialises the top k blocks (default 2)")
+                              help="steps of the sanity check's cascade: step k re-initialises the top k blocks; 0 = none (default 2)")
     explanations.add_argument("--reference-maps", type=_csv(str), default=REFERENCE_MAPS,
                               help=f"comma-separated, of {', '.join(REFERENCE_MAPS)}; random is required (default all)")
-    explanations.add_argument("--forward-batch", type=int, default=16, help="perturbed images per forward pass (default 16)")
+    explanations.add_argument("--forward-batch", type=int, default=32, help="perturbed images per forward pass (default 32)")
     explanations.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
-                              help="score deletion/insertion images with onnxruntime when installed (default on; --no-onnx: torch)")
+                              help="score perturbed and masked images with onnxruntime when installed (default on; --no-onnx: torch)")
     explanations.add_argument("--smoothgrad-samples", type=int, default=25, help="SmoothGrad noisy copies (default 25, as served)")
+    explanations.add_argument("--option", dest="method_options", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                              help="a method's option other than its served default, e.g. rise.n_masks=200 (repeatable)")
+    explanations.add_argument("--resamples", type=int, default=4000, help="cluster-bootstrap resamples per interval (default 4000)")
     explanations.set_defaults(func=run_explanations_command)

@@ -1,22 +1,23 @@
 """`evaluate explanations`: faithfulness, sanity and runtime of each method on retrieval pairs.
 
-Pairs: a seeded sample of query tiles from the retrieval run, each with its best match from
-another group (the top-1 hit a user would ask about). For every pair, method, polarity and
-side the map is scored by deletion/insertion (:mod:`.faithfulness`) against the same curves
-for reference maps (a smooth random map, a centred Gaussian, pixel noise); the query-side
-``similar`` map is also recomputed along a cascade that re-initialises the encoder's top
-blocks one more at a time (:mod:`.sanity`). Completed pairs are appended to
+Pairs: a seeded sample of query tiles from the retrieval run (a seeded permutation, so a run
+with fewer pairs is a prefix of one with more), each with its best match from another group
+(the top-1 hit a user would ask about). For every pair, variant (:mod:`.variants`: every
+registered method, the CAM methods also on the finer stage, each target), polarity and side the
+map is scored by deletion/insertion towards a baseline and by ROAD (:mod:`histoxplain_model.faithfulness`)
+against the same curves of reference maps (the smooth random map on each grid, a centred Gaussian,
+pixel noise); the query-side ``similar`` map of each method is also recomputed along a cascade
+that re-initialises the encoder's top blocks (:mod:`.sanity`). :mod:`.summary` turns the pairs
+into paired comparisons with the random map. Completed pairs are appended to
 ``OUT/explanations.pairs.jsonl`` so an interrupted run resumes.
 
 Work that does not depend on the method is done once per pair and side: the baseline image,
 the embeddings of the two unperturbed tiles, and the curves of each distinct map. The
 ``dissimilar`` score is exactly minus the ``similar`` one, so a map shared by both polarities
-(every reference map) is scored once and its curves negated. Every method has its own
-``dissimilar`` map (SmoothGrad's is its signed gradient x input form), so each is computed. The perturbed images are scored through onnxruntime when it is installed
-(the encoder's checked ONNX export, about twice as fast as torch eager on CPU), else torch.
-
-Why about 420 lines: this is the run loop of the explanation evaluation (pairs, caches,
-journal) with its configuration; metrics, the sanity check and the report are modules of their own.
+(every reference map) is scored once and its curves negated. The perturbed images (and RISE's
+masked images) are scored through onnxruntime when it is installed (the encoder's checked ONNX
+export, about twice as fast as torch eager on CPU), else torch. The curves are always of the
+cosine (the score the ranking uses), whichever target a variant explains.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +35,38 @@ import torch
 from tqdm import tqdm
 
 from histoxplain_model.errors import InvalidRequest
-from histoxplain_model.options import SaliencyOptions, SmoothGradOptions
-from histoxplain_model.saliency import METHODS, POLARITIES, check_method, get_explainer
-from histoxplain_model.vocabulary import SMOOTHGRAD
+from histoxplain_model.options import SaliencyOptions, SmoothGradOptions, default_options
+from histoxplain_model.saliency import METHODS, POLARITIES, check_method
+from histoxplain_model.vocabulary import SMOOTHGRAD, TARGETS, check_name
 from histoxplain_service.evaluation.faithfulness import (
-    BASELINES,
+    PERTURBATIONS,
+    ROAD_NOISE,
     REFERENCE_MAPS,
     baseline_image,
     centred_gaussian_map,
     deletion_insertion_many,
     pixel_random_map,
+    road_curves_many,
     smooth_random_map,
 )
 from histoxplain_service.evaluation.metrics import rank_gallery
 from histoxplain_service.evaluation.retrieval import EvaluationConfig, TileSet, run_retrieval
 from histoxplain_service.evaluation.sanity import SANITY_THRESHOLD, map_rank_correlation, randomise_cascade
+from histoxplain_service.evaluation.summary import summarise
 from histoxplain_service.evaluation.tiles import tile_image
+from histoxplain_service.evaluation.variants import (
+    LAST,
+    LAYERS,
+    Variant,
+    build_explainers,
+    feature_grid,
+    layer_modules,
+    plan_variants,
+    probe_variants,
+    random_map_name,
+)
 
-__all__ = ["ExplanationConfig", "REFERENCE_MAPS", "SIDES", "run_explanations"]
+__all__ = ["ExplanationConfig", "FULL_PRESET", "REFERENCE_MAPS", "SIDES", "run_explanations"]
 
 SIDES = ("query", "retrieved")
 logger = logging.getLogger(__name__)
@@ -59,40 +74,86 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExplanationConfig:
-    """Options of the explanation evaluation (the dataset and encoder come from EvaluationConfig)."""
+    """Options of the explanation evaluation (the dataset and encoder come from EvaluationConfig).
+
+    ``methods``: default every method in the library's registry. ``perturbations``: ``blur``
+    and ``zero`` give deletion/insertion towards that baseline in ``steps`` steps; ``road``
+    gives MoRF/LeRF with noisy linear imputation in ``road_steps`` steps (one sparse solve per
+    point: the costly part). ``target_layers``: ``last`` and ``previous`` (the finer stage, for
+    the CAM methods). ``targets``: ``cosine`` and ``projection``. ``randomised_blocks`` 0 skips
+    the sanity cascade.
+    """
 
     methods: tuple[str, ...] = tuple(METHODS)
     polarities: tuple[str, ...] = POLARITIES
     pairs: int = 8
     steps: int = 16
-    baselines: tuple[str, ...] = ("blur",)
+    perturbations: tuple[str, ...] = ("blur", "road")
+    road_steps: int = 5
+    target_layers: tuple[str, ...] = LAYERS
+    targets: tuple[str, ...] = TARGETS
     randomised_blocks: int = 2
-    forward_batch: int = 16
+    forward_batch: int = 32
     smoothgrad_samples: int = 25
     reference_maps: tuple[str, ...] = REFERENCE_MAPS
     onnx: bool = True
+    resamples: int = 4000
+    method_options: tuple[str, ...] = ()
 
     def check(self) -> None:
         for method in self.methods:
             check_method(method)
-        for baseline in self.baselines:
-            if baseline not in BASELINES:
-                raise InvalidRequest(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
+        for perturbation in self.perturbations:
+            check_name("perturbation", perturbation, PERTURBATIONS)
+        for layer in self.target_layers:
+            check_name("target layer", layer, LAYERS)
+        for target in self.targets:
+            check_name("target", target, TARGETS)
         for name in self.reference_maps:
-            if name not in REFERENCE_MAPS:
-                raise InvalidRequest(f"unknown reference map {name!r}; known: {', '.join(REFERENCE_MAPS)}")
+            check_name("reference map", name, REFERENCE_MAPS)
         if "similar" not in self.polarities:
             raise InvalidRequest("--polarities must include similar (the sanity check recomputes the similar map)")
         if "random" not in self.reference_maps:
-            raise InvalidRequest("--reference-maps must include random (win rates are measured against it)")
-        if min(self.pairs, self.randomised_blocks, self.smoothgrad_samples, self.forward_batch) < 1 or self.steps < 2:
-            raise InvalidRequest("--pairs, --randomised-blocks, --smoothgrad-samples and --forward-batch must be >= 1, --steps >= 2")
+            raise InvalidRequest("--reference-maps must include random (the paired differences are taken against it)")
+        if LAST not in self.target_layers or "cosine" not in self.targets:
+            raise InvalidRequest("--target-layers must include last and --targets cosine (the maps as served)")
+        if min(self.pairs, self.smoothgrad_samples, self.forward_batch) < 1 or min(self.steps, self.road_steps) < 2:
+            raise InvalidRequest("--pairs, --smoothgrad-samples and --forward-batch must be >= 1, --steps and --road-steps >= 2")
+        if self.randomised_blocks < 0 or self.resamples < 100:
+            raise InvalidRequest("--randomised-blocks must be >= 0 and --resamples >= 100")
+        self.options()
+
+    def options(self) -> dict[str, SaliencyOptions]:
+        """Each method's options: its defaults, SmoothGrad's ``smoothgrad_samples``, then every
+        ``METHOD.FIELD=VALUE`` of ``method_options`` (the value parsed as the field's default's type)."""
+        options: dict[str, SaliencyOptions] = {SMOOTHGRAD: SmoothGradOptions(n_samples=self.smoothgrad_samples)}
+        for text in self.method_options:
+            name, _, value = text.partition("=")
+            method, _, field_name = name.partition(".")
+            current = options.get(method) or default_options(check_method(method))
+            if not value or field_name not in {f.name for f in fields(current)}:
+                raise InvalidRequest(
+                    f"--option {method}.{field_name}: expected METHOD.FIELD=VALUE with FIELD one of "
+                    f"{', '.join(f.name for f in fields(current)) or '(none)'}"
+                )
+            kind = type(getattr(current, field_name))
+            try:
+                parsed = kind(value)
+            except ValueError as error:
+                raise InvalidRequest(f"--option {method}.{field_name} must be a {kind.__name__}") from error
+            options[method] = replace(current, **{field_name: parsed})
+        return options
+
+
+#: ``--full``: enough pairs for intervals that separate small effects (at least 200; the cost is
+#: stated in docs/EVALUATION.md from the measured per-pair time).
+FULL_PRESET = {"pairs": 200}
 
 
 def _pair_indices(tiles: TileSet, n_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """(query, top-1 hit from another group) for the first ``n_pairs`` tiles of a seeded permutation."""
     groups = np.unique(np.asarray(tiles.tile_groups), return_inverse=True)[1]
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(len(groups), size=min(n_pairs, len(groups)), replace=False))
+    queries = np.random.default_rng(seed).permutation(len(groups))[:n_pairs]
     ranked = rank_gallery(tiles.embeddings[queries] @ tiles.embeddings.T, groups[queries], groups, 1)
     return [(int(q), int(h[0])) for q, h in zip(queries, ranked) if h[0] >= 0]
 
@@ -127,68 +188,58 @@ def _torch_embedder(model: torch.nn.Module) -> Embedder:
     return embed
 
 
-def _curve_embedder(encoder, config: EvaluationConfig, explanation: ExplanationConfig) -> tuple[Embedder, str]:
-    """The embedder that scores perturbed images: onnxruntime when available, else torch."""
+def _curve_embedder(encoder, config: EvaluationConfig, explanation: ExplanationConfig):
+    """The embedder that scores perturbed images: onnxruntime when available, else torch; its
+    name; and the numpy pixel embedder handed to forward-only methods (None with torch)."""
     if explanation.onnx:
         from histoxplain_model.onnx_embedder import cached_onnx_embedder, onnxruntime_available
 
         if onnxruntime_available():
             embedder = cached_onnx_embedder(encoder, config.out / "cache" / "onnx")
-            return (lambda pixels: torch.from_numpy(embedder.embed(pixels.numpy()))), "onnxruntime"
+            return (lambda pixels: torch.from_numpy(embedder.embed(pixels.numpy()))), "onnxruntime", embedder.embed
         logger.info("onnxruntime is not installed; deletion/insertion images are scored with torch")
-    return _torch_embedder(encoder.model), "torch"
-
-
-def _feature_grid(encoder, pixels: torch.Tensor) -> tuple[int, int]:
-    """(h, w) of the target layer's map for ``pixels``: the grid GradCAM upsamples from."""
-    grid: list[tuple[int, int]] = []
-
-    def hook(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
-        activations = encoder.reshape_transform(output) if encoder.reshape_transform is not None else output
-        grid.append(tuple(int(v) for v in activations.shape[-2:]))
-
-    handle = encoder.target_layer.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            encoder.model(pixels)
-    finally:
-        handle.remove()
-    return grid[0]
+    return _torch_embedder(encoder.model), "torch", None
 
 
 @dataclass(frozen=True)
 class _Models:
-    """What every pair uses: explainers of the trained model, the sanity cascade, the scorer."""
+    """What every pair uses: the variants and their explainers, the sanity cascade, the scorer."""
 
+    variants: list[Variant]
     explainers: dict[str, object]
     cascade: list[tuple[torch.nn.Module, dict[str, object]]]
     curve_embedder: Embedder
-    grid: tuple[int, int]
+    grids: dict[str, tuple[int, int]]
 
 
 def _explain_all(models: _Models, pixels: dict, references: dict, config: ExplanationConfig):
     maps: dict[str, dict[str, np.ndarray]] = {}
     runtime: dict[str, dict[str, float]] = {}
-    for method, explainer in models.explainers.items():
-        maps[method], runtime[method] = {}, {}
+    for variant in models.variants:
+        explainer = models.explainers[variant.name]
+        maps[variant.name], runtime[variant.name] = {}, {}
         for side in SIDES:
             seconds = []
             for polarity in config.polarities:
                 started = time.perf_counter()
-                result = explainer.explain(pixels[side], references[side], polarity=polarity)
+                result = explainer.explain(pixels[side], references[side], polarity=polarity, target=variant.target)
                 seconds.append(time.perf_counter() - started)
-                maps[method][f"{side}/{polarity}"] = result.heatmaps[0, 0]
-            runtime[method][side] = float(np.mean(seconds))
+                maps[variant.name][f"{side}/{polarity}"] = result.heatmaps[0, 0]
+            runtime[variant.name][side] = float(np.mean(seconds))
     return maps, runtime
 
 
-def _reference_maps(shape: tuple[int, int], grid: tuple[int, int], names: Sequence[str], seed: int) -> dict[str, np.ndarray]:
-    makers = {
-        "random": lambda: smooth_random_map(shape, grid, seed),
-        "gaussian": lambda: centred_gaussian_map(shape),
-        "random_pixel": lambda: pixel_random_map(shape, seed),
-    }
-    return {name: makers[name]() for name in names}
+def _reference_maps(shape: tuple[int, int], grids: dict[str, tuple[int, int]], names: Sequence[str], seed: int) -> dict[str, np.ndarray]:
+    maps = {random_map_name(layer): smooth_random_map(shape, grid, seed) for layer, grid in grids.items()}
+    if "gaussian" in names:
+        maps["gaussian"] = centred_gaussian_map(shape)
+    if "random_pixel" in names:
+        maps["random_pixel"] = pixel_random_map(shape, seed)
+    return maps
+
+
+def _digest(saliency: np.ndarray) -> bytes:
+    return hashlib.sha1(np.ascontiguousarray(saliency).tobytes()).digest()
 
 
 def _curves(models: _Models, pixels: dict, maps: dict, reference_maps: dict, config: ExplanationConfig, seed: int) -> dict:
@@ -199,22 +250,27 @@ def _curves(models: _Models, pixels: dict, maps: dict, reference_maps: dict, con
         def cosine(images: torch.Tensor) -> torch.Tensor:
             return (models.curve_embedder(images) @ reference.T)[:, 0]
 
-        named = {(p, m): maps[m][f"{side}/{p}"] for p in config.polarities for m in config.methods}
+        named = {(p, name): by_key[f"{side}/{p}"] for p in config.polarities for name, by_key in maps.items()}
         named |= {(p, m): saliency for p in config.polarities for m, saliency in reference_maps.items()}
-        # One curve per distinct map; polarities only flip the sign of the score.
-        distinct: dict[bytes, np.ndarray] = {}
-        for saliency in named.values():
-            distinct.setdefault(hashlib.sha1(np.ascontiguousarray(saliency).tobytes()).digest(), saliency)
-        keys = list(distinct)
-        for baseline_kind in config.baselines:
-            baseline = baseline_image(pixels[side], baseline_kind)
-            computed = dict(zip(keys, deletion_insertion_many(
-                cosine, pixels[side], [distinct[k] for k in keys], baseline, config.steps, config.forward_batch, seed)))
-            for (polarity, name), saliency in named.items():
-                c = computed[hashlib.sha1(np.ascontiguousarray(saliency).tobytes()).digest()]
+        for perturbation in config.perturbations:
+            # ROAD only for what the comparisons need (methods and random maps): each point is a sparse solve.
+            scored = {k: v for k, v in named.items() if perturbation != "road" or k[1] not in ("gaussian", "random_pixel")}
+            # One curve per distinct map; polarities only flip the sign of the score.
+            distinct = {_digest(saliency): saliency for saliency in scored.values()}
+            keys = list(distinct)
+            if perturbation == "road":
+                computed = road_curves_many(cosine, pixels[side], [distinct[k] for k in keys], config.road_steps, config.forward_batch, seed)
+            else:
+                computed = deletion_insertion_many(
+                    cosine, pixels[side], [distinct[k] for k in keys], baseline_image(pixels[side], perturbation),
+                    config.steps, config.forward_batch, seed,
+                )
+            by_digest = dict(zip(keys, computed))
+            for (polarity, name), saliency in scored.items():
+                c = by_digest[_digest(saliency)]
                 sign = -1.0 if polarity == "dissimilar" else 1.0
                 deletion, insertion = sign * c.deletion, sign * c.insertion
-                curves.setdefault(side, {}).setdefault(polarity, {}).setdefault(baseline_kind, {})[name] = {
+                curves.setdefault(side, {}).setdefault(polarity, {}).setdefault(perturbation, {})[name] = {
                     "deletion_auc": float(np.trapezoid(deletion, c.fractions)),
                     "insertion_auc": float(np.trapezoid(insertion, c.fractions)),
                     "deletion": deletion.round(5).tolist(),
@@ -223,14 +279,14 @@ def _curves(models: _Models, pixels: dict, maps: dict, reference_maps: dict, con
     return curves
 
 
-def _sanity(models: _Models, pixels: dict, maps: dict, config: ExplanationConfig) -> dict[str, list[float]]:
+def _sanity(models: _Models, pixels: dict, maps: dict) -> dict[str, list[float]]:
     """Spearman between the trained and the randomised query-side similar map, per cascade step."""
-    sanity: dict[str, list[float]] = {method: [] for method in config.methods}
+    sanity: dict[str, list[float]] = {name: [] for _, explainers in models.cascade[:1] for name in explainers}
     for model, explainers in models.cascade:
         references = _torch_embedder(model)(pixels["retrieved"])
-        for method, explainer in explainers.items():
+        for name, explainer in explainers.items():
             randomised = explainer.explain(pixels["query"], references, polarity="similar").heatmaps[0, 0]
-            sanity[method].append(map_rank_correlation(maps[method]["query/similar"], randomised))
+            sanity[name].append(map_rank_correlation(maps[name]["query/similar"], randomised))
     return sanity
 
 
@@ -241,40 +297,53 @@ def _evaluate_pair(encoder, models: _Models, pixels_of, query: int, hit: int, co
     references = {"query": embedded["retrieved"], "retrieved": embedded["query"]}
     maps, runtime = _explain_all(models, pixels, references, config)
     shape = tuple(pixels["query"].shape[-2:])
-    reference_maps = _reference_maps(shape, models.grid, config.reference_maps, seed)
+    reference_maps = _reference_maps(shape, models.grids, config.reference_maps, seed)
     record = {
         "score": float((embedded["query"] @ embedded["retrieved"].T).item()),
         "runtime_s": runtime,
         "curves": _curves(models, pixels, maps, reference_maps, config, seed),
-        "sanity_spearman": _sanity(models, pixels, maps, config),
+        "sanity_spearman": _sanity(models, pixels, maps),
     }
-    stored_maps = {f"{m}/{key}": value for m in config.methods for key, value in maps[m].items()}
+    stored_maps = {f"{name}/{key}": value for name, by_key in maps.items() for key, value in by_key.items()}
+    # A constant map ranks pixels by the tie-break alone (pixel noise): an empty explanation.
+    record["flat_maps"] = sorted(key for key, value in stored_maps.items() if float(value.max()) == float(value.min()))
     stored_maps |= {f"reference/{name}": value for name, value in reference_maps.items()}
     return record, stored_maps
 
 
-def _build_models(encoder, config: EvaluationConfig, explanation: ExplanationConfig, example_tile):
-    """Explainers for the trained model and each cascade step, the curve scorer, the map grid."""
-    layer_name = next(name for name, module in encoder.model.named_modules() if module is encoder.target_layer)
-    # Options belong to their method: only SmoothGrad has one to set here (the others: defaults).
-    options: dict[str, SaliencyOptions] = {SMOOTHGRAD: SmoothGradOptions(n_samples=explanation.smoothgrad_samples)}
-
-    def explainers(model: torch.nn.Module) -> dict[str, object]:
-        target_layer = model.get_submodule(layer_name) if layer_name else model
-        return {
-            method: get_explainer(method, model, target_layer, encoder.reshape_transform, options.get(method))
-            for method in explanation.methods
+def _build_models(encoder, config: EvaluationConfig, explanation: ExplanationConfig, example_pair):
+    """Variants and explainers for the trained model and each cascade step, the curve scorer,
+    the grid of each layer; the variants a method refused, with the reason."""
+    layer_names = layer_modules(encoder, explanation.target_layers)
+    options = explanation.options()
+    curve_embedder, curve_scorer, pixel_embedder = _curve_embedder(encoder, config, explanation)
+    variants = plan_variants(explanation.methods, explanation.target_layers, explanation.targets)
+    skipped: dict[str, str] = {}
+    grids = {LAST: (1, 1)}
+    if example_pair is not None:
+        query, hit = (encoder.preprocess([tile]) for tile in example_pair)
+        variants, skipped = probe_variants(
+            encoder.model, variants, layer_names, encoder.reshape_transform, options, query, encoder.embed(hit), pixel_embedder
+        )
+        grids = {
+            layer: feature_grid(encoder.model, encoder.model.get_submodule(name) if name else encoder.model, encoder.reshape_transform, query)
+            for layer, name in layer_names.items()
         }
-
-    cascade = randomise_cascade(encoder.model, explanation.randomised_blocks, config.seed)
-    curve_embedder, curve_scorer = _curve_embedder(encoder, config, explanation)
-    grid = _feature_grid(encoder, encoder.preprocess([example_tile])) if example_tile is not None else (1, 1)
-    models = _Models(explainers(encoder.model), [(model, explainers(model)) for model, _ in cascade], curve_embedder, grid)
-    return models, [names for _, names in cascade], curve_scorer
+    explainers = build_explainers(encoder.model, variants, layer_names, encoder.reshape_transform, options, pixel_embedder)
+    base = [variant for variant in variants if variant.is_base]
+    cascade = randomise_cascade(encoder.model, explanation.randomised_blocks, config.seed) if explanation.randomised_blocks else []
+    models = _Models(
+        variants, explainers,
+        [(model, build_explainers(model, base, layer_names, encoder.reshape_transform, options)) for model, _ in cascade],
+        curve_embedder, grids,
+    )
+    return models, [names for _, names in cascade], curve_scorer, skipped, layer_names
 
 
 def _config_key(config: EvaluationConfig, explanation: ExplanationConfig) -> str:
-    payload = json.dumps([config.model, str(config.weights), config.seed, repr(config.tiling), repr(explanation)])
+    """What a finished pair depends on: every option but the number of pairs and the resamples."""
+    options = replace(explanation, pairs=0, resamples=0)
+    payload = json.dumps([config.model, str(config.weights), config.seed, repr(config.tiling), repr(options)])
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -292,13 +361,15 @@ def _load_done(path: Path, key: str) -> dict[str, dict]:
 
 
 def run_explanations(config: EvaluationConfig, explanation: ExplanationConfig, encoder) -> dict:
-    """Evaluate every method on a seeded sample of retrieval pairs; returns the JSON content."""
+    """Evaluate every variant on a seeded sample of retrieval pairs; returns the JSON content."""
     explanation.check()
     torch.manual_seed(config.seed)
+    started = time.perf_counter()
     retrieval, tiles = run_retrieval(config, encoder)
     pairs = _pair_indices(tiles, explanation.pairs, config.seed)
     pixels_of = _TilePixels(tiles, config)
-    models, cascade_names, curve_scorer = _build_models(encoder, config, explanation, pixels_of(pairs[0][0]) if pairs else None)
+    example = (pixels_of(pairs[0][0]), pixels_of(pairs[0][1])) if pairs else None
+    models, cascade_names, curve_scorer, skipped, layer_names = _build_models(encoder, config, explanation, example)
     key = _config_key(config, explanation)
     journal = config.out / "explanations.pairs.jsonl"
     maps_dir = config.out / "cache" / f"maps-{key}"
@@ -306,21 +377,24 @@ def run_explanations(config: EvaluationConfig, explanation: ExplanationConfig, e
     done = _load_done(journal, key) if config.resume else {}
     if not config.resume and journal.exists():
         journal.unlink()
-    records = []
+    records, computed_seconds = [], []
     for number, (query, hit) in enumerate(tqdm(pairs, desc="explaining pairs", unit="pair")):
         pair_id = f"{pixels_of.name(query)} -> {pixels_of.name(hit)}"
         if pair_id in done and (maps_dir / f"{number}.npz").is_file():
             records.append(done[pair_id])
             continue
+        pair_started = time.perf_counter()
         record, maps = _evaluate_pair(encoder, models, pixels_of, query, hit, explanation, config.seed + number)
         record = {
             "config_key": key,
             "pair_id": pair_id,
             "number": number,
-            "query": {"tile": pixels_of.name(query), "label": tiles.tile_labels[query]},
-            "hit": {"tile": pixels_of.name(hit), "label": tiles.tile_labels[hit]},
+            "query": {"tile": pixels_of.name(query), "label": tiles.tile_labels[query], "group": str(tiles.tile_groups[query])},
+            "hit": {"tile": pixels_of.name(hit), "label": tiles.tile_labels[hit], "group": str(tiles.tile_groups[hit])},
             **record,
+            "seconds": time.perf_counter() - pair_started,
         }
+        computed_seconds.append(record["seconds"])
         np.savez_compressed(
             maps_dir / f"{number}.npz",
             query=pixels_of(query),
@@ -330,83 +404,41 @@ def run_explanations(config: EvaluationConfig, explanation: ExplanationConfig, e
         with journal.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         records.append(record)
+    names = [variant.name for variant in models.variants]
     return {
         "retrieval": retrieval,
         "settings": {
             "methods": list(explanation.methods),
+            "variants": [
+                {"name": v.name, "method": v.method, "layer": v.layer, "module": layer_names[v.layer], "target": v.target,
+                 "grid": list(models.grids[v.layer] if v.layer in models.grids else models.grids[LAST]),
+                 "random_map": random_map_name(v.layer)}
+                for v in models.variants
+            ],
+            "skipped_variants": skipped,
             "polarities": list(explanation.polarities),
             "sides": list(SIDES),
-            "baselines": list(explanation.baselines),
+            "perturbations": list(explanation.perturbations),
             "steps": explanation.steps,
+            "road_steps": explanation.road_steps,
+            "road_noise": ROAD_NOISE,
             "pairs_requested": explanation.pairs,
             "randomised_modules": cascade_names[0] if cascade_names else [],
             "randomised_cascade": cascade_names,
-            "reference_maps": list(explanation.reference_maps),
-            "random_grid": list(models.grid),
+            "reference_maps": sorted({*explanation.reference_maps, *(random_map_name(layer) for layer in models.grids)}),
+            "random_grids": {random_map_name(layer): list(grid) for layer, grid in models.grids.items()},
             "smoothgrad_samples": explanation.smoothgrad_samples,
             "curve_scorer": curve_scorer,
             "forward_batch": explanation.forward_batch,
             "sanity_threshold": SANITY_THRESHOLD,
+            "bootstrap_resamples": explanation.resamples,
         },
-        "summary": summarise(records, explanation),
+        "summary": summarise(records, names, {v.name: random_map_name(v.layer) for v in models.variants}, explanation),
+        "cost": {
+            "seconds_total": time.perf_counter() - started,
+            "pairs_computed": len(computed_seconds),
+            "seconds_per_pair_median": float(np.median(computed_seconds)) if computed_seconds else None,
+        },
         "pairs": records,
         "maps_dir": str(maps_dir.relative_to(config.out)),
     }
-
-
-def summarise(records: Sequence[dict], explanation: ExplanationConfig) -> dict:
-    """Means and standard deviations over pairs; win rates against the random map."""
-    faithfulness = []
-    for side in SIDES:
-        for polarity in explanation.polarities:
-            for baseline in explanation.baselines:
-                for name in (*explanation.methods, *explanation.reference_maps):
-                    rows = [r["curves"][side][polarity][baseline] for r in records]
-                    deletion = np.array([row[name]["deletion_auc"] for row in rows])
-                    insertion = np.array([row[name]["insertion_auc"] for row in rows])
-                    rand_del = np.array([row["random"]["deletion_auc"] for row in rows])
-                    rand_ins = np.array([row["random"]["insertion_auc"] for row in rows])
-                    # Pixel-level maps (SmoothGrad) also against pixel noise: the chance level of their own kind.
-                    pixel_wins = {}
-                    if "random_pixel" in explanation.reference_maps:
-                        pixel_del = np.array([row["random_pixel"]["deletion_auc"] for row in rows])
-                        pixel_ins = np.array([row["random_pixel"]["insertion_auc"] for row in rows])
-                        pixel_wins = {
-                            "deletion_beats_random_pixel": float(np.mean(deletion < pixel_del)),
-                            "insertion_beats_random_pixel": float(np.mean(insertion > pixel_ins)),
-                        }
-                    faithfulness.append(
-                        {
-                            "side": side,
-                            "polarity": polarity,
-                            "baseline": baseline,
-                            "map": name,
-                            "pairs": len(rows),
-                            "deletion_auc_mean": float(deletion.mean()),
-                            "deletion_auc_sd": float(deletion.std()),
-                            "insertion_auc_mean": float(insertion.mean()),
-                            "insertion_auc_sd": float(insertion.std()),
-                            "deletion_beats_random": float(np.mean(deletion < rand_del)),
-                            "insertion_beats_random": float(np.mean(insertion > rand_ins)),
-                            **pixel_wins,
-                            "mean_deletion_curve": np.mean([row[name]["deletion"] for row in rows], axis=0).round(5).tolist(),
-                            "mean_insertion_curve": np.mean([row[name]["insertion"] for row in rows], axis=0).round(5).tolist(),
-                        }
-                    )
-    sanity = {}
-    runtime = {}
-    for method in explanation.methods:
-        per_step = np.array([r["sanity_spearman"][method] for r in records]).reshape(len(records), -1)  # (pairs, steps)
-        steps = [
-            {
-                "step": step + 1,
-                "spearman_mean": float(per_step[:, step].mean()),
-                "spearman_sd": float(per_step[:, step].std()),
-                "passes": bool(abs(per_step[:, step].mean()) < SANITY_THRESHOLD),
-            }
-            for step in range(per_step.shape[1])
-        ]
-        # The verdict is the deepest step's: the map must have changed once the top blocks are random.
-        sanity[method] = {**{k: v for k, v in steps[-1].items() if k != "step"}, "steps": steps}
-        runtime[method] = {side: float(np.median([r["runtime_s"][method][side] for r in records])) for side in SIDES}
-    return {"faithfulness": faithfulness, "sanity": sanity, "runtime_median_s": runtime}

@@ -15,7 +15,13 @@ explained (``both`` costs twice):
   short backward passes, counted the same for a bound);
 * SmoothGrad: ``2 * n * k`` (n noisy copies, each with a backward pass to the input per
   reference: measured 11.5 s for n=25, k=10, one side, on EfficientNet-Lite0 = 2*25*10 units
-  of 23 ms).
+  of 23 ms);
+* RISE: ``n`` for the query side (its n masked copies serve all k references) and ``n * k``
+  for the retrieved side (each hit gets its own n masked copies), n = its masks (at most
+  ``MAX_RISE_MASKS``, so a call is bounded as SmoothGrad's is by its samples).
+* ``verify`` (any method) adds ``VERIFY_FORWARD_PASSES_PER_MAP`` (30: deletion and insertion
+  of the map and of its random map in 8 steps) per explained map, i.e. per reference and side
+  (:func:`verify_cost`).
 
 A unit is released when the work really ends on its worker thread, not when the call returns:
 work whose caller gave up still holds its share until it stops.
@@ -26,18 +32,28 @@ from __future__ import annotations
 import threading
 
 from histoxplain_model.errors import InvalidRequest, ResourceExhausted
-from histoxplain_model.vocabulary import SMOOTHGRAD
+from histoxplain_model.limits import VERIFY_FORWARD_PASSES_PER_MAP
+from histoxplain_model.vocabulary import RISE, SMOOTHGRAD
 
-__all__ = ["Admission", "explain_cost"]
+__all__ = ["Admission", "explain_cost", "verify_cost"]
 
 
 def explain_cost(method: str, references: int, side: str, samples: int) -> int:
     """Work units of explaining a query against ``references`` (see the module docstring).
 
-    ``samples``: SmoothGrad's noisy copies (ignored by the other methods).
+    ``samples``: SmoothGrad's noisy copies, or RISE's masks (ignored by the other methods).
     """
+    if method == RISE:
+        query_side = samples if side in ("query", "both") else 0
+        retrieved_side = samples * references if side in ("retrieved", "both") else 0
+        return query_side + retrieved_side
     per_side = 2 * samples * references if method == SMOOTHGRAD else references
     return per_side * (2 if side == "both" else 1)
+
+
+def verify_cost(references: int, side: str) -> int:
+    """Work units ``ExplainOptions.verify`` adds: a fixed number of forward passes per map."""
+    return VERIFY_FORWARD_PASSES_PER_MAP * references * (2 if side == "both" else 1)
 
 
 class Admission:
@@ -62,9 +78,9 @@ class Admission:
         """
         if cost > self.capacity:
             raise InvalidRequest(
-                f"this explanation costs {cost} units (k x sides x SmoothGrad samples, see docs/SERVING.md), "
-                f"over the gateway's limit of {self.capacity} (HISTOXPLAIN_MAX_EXPLAIN_COST); "
-                "lower k or smoothgrad_samples, or explain one side"
+                f"this explanation costs {cost} units (k x sides x SmoothGrad samples or RISE masks, see "
+                f"docs/SERVING.md), over the gateway's limit of {self.capacity} (HISTOXPLAIN_MAX_EXPLAIN_COST); "
+                "lower k, smoothgrad_samples or rise.masks, or explain one side"
             )
         with self._lock:
             if self._in_flight + cost > self.capacity:

@@ -41,7 +41,7 @@ PRINCIPAL: ContextVar[Principal | None] = ContextVar("histoxplain_principal", de
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _COUNTED = ("hits", "results", "references", "indexes")
-_COUNTS = ("images_indexed", "images_deleted")
+_COUNTS = ("images_indexed", "images_deleted", "series_indexed")
 
 
 class AuditInterceptor(aio.ServerInterceptor):

@@ -25,9 +25,12 @@ from histoxplain_client import enums
 from histoxplain_client.arrays import encode_array
 from histoxplain_model.errors import InvalidRequest, UnknownNameError
 from histoxplain_model.limits import DETAIL, MAX_IMAGE_ID_CHARS, MAX_TILE_SIZE, MIN_TILE_SIZE
-from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, GRADCAM, SMOOTHGRAD
+from histoxplain_model.vocabulary import DEFAULT_POLARITY, DEFAULT_SIDE, DEFAULT_TARGET, GRADCAM, RISE, SMOOTHGRAD
+from histoxplain_model.limits import MAX_CORRESPONDENCES
+from histoxplain_model.results import Faithfulness, RegionCorrespondence
 from histoxplain_model.limits import MAX_N_SAMPLES
-from histoxplain_model.options import SmoothGradOptions
+from histoxplain_model.options import RiseOptions, SmoothGradOptions
+from histoxplain_client.options import RISE_FILLS
 from histoxplain_model.limits import FILTER_KEY, FILTER_VALUE, shorten
 from histoxplain_service.domain.types import (
     INTEGER_FILTER_KEYS, MAX_FILTER_CONDITIONS, MAX_FILTER_VALUES, DeleteSummary, ExplainedSearch, FieldMatch, ImageHit, IndexInfo,
@@ -36,7 +39,7 @@ from histoxplain_service.domain.types import (
 from histoxplain_service.domain.checks import EncodedImage
 from histoxplain_service.domain.ingest import IndexSummary
 from histoxplain_service.config import Settings
-from histoxplain_service.gateway.admission import explain_cost
+from histoxplain_service.gateway.admission import explain_cost, verify_cost
 
 _OVERLAY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
 
@@ -55,6 +58,8 @@ __all__ = [
 METHOD_NAMES: dict[int, str] = {value: name for name, value in enums.METHODS.items()}
 POLARITY_NAMES: dict[int, str] = {value: name for name, value in enums.POLARITIES.items()}
 SIDE_NAMES: dict[int, str] = {value: name for name, value in enums.SIDES.items()}
+TARGET_NAMES: dict[int, str] = {value: name for name, value in enums.TARGETS.items()}
+RISE_FILL_NAMES: dict[int, str] = {value: name for name, value in RISE_FILLS.items()}
 HEATMAP_DTYPES = (types_pb2.ARRAY_DTYPE_FLOAT16, types_pb2.ARRAY_DTYPE_FLOAT32)
 
 
@@ -63,12 +68,16 @@ class ExplainChoice:
     """``ExplainOptions`` with defaults filled in and values checked.
 
     Attributes:
-        method: library method name (``gradcam``, ``gradcampp``, ``smoothgrad``, ``simmap``).
+        method: library method name (``gradcam``, ``gradcampp``, ``smoothgrad``, ``simmap``, ``rise``).
         polarity: ``similar`` or ``dissimilar``.
         side: ``query``, ``retrieved`` or ``both``.
         heatmap_dtype: ``ARRAY_DTYPE_FLOAT16`` or ``ARRAY_DTYPE_FLOAT32``.
         smoothgrad_samples: noisy samples for SmoothGrad; ``None`` = the library default.
         smoothgrad_noise: noise std as a fraction of the input range; ``None`` = the default.
+        rise: RISE's masks as the caller set them (checked); ``None`` = the library defaults.
+        target: ``cosine`` or ``projection`` (what the maps explain).
+        correspondences: region pairs per reference, 0 (none) to ``MAX_CORRESPONDENCES``.
+        verify: also measure each map's deletion/insertion against a random map.
     """
 
     method: str = GRADCAM
@@ -77,15 +86,21 @@ class ExplainChoice:
     heatmap_dtype: int = types_pb2.ARRAY_DTYPE_FLOAT16
     smoothgrad_samples: int | None = None
     smoothgrad_noise: float | None = None
+    rise: RiseOptions | None = None
+    target: str = DEFAULT_TARGET
+    correspondences: int = 0
+    verify: bool = False
 
     @property
-    def method_options(self) -> SmoothGradOptions | None:
+    def method_options(self) -> SmoothGradOptions | RiseOptions | None:
         """The library's options for this request's method; ``None``: the method's defaults.
 
-        Only SmoothGrad has options in ``ExplainOptions``. Its fields are range-checked for
+        RISE's come from ``ExplainOptions.rise``; SmoothGrad's fields are range-checked for
         every method (:func:`explain_choice_from_proto`), but options belong to their method,
         so another method gets none (the library refuses another method's options).
         """
+        if self.method == RISE:
+            return self.rise
         if self.method != SMOOTHGRAD or (self.smoothgrad_samples is None and self.smoothgrad_noise is None):
             return None
         defaults = SmoothGradOptions()
@@ -95,9 +110,15 @@ class ExplainChoice:
         )
 
     def cost(self, references: int) -> int:
-        """Admission units of explaining against ``references`` (``gateway/admission.py``)."""
+        """Admission units of explaining against ``references`` (``gateway/admission.py``);
+        correspondences add at most one forward pass of each image (``histoxplain_model.matching``)."""
+        pairs = references + 1 if self.correspondences else 0
+        if self.verify:
+            pairs += verify_cost(references, self.side)
+        if self.method == RISE:
+            return pairs + explain_cost(self.method, references, self.side, (self.rise or RiseOptions()).n_masks)
         samples = (self.method_options or SmoothGradOptions()).n_samples
-        return explain_cost(self.method, references, self.side, samples)
+        return pairs + explain_cost(self.method, references, self.side, samples)
 
 
 def _enum_name(enum_type: Any, value: int) -> str:
@@ -129,7 +150,31 @@ def explain_choice_from_proto(options: types_pb2.ExplainOptions) -> ExplainChoic
     # The same bounds as SmoothGradOptions (n_samples, sigma), named as the caller sent them.
     if noise is not None and not (np.isfinite(noise) and 0.0 < noise <= 1.0):
         raise InvalidRequest(f"smoothgrad_noise={noise} is out of range; use a number in (0, 1]")
-    return ExplainChoice(method, polarity, side, dtype, samples, noise)
+    rise = _rise_options_from_proto(options.rise) if options.HasField("rise") else None
+    target = _lookup("explanation target", options.target, TARGET_NAMES, types_pb2.ExplanationTarget, DEFAULT_TARGET)
+    if options.correspondences > MAX_CORRESPONDENCES:
+        raise InvalidRequest(
+            f"correspondences={options.correspondences} is out of range; use 1 to {MAX_CORRESPONDENCES} (0 for none)"
+        )
+    return ExplainChoice(
+        method, polarity, side, dtype, samples, noise, rise, target=target, correspondences=options.correspondences,
+        verify=options.verify,
+    )
+
+
+def _rise_options_from_proto(message: types_pb2.RiseOptions) -> RiseOptions:
+    """``RiseOptions`` with the unset fields at the library defaults; out of range:
+    ``InvalidRequest`` naming the field (the library's own check), an unknown fill
+    ``UnknownNameError``."""
+    defaults = RiseOptions()
+    fill = _lookup("RISE fill", message.fill, RISE_FILL_NAMES, types_pb2.RiseOptions.Fill, defaults.fill)
+    return RiseOptions(
+        n_masks=message.masks or defaults.n_masks,
+        grid=message.grid or defaults.grid,
+        keep_probability=message.keep_probability if message.HasField("keep_probability") else defaults.keep_probability,
+        fill=fill,  # type: ignore[arg-type]
+        seed=message.seed if message.HasField("seed") else defaults.seed,
+    )
 
 
 def _lookup(kind: str, value: int, names: dict[int, str], enum_type: Any, default: str) -> str:
@@ -146,9 +191,13 @@ def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
     """The options actually used, echoed in responses with defaults filled in.
 
     SmoothGrad's samples and noise are echoed for SmoothGrad only (the values it ran with,
-    the defaults included); other methods do not use them, so they stay 0 / unset.
+    the defaults included), RISE's masks for RISE only; other methods do not use them, so they
+    stay 0 / unset.
     """
     message = types_pb2.ExplainOptions(
+        target=enums.TARGETS[choice.target],
+        correspondences=choice.correspondences,
+        verify=choice.verify,
         method=enums.METHODS[choice.method],
         polarity=enums.POLARITIES[choice.polarity],
         side=enums.SIDES[choice.side],
@@ -158,6 +207,12 @@ def explain_choice_to_proto(choice: ExplainChoice) -> types_pb2.ExplainOptions:
         used = choice.method_options or SmoothGradOptions()
         message.smoothgrad_samples = used.n_samples
         message.smoothgrad_noise = used.sigma
+    if choice.method == RISE:
+        masks = choice.rise or RiseOptions()
+        message.rise.CopyFrom(types_pb2.RiseOptions(
+            masks=masks.n_masks, grid=masks.grid, keep_probability=masks.keep_probability,
+            fill=RISE_FILLS[masks.fill], seed=masks.seed,
+        ))
     return message
 
 
@@ -228,9 +283,15 @@ def search_hit_to_proto(hit: SearchHit | ImageHit) -> types_pb2.SearchHit:
         source=hit.source or "",
         box=types_pb2.Box(x=hit.box.x, y=hit.box.y, width=hit.box.w, height=hit.box.h),
         level=int(hit.level),
+        metadata=dict(hit.metadata),
     )
     if hit.mpp is not None:
         message.mpp = float(hit.mpp)
+    if hit.dicom is not None:
+        message.dicom.CopyFrom(types_pb2.DicomReference(
+            study_instance_uid=hit.dicom.study_uid, series_instance_uid=hit.dicom.series_uid,
+            sop_instance_uid=hit.dicom.instance_uid, frame_of_reference_uid=hit.dicom.frame_of_reference_uid or "",
+        ))
     return message
 
 
@@ -291,8 +352,35 @@ def explained_references(
             message.query_heatmap.CopyFrom(next(rendered))
         if item.hit_heatmap is not None:
             message.reference_heatmap.CopyFrom(next(rendered))
+        message.correspondences.extend(region_correspondence_to_proto(pair) for pair in item.correspondences)
+        if item.query_faithfulness is not None or item.hit_faithfulness is not None:
+            message.faithfulness.CopyFrom(faithfulness_to_proto(item.query_faithfulness, item.hit_faithfulness))
         references.append(message)
     return references
+
+
+def faithfulness_to_proto(query: Faithfulness | None, reference: Faithfulness | None) -> types_pb2.Faithfulness:
+    """One pair's verify result: the curves of each side that was explained."""
+    message = types_pb2.Faithfulness(steps=(query or reference).steps)  # type: ignore[union-attr]
+    for field, verified in (("query", query), ("reference", reference)):
+        if verified is not None:
+            getattr(message, field).CopyFrom(types_pb2.Faithfulness.Curves(
+                deletion_auc=verified.deletion_auc, insertion_auc=verified.insertion_auc,
+                random_deletion_auc=verified.random_deletion_auc, random_insertion_auc=verified.random_insertion_auc,
+                deletion_difference=verified.deletion_difference, insertion_difference=verified.insertion_difference,
+            ))
+    return message
+
+
+def region_correspondence_to_proto(pair: RegionCorrespondence) -> types_pb2.RegionCorrespondence:
+    """A matched pair of cells; boxes (x, y, width, height) in each image's own pixels."""
+    (qx, qy, qw, qh), (rx, ry, rw, rh) = pair.query_box, pair.reference_box
+    return types_pb2.RegionCorrespondence(
+        query_box=types_pb2.Box(x=qx, y=qy, width=qw, height=qh),
+        reference_box=types_pb2.Box(x=rx, y=ry, width=rw, height=rh),
+        share=pair.share,
+        rank=pair.rank,
+    )
 
 
 def _render_within(
@@ -359,6 +447,11 @@ _SKIP_REASONS = {
 }
 
 
+def skip_reason(kind: str) -> int:
+    """The ``SkipReason`` of a domain skip kind (``no_tissue`` -> ``SKIP_REASON_NO_TISSUE``)."""
+    return _SKIP_REASONS[kind]
+
+
 def encoded_image(position: int, record: types_pb2.ImageRecord) -> EncodedImage:
     """A streamed ``ImageRecord`` for the domain. A caller's ``image_id`` names the image in the
     index (empty: the SHA-256 of its bytes); an image without a source is named by its id or its
@@ -366,6 +459,7 @@ def encoded_image(position: int, record: types_pb2.ImageRecord) -> EncodedImage:
     return EncodedImage(
         bytes(record.content), record.source or record.image_id or f"image {position}",
         record.label or None, record.image_id or None, record.mpp if record.HasField("mpp") else None,
+        dict(record.metadata) or None,
     )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "REFLECTION_SERVICES",
     "ROLES",
     "RPC_ROLES",
+    "STORE_RESULTS_ROLE",
     "Principal",
     "Role",
     "required_role",
@@ -37,9 +38,15 @@ RPC_ROLES: Mapping[str, Role] = {
     "DescribeIndex": "reader",
     "ListIndexes": "reader",
     "GetModelInfo": "reader",
+    "ExplainDicomRegion": "reader",  # and STORE_RESULTS_ROLE to write its results into the PACS
     "IndexImages": "writer",
     "DeleteImages": "writer",
+    "IndexDicom": "writer",
 }
+
+#: The role ExplainDicomRegion needs in addition when ``store_results`` writes into the PACS
+#: (checked by the servicer: the table above is per RPC, this depends on a request field).
+STORE_RESULTS_ROLE: Role = "writer"
 
 #: Health answers without credentials: load balancers and the kubelet hold none.
 HEALTH_SERVICE = "grpc.health.v1.Health"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -138,11 +139,14 @@ class Gateway:
         ``grace_s`` (default ``settings.grace_period_s``), then cancel what is left."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         logger.info("gateway draining (grace %.1f s)", grace)
+        drain_until = time.monotonic() + grace
         await self.health.stop()
         await self.server.stop(grace)
         # The calls are cancelled now; their work stops at its next check (one backward pass,
         # chunk or batch), so the worker threads the interpreter joins at exit end promptly.
         self.servicer.cancel_all()
+        # results queued for the PACS write-back get what is left of the grace period
+        await asyncio.to_thread(self.servicer.close, max(0.0, drain_until - time.monotonic()))
         if self.health_only is not None:  # last: probes see NOT_SERVING during the drain
             await self.health_only.stop(0)
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from grpc import aio
 
+from histoxplain_client._proto.histoxplain.v1 import pacs_pb2
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_client._proto.histoxplain.v1 import types_pb2
@@ -40,6 +41,7 @@ from histoxplain_service.domain.checks import EncodedImage
 from histoxplain_service.domain.ingest import IndexSummary
 from histoxplain_service.gateway import converters
 from histoxplain_service.gateway.admission import Admission
+from histoxplain_service.gateway.dicom import GatewayPacs, IndexDicomJob, RegionJob
 from histoxplain_service.gateway.streams import Inbox
 from histoxplain_service.config import GatewaySettings
 from histoxplain_service.domain.checks import decode_request_image, decode_request_images
@@ -80,7 +82,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self, settings: GatewaySettings, backend: ModelBackend, index_engine: IndexEngine, executor: Executor
     ) -> None:
         self._settings = settings
-        self._retrieval = Retrieval(settings.core, backend, index_engine)
+        self._pacs = GatewayPacs(settings.core)  # HISTOXPLAIN_DICOMWEB_URL: DICOM tiles are re-read from it
+        self._retrieval = Retrieval(
+            settings.core, backend, index_engine, dicom_tiles=self._pacs.read_tile if self._pacs.configured else None
+        )
         self._executor = executor
         self._admission = Admission(settings.max_explain_cost)
         self._in_flight: set[threading.Event] = set()
@@ -98,6 +103,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             stops = list(self._in_flight)
         for stop in stops:
             stop.set()
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Store the PACS results queued for the background within ``drain_s`` seconds, then close
+        the connection to the PACS (after :meth:`cancel_all`)."""
+        self._pacs.close(drain_s)
 
     async def _run(
         self, context: aio.ServicerContext, work: Callable[[float], T], cost: int = 0, report_margin: bool = False
@@ -191,14 +201,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         finally:
             reader.cancel()
         failure = reader.exception() if reader.done() and not reader.cancelled() else None
-        if failure is not None or summary.stopped is not None:
-            context.set_trailing_metadata((
-                *context.trailing_metadata(),
-                (COMMITTED_IMAGES_KEY, str(summary.images_indexed)),
-                (COMMITTED_TILES_KEY, str(summary.tiles_indexed)),
-            ))
-            raise failure or summary.stopped
+        _raise_stopped(context, summary, failure)
         return converters.index_response(name, stream.received, stream.image_ids, summary)
+
+    async def IndexDicom(self, request: pacs_pb2.IndexDicomRequest, context: aio.ServicerContext) -> pacs_pb2.IndexDicomResponse:
+        job = IndexDicomJob.from_request(request, _require_index(request.index), self._settings.core, self._pacs)
+        summary = await self._run(context, lambda _timeout: job.run(self._retrieval, self._pacs), report_margin=True)
+        _raise_stopped(context, summary)
+        return job.response(summary)
 
     async def DeleteImages(self, request: pb.DeleteImagesRequest, context: aio.ServicerContext) -> pb.DeleteImagesResponse:
         name = _require_index(request.index)
@@ -240,11 +250,13 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 image_hits, explained = self._retrieval.search_images_and_explain(
                     name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options, tile_filter=tile_filter,
+                    target=choice.target, correspondences=choice.correspondences, verify=choice.verify,
                 )
             else:
                 explained = self._retrieval.search_and_explain(
                     name, query, k, choice.method, choice.polarity, choice.side, timeout=timeout,
                     options=choice.method_options, tile_filter=tile_filter,
+                    target=choice.target, correspondences=choice.correspondences, verify=choice.verify,
                 )
             results = converters.explained_references(
                 explained, choice, image_hits, max_bytes=self._settings.max_message_bytes
@@ -274,12 +286,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 explained = self._retrieval.explain_indexed(
                     name, query, image_ids, point_ids, choice.method, choice.polarity, choice.side,
                     timeout=timeout, options=choice.method_options,
+                    target=choice.target, correspondences=choice.correspondences, verify=choice.verify,
                 )
             else:
                 references = decode_request_images(list(request.images.images), self._settings.core, "reference image")
                 explained = self._retrieval.explain_images(
                     query, references, choice.method, choice.polarity, choice.side, timeout=timeout,
-                    options=choice.method_options,
+                    options=choice.method_options, target=choice.target, correspondences=choice.correspondences,
+                    verify=choice.verify,
                 )
             references = converters.explained_references(
                 explained.ranked(request.k), choice, max_bytes=self._settings.max_message_bytes
@@ -287,6 +301,13 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             return pb.ExplainResponse(options=converters.explain_choice_to_proto(choice), references=references)
 
         return await self._run(context, explain, cost=choice.cost(count))
+
+    async def ExplainDicomRegion(
+        self, request: pacs_pb2.ExplainDicomRegionRequest, context: aio.ServicerContext
+    ) -> pacs_pb2.ExplainDicomRegionResponse:
+        job = RegionJob.from_request(request, _require_index(request.index), self._settings, self._pacs)
+        max_bytes = self._settings.max_message_bytes
+        return await self._run(context, lambda timeout: job.run(self._retrieval, self._pacs, timeout, max_bytes), cost=job.cost)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -321,6 +342,19 @@ async def _read_images(messages: AsyncIterator[pb.IndexImagesRequest], inbox: In
         inbox.abandon()
         raise
     inbox.close()
+
+
+def _raise_stopped(context: aio.ServicerContext, summary: IndexSummary, failure: BaseException | None = None) -> None:
+    """An indexing run that stopped early (or whose stream failed) ends in its error, with
+    trailing metadata saying what the index kept."""
+    if failure is None and summary.stopped is None:
+        return
+    context.set_trailing_metadata((
+        *context.trailing_metadata(),
+        (COMMITTED_IMAGES_KEY, str(summary.images_indexed)),
+        (COMMITTED_TILES_KEY, str(summary.tiles_indexed)),
+    ))
+    raise failure or summary.stopped  # type: ignore[misc]
 
 
 def _require_index(name: str) -> str:

@@ -38,13 +38,14 @@ import numpy as np
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest, NotFound
 from histoxplain_model.limits import INDEX_NAME, POINT_ID, shorten
-from histoxplain_service.domain.types import IndexInfo, SearchHit, TileFilter, TileRecord
+from histoxplain_service.domain.types import IndexInfo, Metadata, SearchHit, TileFilter, TileRecord, payload_key
 
 if TYPE_CHECKING:
     from histoxplain_service.index.tile_store import TileStore
 
 __all__ = [
     "INDEX_NAME_PATTERN",
+    "PAYLOAD_INDEXES",
     "ImageState",
     "IndexEngine",
     "VectorIndex",
@@ -58,6 +59,11 @@ log = logging.getLogger(__name__)
 #: Index names: 1 to ``INDEX_NAME.max_chars`` (64) letters, digits, ``-`` and ``_``, starting with a
 #: letter or digit (safe as a collection name and as a folder name for the tile pixels).
 INDEX_NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{INDEX_NAME.max_chars - 1}}}")
+
+#: Payload indexes of every index, on every engine: what filters, grouping and facets look up.
+PAYLOAD_INDEXES: tuple[tuple[str, str], ...] = (
+    ("image_id", "keyword"), ("label", "keyword"), ("source", "keyword"), ("level", "integer"),
+)
 
 #: Whether an image's planned tiles are indexed (see :meth:`VectorIndex.image_state`).
 ImageState = Literal["complete", "metadata", "incomplete"]
@@ -110,6 +116,8 @@ class VectorIndex(ABC):
 
     name: str
     tile_store: TileStore | None
+    #: metadata fields this instance has already given a payload index (see _index_metadata_keys)
+    _metadata_indexed: set[str]
 
     # -- encoder record ----------------------------------------------------------------------------
 
@@ -180,12 +188,31 @@ class VectorIndex(ABC):
         Returns:
             ``"complete"``: every planned point exists with this label and source, its pixels are
             stored, and no other point carries the image id; ``"metadata"``: the same, except
-            the label or source differ (see :meth:`set_image_metadata`); ``"incomplete"``: anything else.
+            the label, source or metadata differ (see :meth:`set_image_metadata`); ``"incomplete"``:
+            anything else.
         """
 
     @abstractmethod
-    def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
-        """Change the label and source of every tile of one image (no re-embedding)."""
+    def set_image_metadata(self, image_id: str, label: str | None, source: str, metadata: Metadata = ()) -> None:
+        """Change the label, source and metadata of every tile of one image (no re-embedding)."""
+
+    @staticmethod
+    def _same_metadata(payloads: Iterable[dict[str, Any]], record: TileRecord) -> bool:
+        """Whether every stored payload has the record's label, source and metadata."""
+        wanted = record.payload()
+        keys = ("label", "source", "metadata")
+        return all(payload.get(key) == wanted.get(key) for payload in payloads for key in keys)
+
+    def _index_metadata_keys(self, keys: Iterable[str]) -> None:
+        """A keyword payload index on each of these metadata fields (``metadata.<key>``, what
+        filters on the field look up), created once per field and index instance."""
+        for key in sorted(set(keys) - self._metadata_indexed):
+            self._create_keyword_index(payload_key(key))
+            self._metadata_indexed.add(key)
+
+    @abstractmethod
+    def _create_keyword_index(self, path: str) -> None:
+        """A keyword payload index on ``path`` (a no-op when it exists)."""
 
     def finish_image(self, image_id: str, point_ids: Sequence[str]) -> int:
         """Delete the points (and pixels) of ``image_id`` that are not in ``point_ids``.

@@ -61,7 +61,7 @@ import qdrant_edge as qe
 
 from histoxplain_model.errors import DependencyUnavailable, FailedPrecondition, InvalidRequest, NotFound
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.types import IndexInfo, SearchHit, TileFilter, TileRecord
+from histoxplain_service.domain.types import IndexInfo, Metadata, SearchHit, TileFilter, TileRecord
 from histoxplain_service.index.base import (
     INDEX_NAME_PATTERN,
     ImageState,
@@ -112,6 +112,7 @@ class EdgeIndex(VectorIndex):
         self.engine = engine
         self.name = validate_index_name(name)
         self.tile_store = tile_store
+        self._metadata_indexed = set()
 
     # -- shard and encoder record -------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class EdgeIndex(VectorIndex):
         """Write tiles: pixels first (when a tile store is set), then points, in one engine update."""
         _, dim = self.encoder()
         vectors = check_upsert(records, vectors, dim)
+        self._index_metadata_keys(key for record in records for key, _ in record.metadata)
         if self.tile_store is not None:
             if tiles is None or len(tiles) != len(records):
                 raise ValueError("the index keeps tile pixels: pass one tile per record")
@@ -215,16 +217,19 @@ class EdgeIndex(VectorIndex):
         with_pixels = [record.point_id for record in records if record.dicom is None]
         if self.tile_store is not None and not all(self.tile_store.has(point_id) for point_id in with_pixels):
             return "incomplete"
-        label, source = records[0].label, records[0].source
-        if any(payload.get("label") != label or payload.get("source") != source for payload in payloads):
+        if not self._same_metadata(payloads, records[0]):
             return "metadata"
         return "complete"
 
-    def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
+    def set_image_metadata(self, image_id: str, label: str | None, source: str, metadata: Metadata = ()) -> None:
+        self._index_metadata_keys(key for key, _ in metadata)
+        payload = {"label": label, "source": source, "metadata": dict(metadata) or None}
         with edge_errors(f"updating an image in {self.name!r}"):
-            self._shard().update(
-                qe.UpdateOperation.set_payload_by_filter(image_filter([image_id]), {"label": label, "source": source})
-            )
+            self._shard().update(qe.UpdateOperation.set_payload_by_filter(image_filter([image_id]), payload))
+
+    def _create_keyword_index(self, path: str) -> None:
+        with edge_errors(f"indexing a metadata field of {self.name!r}"):
+            self._shard().update(qe.UpdateOperation.create_field_index(path, qe.PayloadSchemaType.Keyword))
 
     def _delete_points(self, point_ids: Sequence[str], action: str) -> None:
         with edge_errors(action):

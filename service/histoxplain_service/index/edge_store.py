@@ -21,11 +21,12 @@ import qdrant_edge as qe
 
 from histoxplain_model.errors import DependencyUnavailable, FailedPrecondition, InvalidRequest, NotFound
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.types import FieldMatch, TileFilter
+from histoxplain_service.domain.types import FieldMatch, TileFilter, payload_key
+from histoxplain_service.index.base import PAYLOAD_INDEXES
 from histoxplain_service.index.local_lock import lock_holder
 
 __all__ = [
-    "PAYLOAD_INDEXES", "RECORD_FILE", "SHARD_DIR", "EdgeOptions", "create_shard", "edge_errors", "edge_filter",
+    "RECORD_FILE", "SHARD_DIR", "EdgeOptions", "create_shard", "edge_errors", "edge_filter",
     "hold_lock", "image_filter", "local_mode_has", "read_encoder_record", "write_encoder_record",
 ]
 
@@ -35,10 +36,6 @@ _METADATA_KEY = "histoxplain"
 _SCHEMA = 1
 RECORD_FILE = "index.json"
 SHARD_DIR = "shard"
-#: Payload indexes of every index: what filters, grouping and facets look up.
-PAYLOAD_INDEXES: tuple[tuple[str, str], ...] = (
-    ("image_id", "keyword"), ("label", "keyword"), ("source", "keyword"), ("level", "integer"),
-)
 #: Qdrant's default full-scan threshold (KB of vectors): filters matching less are scanned.
 _FULL_SCAN_THRESHOLD_KB = 10_000
 
@@ -115,10 +112,10 @@ def edge_errors(action: str) -> Iterator[None]:
 
 
 def _match(condition: FieldMatch) -> qe.FieldCondition:
-    values = list(condition.values)
+    values, key = list(condition.values), payload_key(condition.key)
     if len(values) == 1:
-        return qe.FieldCondition(key=condition.key, match=qe.MatchValue(values[0]))
-    return qe.FieldCondition(key=condition.key, match=qe.MatchAny(values))
+        return qe.FieldCondition(key=key, match=qe.MatchValue(values[0]))
+    return qe.FieldCondition(key=key, match=qe.MatchAny(values))
 
 
 def edge_filter(

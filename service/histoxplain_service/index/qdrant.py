@@ -5,7 +5,9 @@ Storage
     With ``QDRANT_URL`` set: a Qdrant server, optionally with ``QDRANT_API_KEY``. Otherwise, with
     ``HISTOXPLAIN_INDEX_ENGINE=local``: qdrant-client local mode under ``<data_dir>/qdrant`` (one
     process at a time holds the folder; the embedded default is :mod:`.edge`). Tile pixels live
-    beside it in a :class:`~.tile_store.TileStore`.
+    beside it in a :class:`~.tile_store.TileStore`, or, with ``HISTOXPLAIN_TILE_PIXELS=payload``
+    (several gateways in front of one Qdrant), in each point's payload. A new collection takes
+    its shards, replication, HNSW, quantization and on-disk settings from :mod:`.qdrant_config`.
 
 Encoder record
     Each collection stores ``{"histoxplain": {"preset": ..., "dim": ..., "schema": 1}}`` in the
@@ -55,9 +57,18 @@ from histoxplain_model.errors import (
     NotFound,
 )
 from histoxplain_service.config import Settings
-from histoxplain_service.domain.types import FieldMatch, IndexInfo, SearchHit, TileFilter, TileRecord
+from histoxplain_service.domain.types import (
+    FieldMatch,
+    IndexInfo,
+    Metadata,
+    SearchHit,
+    TileFilter,
+    TileRecord,
+    payload_key,
+)
 from histoxplain_service.index.base import (
     INDEX_NAME_PATTERN,
+    PAYLOAD_INDEXES,
     ImageState,
     IndexEngine,
     VectorIndex,
@@ -65,6 +76,14 @@ from histoxplain_service.index.base import (
     validate_k,
 )
 from histoxplain_service.index.local_lock import lock_holder
+from histoxplain_service.index.qdrant_config import (
+    PIXELS_KEY,
+    WITHOUT_PIXELS,
+    collection_config,
+    pixels_from_payload,
+    pixels_payload,
+    search_params,
+)
 from histoxplain_service.index.tile_store import TileStore
 
 __all__ = ["QdrantEngine", "QdrantIndex", "open_qdrant"]
@@ -146,10 +165,10 @@ def _image_filter(image_ids: Sequence[str]) -> qm.Filter:
 
 
 def _field_condition(condition: FieldMatch) -> qm.FieldCondition:
-    values = list(condition.values)
+    values, key = list(condition.values), payload_key(condition.key)
     if len(values) == 1:
-        return qm.FieldCondition(key=condition.key, match=qm.MatchValue(value=values[0]))
-    return qm.FieldCondition(key=condition.key, match=qm.MatchAny(any=values))
+        return qm.FieldCondition(key=key, match=qm.MatchValue(value=values[0]))
+    return qm.FieldCondition(key=key, match=qm.MatchAny(any=values))
 
 
 def _search_filter(
@@ -170,13 +189,23 @@ class QdrantIndex(VectorIndex):
     Args:
         client: from :func:`open_qdrant`.
         name: the index name (letters, digits, ``-``, ``_``); also the collection name.
-        tile_store: where tile pixels are kept; ``None`` keeps none (then ``load_tile`` fails).
+        tile_store: where tile pixels are kept; ``None`` keeps none there (then ``load_tile``
+            fails unless ``settings.tile_pixels`` keeps them in the payload).
+        settings: how a new collection is created and queries search (:mod:`.qdrant_config`),
+            and whether pixels go in the payload (``tile_pixels="payload"``); default: the defaults.
     """
 
-    def __init__(self, client: QdrantClient, name: str, tile_store: TileStore | None = None) -> None:
+    def __init__(
+        self, client: QdrantClient, name: str, tile_store: TileStore | None = None, settings: Settings | None = None,
+    ) -> None:
         self.client = client
         self.name = validate_index_name(name)
         self.tile_store = tile_store
+        self.settings = settings or Settings()
+        self.pixels_in_payload = self.settings.tile_pixels == "payload"
+        self._metadata_indexed = set()
+        # local mode searches exactly and warns that search parameters have no effect there
+        self._search_params = search_params(self.settings) if self.settings.qdrant_url else None
 
     # -- collection and encoder record ---------------------------------------------------------
 
@@ -210,8 +239,7 @@ class QdrantIndex(VectorIndex):
             with _qdrant_errors(f"creating index {self.name!r}"):
                 try:
                     self.client.create_collection(
-                        self.name,
-                        vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.COSINE),
+                        self.name, **collection_config(self.settings, dim),
                         metadata={_METADATA_KEY: {"preset": preset, "dim": dim, "schema": _SCHEMA}},
                     )
                 except ValueError:
@@ -228,9 +256,14 @@ class QdrantIndex(VectorIndex):
         # scans anyway and warns that they have no effect: the warning is expected there.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Payload indexes have no effect")
-            for key in ("image_id", "label", "source"):
-                self.client.create_payload_index(self.name, key, qm.PayloadSchemaType.KEYWORD)
-            self.client.create_payload_index(self.name, "level", qm.PayloadSchemaType.INTEGER)
+            for key, kind in PAYLOAD_INDEXES:
+                schema = qm.PayloadSchemaType.KEYWORD if kind == "keyword" else qm.PayloadSchemaType.INTEGER
+                self.client.create_payload_index(self.name, key, schema)
+
+    def _create_keyword_index(self, path: str) -> None:
+        with warnings.catch_warnings(), _qdrant_errors(f"indexing a metadata field of {self.name!r}"):
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+            self.client.create_payload_index(self.name, path, qm.PayloadSchemaType.KEYWORD)
 
     def describe(self) -> IndexInfo:
         preset, dim = self.encoder()
@@ -256,7 +289,8 @@ class QdrantIndex(VectorIndex):
     # -- writing -------------------------------------------------------------------------------
 
     def upsert(self, records: Sequence[TileRecord], vectors: np.ndarray, tiles: Sequence[np.ndarray] | None = None) -> None:
-        """Write tiles: pixels first (when a tile store is set), then points, in one Qdrant call."""
+        """Write tiles: pixels first (when a tile store is set), then points, in one Qdrant call;
+        with pixels in the payload, each point carries its own (written in the same call)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(records):
             raise ValueError(f"need one vector per record: {len(records)} records, vectors {vectors.shape}")
@@ -265,15 +299,21 @@ class QdrantIndex(VectorIndex):
         _, dim = self.encoder()
         if vectors.shape[1] != dim:
             raise FailedPrecondition(f"index {self.name!r} holds {dim}-d vectors; got {vectors.shape[1]}-d")
-        if self.tile_store is not None:
+        self._index_metadata_keys(key for record in records for key, _ in record.metadata)
+        payloads = [record.payload() for record in records]
+        if self.tile_store is not None or self.pixels_in_payload:
             if tiles is None or len(tiles) != len(records):
                 raise ValueError("the index keeps tile pixels: pass one tile per record")
-            for record, tile in zip(records, tiles):
-                if record.dicom is None:  # a DICOM slide's tiles stay in the PACS (base.VectorIndex.upsert)
-                    self.tile_store.save(record.point_id, tile)
+            for record, tile, payload in zip(records, tiles, payloads):
+                if record.dicom is not None:  # a DICOM slide's tiles stay in the PACS (base.VectorIndex.upsert)
+                    continue
+                if self.pixels_in_payload:
+                    payload[PIXELS_KEY] = pixels_payload(tile)
+                else:
+                    self.tile_store.save(record.point_id, tile)  # type: ignore[union-attr]
         points = [
-            qm.PointStruct(id=record.point_id, vector=vector.tolist(), payload=record.payload())
-            for record, vector in zip(records, vectors)
+            qm.PointStruct(id=record.point_id, vector=vector.tolist(), payload=payload)
+            for record, vector, payload in zip(records, vectors, payloads)
         ]
         with _qdrant_errors(f"writing to index {self.name!r}"):
             self.client.upsert(self.name, points=points, wait=True)
@@ -284,7 +324,9 @@ class QdrantIndex(VectorIndex):
         image_id = records[0].image_id
         ids = [record.point_id for record in records]
         with _qdrant_errors(f"checking an image in {self.name!r}"):
-            found = self.client.retrieve(self.name, ids=ids, with_payload=["label", "source", "tiles_in_image"])
+            found = self.client.retrieve(
+                self.name, ids=ids, with_payload=["label", "source", "metadata", "tiles_in_image"]
+            )
             total = self.client.count(self.name, count_filter=_image_filter([image_id]), exact=True).count
         if len(found) != len(ids) or total != len(ids):
             return "incomplete"
@@ -293,16 +335,45 @@ class QdrantIndex(VectorIndex):
         with_pixels = [record.point_id for record in records if record.dicom is None]
         if self.tile_store is not None and not all(self.tile_store.has(point_id) for point_id in with_pixels):
             return "incomplete"
-        label, source = records[0].label, records[0].source
-        if any(point.payload.get("label") != label or point.payload.get("source") != source for point in found):
+        if self.pixels_in_payload and with_pixels and self._count_without_pixels(image_id):
+            return "incomplete"
+        if not self._same_metadata((point.payload or {} for point in found), records[0]):
             return "metadata"
         return "complete"
 
-    def set_image_metadata(self, image_id: str, label: str | None, source: str) -> None:
-        with _qdrant_errors(f"updating an image in {self.name!r}"):
-            self.client.set_payload(
-                self.name, payload={"label": label, "source": source}, points=_image_filter([image_id]), wait=True
+    def _count_without_pixels(self, image_id: str) -> int:
+        """Tiles of the image that should carry pixels in their payload but do not (counted by
+        Qdrant: no pixels are transferred)."""
+        missing = qm.Filter(must=[
+            _image_condition([image_id]),
+            qm.IsEmptyCondition(is_empty=qm.PayloadField(key=PIXELS_KEY)),
+            qm.IsEmptyCondition(is_empty=qm.PayloadField(key="dicom")),
+        ])
+        with _qdrant_errors(f"checking an image in {self.name!r}"):
+            return self.client.count(self.name, count_filter=missing, exact=True).count
+
+    def load_tile(self, hit: SearchHit | str) -> np.ndarray:
+        """The pixels of a hit: from the tile store, or from the point's payload when they are kept there."""
+        if not self.pixels_in_payload:
+            return super().load_tile(hit)
+        point_id = hit.point_id if isinstance(hit, SearchHit) else hit
+        with _qdrant_errors(f"reading a tile from {self.name!r}"):
+            found = self.client.retrieve(
+                self.name, ids=[point_id], with_payload=qm.PayloadSelectorInclude(include=[PIXELS_KEY])
             )
+        value = (found[0].payload or {}).get(PIXELS_KEY) if found else None
+        if not isinstance(value, str):
+            raise NotFound(
+                f"no stored pixels for tile {point_id} in index {self.name!r}; re-index its image "
+                "(it was indexed while tile pixels were kept on a gateway's disk: HISTOXPLAIN_TILE_PIXELS=local)"
+            )
+        return pixels_from_payload(value)
+
+    def set_image_metadata(self, image_id: str, label: str | None, source: str, metadata: Metadata = ()) -> None:
+        self._index_metadata_keys(key for key, _ in metadata)
+        payload = {"label": label, "source": source, "metadata": dict(metadata) or None}
+        with _qdrant_errors(f"updating an image in {self.name!r}"):
+            self.client.set_payload(self.name, payload=payload, points=_image_filter([image_id]), wait=True)
 
     def _delete_points(self, point_ids: Sequence[str], action: str) -> None:
         with _qdrant_errors(action):
@@ -314,7 +385,7 @@ class QdrantIndex(VectorIndex):
             while True:
                 points, offset = self.client.scroll(
                     self.name, scroll_filter=scroll_filter, limit=_SCROLL_PAGE, offset=offset,
-                    with_payload=with_payload, with_vectors=with_vectors,
+                    with_payload=WITHOUT_PIXELS if with_payload else False, with_vectors=with_vectors,
                 )
                 yield from points
                 if offset is None:
@@ -364,7 +435,7 @@ class QdrantIndex(VectorIndex):
         with _qdrant_errors(f"searching index {self.name!r}"):
             response = self.client.query_points(
                 self.name, query=vector.tolist(), limit=k, query_filter=_search_filter(label, None, tile_filter),
-                with_payload=True,
+                search_params=self._search_params, with_payload=WITHOUT_PIXELS,
                 with_vectors=with_vectors, timeout=_server_timeout(timeout),
             )
         return list(response.points)
@@ -383,14 +454,15 @@ class QdrantIndex(VectorIndex):
             with _qdrant_errors(f"searching index {self.name!r}"):
                 result = self.client.query_points_groups(
                     self.name, query=query.tolist(), group_by="image_id", limit=limit, group_size=1,
-                    query_filter=query_filter, with_payload=True, timeout=_server_timeout(timeout),
+                    query_filter=query_filter, search_params=self._search_params,
+                    with_payload=WITHOUT_PIXELS, timeout=_server_timeout(timeout),
                 )
             best.append({str(group.id): _hit(group.hits[0]) for group in result.groups if group.hits})
         return best
 
     def _retrieve(self, point_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Sequence[float]]]:
         with _qdrant_errors(f"reading tiles from {self.name!r}"):
-            found = self.client.retrieve(self.name, ids=list(point_ids), with_payload=True, with_vectors=True)
+            found = self.client.retrieve(self.name, ids=list(point_ids), with_payload=WITHOUT_PIXELS, with_vectors=True)
         return {str(point.id): (point.payload or {}, point.vector) for point in found}
 
     def _image_points(self, image_id: str) -> Iterator[tuple[dict[str, Any], Sequence[float]]]:
@@ -411,9 +483,11 @@ class QdrantEngine(IndexEngine):
         self.client = client
 
     def open_index(self, name: str) -> QdrantIndex:
-        """The index ``name`` with its tile store under ``settings.tiles_dir(name)``."""
+        """The index ``name``, its pixels in a tile store under ``settings.tiles_dir(name)`` or, with
+        ``settings.tile_pixels == "payload"``, in its points' payload."""
         validate_index_name(name)  # before the name becomes a folder
-        return QdrantIndex(self.client, name, TileStore(self.settings.tiles_dir(name)))
+        tiles = None if self.settings.tile_pixels == "payload" else TileStore(self.settings.tiles_dir(name))
+        return QdrantIndex(self.client, name, tiles, self.settings)
 
     def list_indexes(self) -> list[IndexInfo]:
         """Every histoxplain index on this Qdrant (collections without an encoder record are left out)."""

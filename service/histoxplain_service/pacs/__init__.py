@@ -15,11 +15,15 @@ DICOM, so the viewer the pathologist already uses shows them. The modules, botto
 * :mod:`.indexing`: index a series or a whole study at a chosen pyramid level.
 * :mod:`.results`: the objects written back, built with highdicom: a Parametric Map of the
   query region's heatmap, a Comprehensive 3D SR (TID 1500) with one measurement group per
-  similar case, and a Key Object Selection of the similar slides.
+  similar case, a Key Object Selection of the similar slides, and optionally a Secondary
+  Capture of the heatmap blended over the region.
 * :mod:`.explain`: :func:`.explain.explain_region`, search and explain a region of a slide and
   optionally store the results in the query's study.
 * :mod:`.orthanc` and :mod:`.dicomize`: a real Orthanc for tests and users, and the demo's
   slide converted to DICOM.
+* :mod:`.orthanc_trigger`: the Orthanc Python-plugin script that indexes every study that becomes
+  stable through the gateway's ``IndexDicom`` (stdlib and the SDK only: it runs in Orthanc).
+* :mod:`.watch`: the same for other PACS, by polling QIDO-RS (``histoxplain pacs-watch``).
 
 ``docs/PACS.md`` describes the set-up, the objects and the settings. Modules here import
 wsidicom, dicomweb-client and highdicom; nothing outside this package does, except the

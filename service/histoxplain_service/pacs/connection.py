@@ -13,7 +13,8 @@ Errors
     ``PermissionDenied`` naming the credential settings; HTTP 404 -> ``NotFound`` (the caller
     says what was missing); any other HTTP error -> ``DependencyUnavailable``. Messages reach
     gateway clients and logs, so they name settings and fields, never a UID, a URL or a patient;
-    the log gets the exception's class and the HTTP status only.
+    the log gets the exception's class and the HTTP status only; the loggers of dicomweb-client,
+    highdicom, wsidicom and urllib3, which would log UIDs, are held at WARNING.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ from histoxplain_service.config import Settings
 __all__ = ["PacsConnection", "pacs_errors"]
 
 log = logging.getLogger(__name__)
+
+# dicomweb-client and highdicom log Study, Series and SOP Instance UIDs at INFO, wsidicom and
+# urllib3 (URLs with UIDs in their path) at DEBUG: the keys of patient data, so their loggers are
+# held at WARNING.
+for _chatty in ("dicomweb_client", "highdicom", "wsidicom", "urllib3.connectionpool"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 _CREDENTIALS = "HISTOXPLAIN_DICOMWEB_USER and HISTOXPLAIN_DICOMWEB_PASSWORD_FILE (or HISTOXPLAIN_DICOMWEB_PASSWORD)"
 

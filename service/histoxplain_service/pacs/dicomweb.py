@@ -16,6 +16,7 @@ Open slides
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
@@ -32,7 +33,7 @@ from histoxplain_service.domain.types import SearchHit, TileRecord
 from histoxplain_service.pacs.connection import PacsConnection, pacs_errors
 from histoxplain_service.pacs.slides import WSI_SOP_CLASS_UID, DicomSlide, DicomWebSource
 
-__all__ = ["DicomWeb", "PatientKey"]
+__all__ = ["DicomWeb", "PatientKey", "encode"]
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +219,20 @@ class DicomWeb:
     # -- writing -----------------------------------------------------------------------------------
 
     def store(self, datasets: Sequence[Any], study_uid: str) -> None:
-        """STOW-RS ``datasets`` (pydicom Datasets) into ``study_uid`` in one request.
+        """STOW-RS ``datasets`` (pydicom Datasets, or the bytes :func:`encode` makes of
+        them) into ``study_uid`` in one request.
 
         Raises:
             DependencyUnavailable: the PACS failed or refused some of them.
             PermissionDenied: the PACS refused the credentials.
         """
+        from dicomweb_client.web import _Transaction
+
         with pacs_errors("storing DICOM objects", not_found="the study is not in the PACS; check the study UID"):
-            response = self.client.store_instances(list(datasets), study_instance_uid=study_uid)
+            # dicomweb-client's own store_instances encodes each dataset (again) and logs the study UID
+            url = self.client._get_studies_url(_Transaction.STORE, study_uid)  # noqa: SLF001
+            parts = [item if isinstance(item, bytes) else encode(item) for item in datasets]
+            response = self.client._http_post_multipart_application_dicom(url, parts)  # noqa: SLF001
         failed = len(getattr(response, "FailedSOPSequence", None) or [])
         if failed:
             log.warning("the PACS refused %d of %d objects", failed, len(datasets))
@@ -240,3 +247,12 @@ class DicomWeb:
         for slide in slides:
             slide.close()
         self._session.close()
+
+
+def encode(dataset: Any) -> bytes:
+    """A pydicom Dataset as the DICOM file bytes a STOW-RS request carries (:meth:`DicomWeb.store`)."""
+    import pydicom
+
+    with io.BytesIO() as buffer:
+        pydicom.dcmwrite(buffer, dataset)
+        return buffer.getvalue()

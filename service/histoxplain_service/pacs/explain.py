@@ -29,27 +29,36 @@ Cross-patient references
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import logging
 import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
+from histoxplain_model.deadlines import check_deadline
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.options import SaliencyOptions
 from histoxplain_service.domain.ranking import rank_images
 from histoxplain_service.domain.retrieval import Retrieval, check_k
-from histoxplain_service.domain.types import Box, ExplainedSearch, ImageHit
-from histoxplain_service.pacs.dicomweb import DicomWeb
+from histoxplain_service.domain.types import Box, ExplainedSearch, ImageHit, SearchHit, TileFilter
+from histoxplain_service.pacs.dicomweb import DicomWeb, encode
 from histoxplain_service.pacs.results import (
+    SOP_CLASSES,
     RegionOnLevel,
     SimilarCase,
     heatmap_map,
+    heatmap_overlay,
     similar_cases_report,
     similar_cases_selection,
+    warm_up,
 )
+from histoxplain_service.pacs.writeback import BackgroundWriter, Place
 from histoxplain_service.pacs.slides import DicomSlide, dicom_image_id
 
 __all__ = ["Region", "RegionExplanation", "StoredObject", "explain_region"]
@@ -70,12 +79,15 @@ class Region:
 
 @dataclass(frozen=True)
 class StoredObject:
-    """One object written into the query's study: ``kind`` is ``map``, ``report`` or ``selection``."""
+    """One object written into the query's study: ``kind`` is ``map``, ``overlay``, ``report`` or
+    ``selection``; ``state`` is ``stored`` (in the PACS when the call returned) or ``queued`` (its
+    UIDs given out, stored by a :class:`~histoxplain_service.pacs.writeback.BackgroundWriter`)."""
 
     kind: str
     series_uid: str
     instance_uid: str
     sop_class_uid: str
+    state: str = "stored"
 
 
 @dataclass(frozen=True)
@@ -86,14 +98,16 @@ class RegionExplanation:
         box: the region in level-0 pixels (cut to the slide).
         level: the pyramid level it was read at.
         image: its pixels (h, w, 3) uint8 at that level.
-        cases: the similar slides, best first (the query's own slide left out).
+        cases: the similar slides, best first (the query's own slide left out); empty with tile
+            ranking, whose cases are the explanation's hits.
         explanation: the region explained against each case's best tile (hit ``i`` is case ``i``).
         heatmap: (h, w) float32 in [0, 1], the mean of the region's maps, at the level's pixels.
         referenced: how many cases the objects reference (fewer than ``cases`` when only DICOM
             cases, or only the same patient's, may be referenced).
         stored: the objects written into the study (empty unless ``store``): the map, and the
             report and selection when at least one case may be referenced.
-        objects: those objects as pydicom Datasets (built only with ``store``).
+        objects: those objects as pydicom Datasets (built only with a synchronous ``store``; a
+            background one builds them after the call).
     """
 
     box: Box
@@ -155,6 +169,17 @@ def _on_level(slide: DicomSlide, box: Box, level: int, max_pixels: int) -> tuple
     return left, top, w, h
 
 
+def _best_tiles(search: Callable[[np.ndarray], list[SearchHit]], vectors: np.ndarray, k: int) -> list[SearchHit]:
+    """The ``k`` tiles that best match any of the query tiles ``vectors`` (each tile once, at its
+    best score), best first; ``search``: one query tile's best tiles."""
+    best: dict[str, SearchHit] = {}
+    for vector in vectors:
+        for tile in search(vector):
+            if tile.point_id not in best or tile.score > best[tile.point_id].score:
+                best[tile.point_id] = tile
+    return sorted(best.values(), key=lambda tile: tile.score, reverse=True)[:k]
+
+
 def _mean_heatmap(explanation: ExplainedSearch, width: int, height: int) -> np.ndarray:
     maps = [hit.query_heatmap for hit in explanation.hits if hit.query_heatmap is not None]
     if not maps:
@@ -186,29 +211,47 @@ def explain_region(
     method: str = "gradcam",
     side: Literal["query", "both"] = "query",
     store: bool = False,
+    store_overlay: bool = False,
+    polarity: str = "similar",
+    ranking: Literal["image", "tile"] = "image",
+    tile_filter: TileFilter | None = None,
     cross_patient: bool | None = None,
     options: SaliencyOptions | None = None,
     timeout: float | None = None,
+    writer: BackgroundWriter | None = None,
 ) -> RegionExplanation:
     """Search the index for the slides most similar to a region, explain them, optionally store
     the results in the region's study (see the module docstring).
 
     Args:
-        retrieval: the model and index engine; its ``dicom_tiles`` is replaced by ``pacs``'s reader.
+        retrieval: the model and index engine; the cases' tiles are read from ``pacs``, whatever
+            its ``dicom_tiles``.
         index_name: the index to search.
         pacs: the PACS holding the slide (and the cases' slides).
         study_uid, series_uid: the query slide.
         region: the region of the slide (level-0 pixels or slide millimetres).
         level: the pyramid level to read the region at (0: full resolution; the index's level
             is usually the right one).
-        k: how many similar slides.
+        k: how many similar slides (``ranking="image"``) or tiles (``"tile"``).
         method: the saliency method (``gradcam``, ``gradcampp``, ``smoothgrad``).
         side: ``query`` (the region's heatmaps) or ``both`` (the cases' too, for the caller).
         store: write the Parametric Map, SR and KOS into the study.
+        store_overlay: with ``store``, also a Secondary Capture of the heatmap blended over the
+            region, for viewers that show neither Parametric Maps nor SR.
+        polarity: ``similar`` or ``dissimilar`` regions (the stored map is of that polarity).
+        ranking: ``image``: one case per slide, explained through its best tile; ``tile``: the
+            ``k`` tiles that best match any tile of the region, several of which may come from
+            one slide (the stored SR and KOS list each slide once, at its best tile).
+        tile_filter: search only among the tiles it keeps.
         cross_patient: may the stored objects reference other patients' slides (default: the
             ``dicom_cross_patient`` setting).
         options: the method's own options (e.g. SmoothGrad's samples).
         timeout: seconds the caller has left.
+        writer: with ``store``, store in the background: the objects' UIDs are made first and
+            returned as ``queued``, ``writer`` builds and stores them after the call returns.
+            Without it the objects are in the PACS when the call returns (the SR and KOS are
+            built while the explanation runs, the map once the heatmap is there, all three
+            sent in one STOW-RS request).
 
     Raises:
         InvalidRequest: a region off the slide or over the pixel limit, a bad level, k or
@@ -216,50 +259,152 @@ def explain_region(
         NotFound: no such study or series, or no such index.  InvalidRequest: the series is not a slide.
         DependencyUnavailable / PermissionDenied: the PACS or the model failed or refused.
         FailedPrecondition: storing results on a slide without a Frame of Reference UID.
+        ResourceExhausted: ``writer`` holds its limit of results (refused before any work).
     """
     check_k(k)
+    if ranking not in ("image", "tile"):
+        raise InvalidRequest(f"ranking must be 'image' or 'tile', got {ranking!r}")
     if side not in ("query", "both"):
         raise InvalidRequest(f"side must be 'query' or 'both' (the stored heatmap is the query's), got {side!r}")
-    slide = pacs.slide(study_uid, series_uid)
-    box = _level0_box(slide, region)
-    x, y, w, h = _on_level(slide, box, level, retrieval.settings.max_request_pixels)
-    image = slide.read(level, x, y, w, h)
-    if retrieval.dicom_tiles != pacs.read_tile:  # bound methods: equal when of the same object
-        retrieval = Retrieval(retrieval.settings, retrieval.backend, retrieval.index_engine, dicom_tiles=pacs.read_tile)
+    place = writer.reserve() if store and writer is not None else None  # full: refused before any work
+    try:
+        slide = pacs.slide(study_uid, series_uid)
+        box = _level0_box(slide, region)
+        x, y, w, h = _on_level(slide, box, level, retrieval.settings.max_request_pixels)
+        image = slide.read(level, x, y, w, h)
 
-    index = retrieval.searchable(index_name)
-    vectors = retrieval.backend.embed(retrieval.query_tiles(image), timeout=timeout)
-    query_image_id = dicom_image_id(study_uid, series_uid)
-    # one more than asked: the query's own slide, when indexed, takes at most one place
-    ranked = rank_images(index, vectors, k + 1, timeout=timeout)
-    cases = tuple(hit for hit in ranked if hit.image_id != query_image_id)[:k]
-    if not cases:
-        raise InvalidRequest(f"index {index_name!r} holds no other slide to compare the region with; index more slides")
-    tiles = [max(case.tiles, key=lambda tile: tile.score) for case in cases]
-    explanation = retrieval.explain_hits(index_name, image, tiles, method, "similar", side, timeout, options)
-    heatmap = _mean_heatmap(explanation, w, h)
+        index = retrieval.searchable(index_name)
+        vectors = retrieval.backend.embed(retrieval.query_tiles(image), timeout=timeout)
+        query_image_id = dicom_image_id(study_uid, series_uid)
+        if ranking == "image":
+            # one more than asked: the query's own slide, when indexed, takes at most one place
+            ranked = rank_images(index, vectors, k + 1, timeout=timeout, tile_filter=tile_filter)
+            cases = tuple(hit for hit in ranked if hit.image_id != query_image_id)[:k]
+            tiles = [max(case.tiles, key=lambda tile: tile.score) for case in cases]
+        else:
+            cases = ()
+            others = TileFilter.from_mapping(must_not={"image_id": query_image_id}).also(tile_filter)
+            tiles = _best_tiles(lambda vector: index.search(vector, k, timeout=timeout, tile_filter=others), vectors, k)
+        if not tiles:
+            raise InvalidRequest(f"index {index_name!r} holds no other slide to compare the region with; index more slides")
+        allowed = retrieval.settings.dicom_cross_patient if cross_patient is None else cross_patient
+        on_level = RegionOnLevel(slide.dataset(level), x, y, w, h)
+        if store:
+            on_level.frame_of_reference_uid()  # results cannot be placed on this slide: refused before the work
+        similar = _referable(pacs, study_uid, _similar_cases(tiles), allowed)
+        # synchronous: the SR and the KOS need only the cases, so they are built while the explanation runs
+        listing = _submit(_listed, on_level, similar, method) if store and place is None else None
+        reader = Retrieval(retrieval.settings, retrieval.backend, retrieval.index_engine, dicom_tiles=pacs.read_tile)
+        try:
+            explanation = reader.explain_hits(index_name, image, tiles, method, polarity, side, timeout, options)
+            heatmap = _mean_heatmap(explanation, w, h)
+            description = f"{method} heatmap, mean over {len(cases)} cases"
+            if listing is None:
+                result = RegionExplanation(box, level, image, cases, explanation, heatmap, len(similar))
+                if place is None:
+                    return result
+                queued = _queue(
+                    place, pacs, study_uid, on_level, image, heatmap, similar, method, description, store_overlay
+                )
+                return dataclasses.replace(result, stored=queued)
+            objects = _map_objects(on_level, image, heatmap, method, description, store_overlay)
+        finally:
+            if listing is not None and not listing.done():
+                listing.cancel()  # not started yet: never is; started: ends at its next check
+        objects += listing.result()
+        check_deadline()  # a caller that gave up stores nothing
+        pacs.store([encoded for _, _, encoded in objects], study_uid)
+        log.info("stored %d result objects referencing %d cases", len(objects), len(similar))
+        stored = tuple(
+            StoredObject(kind, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+            for kind, ds, _ in objects
+        )
+        return RegionExplanation(
+            box, level, image, cases, explanation, heatmap, len(similar), stored, tuple(ds for _, ds, _ in objects)
+        )
+    finally:
+        if place is not None:
+            place.release()  # no-op once its result was queued
 
-    similar = [
-        SimilarCase(position + 1, explained.similarity, hit.dicom.study_uid, hit.dicom.series_uid, hit.dicom.instance_uid)
-        for position, explained in enumerate(explanation.hits)
-        if (hit := explained.hit) is not None and hit.dicom is not None
-    ]
-    allowed = retrieval.settings.dicom_cross_patient if cross_patient is None else cross_patient
-    similar = _referable(pacs, study_uid, similar, allowed)
-    result = RegionExplanation(box, level, image, cases, explanation, heatmap, len(similar))
-    if not store:
-        return result
-    on_level = RegionOnLevel(slide.dataset(level), x, y, w, h)
-    objects = [("map", heatmap_map(on_level, heatmap, method, f"{method} heatmap, mean over {len(cases)} cases"))]
-    if similar:  # the SR and the KOS list cases: with none that may be referenced, neither is written
-        objects.append(("report", similar_cases_report(on_level, similar, method)))
-        objects.append(("selection", similar_cases_selection(on_level, similar, method)))
-    pacs.store([dataset for _, dataset in objects], study_uid)
-    log.info("stored %d result objects referencing %d cases", len(objects), len(similar))
-    stored = tuple(
-        StoredObject(kind, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
-        for kind, ds in objects
-    )
-    return RegionExplanation(
-        box, level, image, cases, explanation, heatmap, len(similar), stored, tuple(ds for _, ds in objects)
-    )
+
+def _similar_cases(tiles: Sequence[SearchHit]) -> list[SimilarCase]:
+    """The DICOM slides of ``tiles`` (best first), each once at its best tile, with its search
+    score as the similarity (see :class:`~histoxplain_service.pacs.results.SimilarCase`)."""
+    similar: list[SimilarCase] = []
+    for hit in tiles:
+        if hit.dicom is None or any(case.series_uid == hit.dicom.series_uid for case in similar):
+            continue
+        similar.append(SimilarCase(
+            len(similar) + 1, float(hit.score), hit.dicom.study_uid, hit.dicom.series_uid, hit.dicom.instance_uid,
+        ))
+    return similar
+
+
+def _encoded(kind: str, dataset: Any) -> tuple[str, Any, bytes]:
+    return kind, dataset, encode(dataset)
+
+
+def _map_objects(
+    region: RegionOnLevel, image: np.ndarray, heatmap: np.ndarray, method: str, description: str, overlay: bool,
+    uids: dict[str, tuple[str, str]] | None = None,
+) -> list[tuple[str, Any, bytes]]:
+    """The Parametric Map (and the overlay), encoded; ``uids``: (series, instance) by kind, else new."""
+    uids = uids or {}
+    objects = [_encoded("map", heatmap_map(region, heatmap, method, description, uids.get("map")))]
+    if overlay:
+        objects.append(_encoded(
+            "overlay", heatmap_overlay(region, image, heatmap, method, description, uids=uids.get("overlay"))
+        ))
+    return objects
+
+
+def _case_objects(
+    region: RegionOnLevel, similar: list[SimilarCase], method: str, uids: dict[str, tuple[str, str]] | None = None
+) -> list[tuple[str, Any, bytes]]:
+    """The SR and the KOS of the cases, encoded; none without a case (they list cases)."""
+    if not similar:
+        return []
+    uids = uids or {}
+    check_deadline()
+    report = _encoded("report", similar_cases_report(region, similar, method, uids.get("report")))
+    check_deadline()
+    return [report, _encoded("selection", similar_cases_selection(region, similar, method, uids.get("selection")))]
+
+
+def _listed(region: RegionOnLevel, similar: list[SimilarCase], method: str) -> list[tuple[str, Any, bytes]]:
+    """The SR and KOS of the cases (on a builder thread: CPU only, no network, so it needs no
+    network namespace of its caller)."""
+    warm_up()  # once per process: the gateway warms it at start, a library caller's first store here
+    return _case_objects(region, similar, method)
+
+
+def _queue(
+    place: Place, pacs: DicomWeb, study_uid: str, region: RegionOnLevel,
+    image: np.ndarray, heatmap: np.ndarray, similar: list[SimilarCase], method: str, description: str, overlay: bool,
+) -> tuple[StoredObject, ...]:
+    """Queue the objects for the background writer; their UIDs, made now, are the answer."""
+    import highdicom as hd
+
+    kinds = ["map", *(["overlay"] if overlay else []), *(["report", "selection"] if similar else [])]
+    uids = {kind: (str(hd.UID()), str(hd.UID())) for kind in kinds}
+
+    def build() -> list[bytes]:
+        warm_up()  # once per process (the gateway warms it at start)
+        objects = _map_objects(region, image, heatmap, method, description, overlay, uids)
+        objects += _case_objects(region, similar, method, uids)
+        return [encoded for _, _, encoded in objects]
+
+    check_deadline()  # a caller that gave up queues nothing
+    place.submit(build, pacs, study_uid)
+    log.info("queued %d result objects referencing %d cases for the background store", len(kinds), len(similar))
+    return tuple(StoredObject(kind, *uids[kind], SOP_CLASSES[kind], state="queued") for kind in kinds)
+
+
+#: Builds the SR and KOS while the explanation runs; each request waits for its own job, so the
+#: queue holds at most one job per request in flight.
+_BUILDERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pacs-objects")
+
+
+def _submit(function: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``function`` on a builder thread under this thread's deadline and stop signal."""
+    return _BUILDERS.submit(contextvars.copy_context().run, function, *args)

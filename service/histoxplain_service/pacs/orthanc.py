@@ -4,7 +4,9 @@
 
 starts Orthanc on this machine with its storage in ``DIR``, HTTP authentication on (user
 ``histoxplain``, a generated password written to ``DIR/credentials/password``, mode 0600) and
-prints the settings that point histoxplain at it; Ctrl-C or SIGTERM stops it. Orthanc is
+prints the settings that point histoxplain at it; Ctrl-C or SIGTERM stops it. With
+``--trigger-gateway HOST:PORT [--trigger-index NAME]`` it also loads :mod:`.orthanc_trigger`, which
+indexes every study that becomes stable through that gateway. Orthanc is
 ``apt-get install orthanc orthanc-dicomweb orthanc-wsi orthanc-python`` (``.ci/apt-packages.txt``).
 
 Security
@@ -36,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.error
@@ -48,14 +51,20 @@ from types import TracebackType
 from typing import Any
 
 from histoxplain_model.errors import DependencyUnavailable
+from histoxplain_service.pacs.orthanc_trigger import TriggerOptions
 
-__all__ = ["OrthancConfig", "OrthancProcess", "PLUGIN_DIR", "main", "private_network_available"]
+__all__ = ["OrthancConfig", "OrthancProcess", "PLUGIN_DIR", "TRIGGER_SCRIPT", "main", "private_network_available"]
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 DEFAULT_PLUGINS = ("libOrthancDicomWeb.so", "libOrthancWSI.so")
+PYTHON_PLUGIN = "libOrthancPython.so"
+#: The Orthanc Python-plugin script that indexes stable studies (:mod:`.orthanc_trigger`).
+TRIGGER_SCRIPT = Path(__file__).with_name("orthanc_trigger.py")
+#: The number of the trigger's user metadata entry (Orthanc's user range is 1024-65535).
+TRIGGER_METADATA_NUMBER = 4501
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNET = 0x40000000
 
@@ -77,7 +86,11 @@ class OrthancConfig:
         aet: Orthanc's DICOM application entity title.
         stable_age_s: seconds without a new instance after which a study counts as stable.
         plugins: plugin file names in ``PLUGIN_DIR``, or absolute paths.
-        extra: more configuration keys (e.g. ``PythonScript`` for the Python plugin).
+        trigger: index stable studies through the gateway (adds the Python plugin, the
+            :data:`TRIGGER_SCRIPT`, its metadata entry and its options; empty
+            ``site_packages``: this interpreter's, which must be the system python3's version,
+            3.11 on Debian 12, as the tests' virtual environment is); ``None``: no trigger.
+        extra: more configuration keys.
     """
 
     storage: Path
@@ -88,6 +101,7 @@ class OrthancConfig:
     aet: str = "HISTOXPLAIN"
     stable_age_s: int = 5
     plugins: Sequence[str] = DEFAULT_PLUGINS
+    trigger: TriggerOptions | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -123,6 +137,13 @@ class OrthancConfig:
             "SaveJobs": False,
             "ConcurrentJobs": 1,
         }
+        if self.trigger is not None:
+            config["Plugins"].append(str(PLUGIN_DIR / PYTHON_PLUGIN))
+            config["PythonScript"] = str(TRIGGER_SCRIPT)
+            config["UserMetadata"] = {self.trigger.metadata: TRIGGER_METADATA_NUMBER}
+            config["Histoxplain"] = self.trigger.as_section()
+            if not self.trigger.site_packages:
+                config["Histoxplain"]["SitePackages"] = [sysconfig.get_paths()["purelib"]]
         config.update(self.extra)
         return config
 
@@ -329,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8042)
     parser.add_argument("--dicom-port", type=int, default=4242)
     parser.add_argument("--stable-age", type=int, default=5, help="seconds after which a study counts as stable")
+    parser.add_argument("--trigger-gateway", metavar="HOST:PORT",
+                        help="index every new slide through this histoxplain gateway (the orthanc_trigger plugin)")
+    parser.add_argument("--trigger-index", metavar="NAME", default="slides", help="the index it writes (default slides)")
+    parser.add_argument("--trigger-level", type=int, default=0, help="the pyramid level it indexes (default 0)")
+    parser.add_argument("--trigger-token-file", type=Path, help="file holding the gateway's bearer token")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     storage = args.storage.resolve()
@@ -341,6 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = OrthancConfig(
         storage=storage / "db", http_port=args.http_port, dicom_port=args.dicom_port, password=password,
         stable_age_s=args.stable_age,
+        trigger=None if args.trigger_gateway is None else TriggerOptions(
+            args.trigger_gateway, args.trigger_index, args.trigger_level,
+            None if args.trigger_token_file is None else str(args.trigger_token_file.resolve()),
+        ),
     )
     orthanc = OrthancProcess(storage / "run", config)
     stopping = threading.Event()

@@ -9,9 +9,14 @@ with the slide):
   ``tile_pixel_array`` wants pixel matrix position (1, 1) and the place in ``image_position``).
 * **Comprehensive 3D SR** (TID 1500 Measurement Report): one measurement group per similar case,
   each with the query region as a closed polygon in slide coordinates (mm), the cosine
-  similarity of the region and the case's best tile (method: the saliency method as a code), and
+  similarity of the case's best tile and the region's tile it matched best (the search score:
+  the SR is built while the explanation runs; for a one-tile region it is the explanation's
+  cosine of the region and that tile) (method: the saliency method as a code), and
   a reference to the case's whole-slide image by SOP Class and Instance UID.
 * **Key Object Selection** ("Of Interest"): the similar slides.
+* optionally a **Secondary Capture** (RGB): the heatmap blended over the region's pixels, for
+  viewers that show neither Parametric Maps nor SR. It is a picture of the region, not placed on
+  the slide (a Secondary Capture has no position in slide coordinates).
 
 Cross-patient references
     Similar cases usually belong to other patients. The objects reference them by UID only: the
@@ -43,18 +48,52 @@ from histoxplain_service.pacs.slides import WSI_SOP_CLASS_UID
 __all__ = [
     "CODING_SCHEME",
     "RegionOnLevel",
+    "SOP_CLASSES",
     "SimilarCase",
     "heatmap_map",
+    "heatmap_overlay",
     "method_code",
     "region_polygon",
     "similar_cases_report",
     "similar_cases_selection",
+    "warm_up",
 ]
 
 CODING_SCHEME = "99HXP"
 MANUFACTURER = "histoxplain"
 #: Series numbers of the objects written back (any number is valid; fixed ones sort them together).
-SERIES_NUMBERS = {"map": 9001, "report": 9002, "selection": 9003}
+SERIES_NUMBERS = {"map": 9001, "report": 9002, "selection": 9003, "overlay": 9004}
+
+
+def warm_up() -> None:
+    """Load what highdicom reads on its first object (the standard's IOD and module tables,
+    about 1 s on this machine), so the first request that stores results does not pay for it.
+    Idempotent; the tables are highdicom's cached loaders (private API, checked to exist)."""
+    import importlib
+
+    for module in ("highdicom.ko", "highdicom.pm", "highdicom.sc", "highdicom.sr"):  # what the builders use
+        importlib.import_module(module)
+    from highdicom import _standard_utils as standard
+
+    for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        getattr(standard, loader, lambda: None)()
+
+
+#: The SOP Class of each kind of object (what the builders make), for UIDs given out before building.
+SOP_CLASSES = {
+    "map": "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map Storage
+    "report": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
+    "selection": "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document Storage
+    "overlay": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+}
+
+
+def _uids(uids: tuple[str, str] | None) -> tuple[str, str]:
+    """The (Series, SOP Instance) UIDs an object gets: those given (made before building, for a
+    write-back in the background), else new ones."""
+    import highdicom as hd
+
+    return uids if uids is not None else (hd.UID(), hd.UID())
 
 
 def _version() -> str:
@@ -95,7 +134,9 @@ class SimilarCase:
 
     Attributes:
         rank: its place among the similar cases, from 1.
-        similarity: cosine similarity of the query region and the case's best tile.
+        similarity: cosine similarity of the case's best tile and the region's tile it matched
+            best: the search score that ranked it (for a region of one tile, the explanation's
+            cosine of the region and that tile).
         study_uid, series_uid, instance_uid: the case's image (the level its best tile came from).
     """
 
@@ -160,7 +201,9 @@ def region_polygon(region: RegionOnLevel) -> np.ndarray:
     return (homogeneous @ affine.T)[:, :3]
 
 
-def heatmap_map(region: RegionOnLevel, heatmap: np.ndarray, method: str, description: str) -> Any:
+def heatmap_map(
+    region: RegionOnLevel, heatmap: np.ndarray, method: str, description: str, uids: tuple[str, str] | None = None
+) -> Any:
     """A Parametric Map of ``heatmap`` (height, width) float32 in [0, 1] over the region.
 
     Raises:
@@ -186,8 +229,8 @@ def heatmap_map(region: RegionOnLevel, heatmap: np.ndarray, method: str, descrip
         unit=Code("1", "UCUM", "no units"), value_range=(0.0, 1.0), slope=1, intercept=0,
     )
     return hd.pm.ParametricMap(
-        source_images=[source], pixel_array=heatmap[None], series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBERS["map"], sop_instance_uid=hd.UID(), instance_number=1,
+        source_images=[source], pixel_array=heatmap[None], series_instance_uid=_uids(uids)[0],
+        series_number=SERIES_NUMBERS["map"], sop_instance_uid=_uids(uids)[1], instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="histoxplain", software_versions=_version(),
         device_serial_number="0", contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
@@ -206,7 +249,45 @@ def heatmap_map(region: RegionOnLevel, heatmap: np.ndarray, method: str, descrip
     )
 
 
-def similar_cases_report(region: RegionOnLevel, cases: Sequence[SimilarCase], method: str) -> Any:
+def heatmap_overlay(
+    region: RegionOnLevel, image: np.ndarray, heatmap: np.ndarray, method: str, description: str, alpha: float = 0.4,
+    uids: tuple[str, str] | None = None,
+) -> Any:
+    """A Secondary Capture (RGB) of ``heatmap`` (h, w) in [0, 1] blended over ``image`` (h, w, 3)
+    uint8, the region's pixels at the level read (:func:`histoxplain_model.overlay.overlay`, jet).
+
+    Patient, study, specimen and container come from the query slide; the pixel spacing is the
+    level's. Raises InvalidRequest: image or heatmap not of the region's size, or not in range.
+    """
+    import highdicom as hd
+
+    from histoxplain_model.overlay import overlay
+
+    if np.shape(image)[:2] != (region.height, region.width) or np.shape(heatmap) != (region.height, region.width):
+        raise InvalidRequest(
+            f"the image and heatmap must be the region's {region.height}x{region.width} px; "
+            f"got {np.shape(image)} and {np.shape(heatmap)}"
+        )
+    source = region.source
+    spacing = [float(v) for v in source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    picture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=overlay(image, heatmap, alpha), photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="SLIDE", series_instance_uid=_uids(uids)[0],
+        series_number=SERIES_NUMBERS["overlay"], sop_instance_uid=_uids(uids)[1], instance_number=1,
+        manufacturer=MANUFACTURER, pixel_spacing=(spacing[0], spacing[1]),
+        container_identifier=str(source.ContainerIdentifier),
+        specimen_descriptions=[hd.SpecimenDescription.from_dataset(item) for item in source.SpecimenDescriptionSequence],
+    )
+    picture.SeriesDescription = "histoxplain heatmap overlay"
+    picture.ImageComments = f"{description}; {method} heatmap blended over the region ({alpha:g} opacity)"[:10240]
+    picture.BurnedInAnnotation = "NO"
+    picture.PatientOrientation = ""  # Type 2C, required here; a slide has no patient orientation: empty
+    return picture
+
+
+def similar_cases_report(
+    region: RegionOnLevel, cases: Sequence[SimilarCase], method: str, uids: tuple[str, str] | None = None
+) -> Any:
     """A Comprehensive 3D SR (TID 1500) with one measurement group per case.
 
     Raises:
@@ -251,12 +332,14 @@ def similar_cases_report(region: RegionOnLevel, cases: Sequence[SimilarCase], me
     )
     return hd.sr.Comprehensive3DSR(
         evidence=[region.source, *(case.reference() for case in cases)], content=report,
-        series_instance_uid=hd.UID(), series_number=SERIES_NUMBERS["report"], sop_instance_uid=hd.UID(),
+        series_instance_uid=_uids(uids)[0], series_number=SERIES_NUMBERS["report"], sop_instance_uid=_uids(uids)[1],
         instance_number=1, series_description="histoxplain similar cases", is_complete=True, **_equipment(),
     )
 
 
-def similar_cases_selection(region: RegionOnLevel, cases: Sequence[SimilarCase], method: str) -> Any:
+def similar_cases_selection(
+    region: RegionOnLevel, cases: Sequence[SimilarCase], method: str, uids: tuple[str, str] | None = None
+) -> Any:
     """A Key Object Selection ("Of Interest") of the cases' images.
 
     Raises:
@@ -280,8 +363,8 @@ def similar_cases_selection(region: RegionOnLevel, cases: Sequence[SimilarCase],
     )
     selection = hd.ko.KeyObjectSelectionDocument(
         evidence=[source, *stand_ins],  # the first item gives the patient and study: the query's own
-        content=content, series_instance_uid=hd.UID(), series_number=SERIES_NUMBERS["selection"],
-        sop_instance_uid=hd.UID(), instance_number=1, series_description="histoxplain similar cases",
+        content=content, series_instance_uid=_uids(uids)[0], series_number=SERIES_NUMBERS["selection"],
+        sop_instance_uid=_uids(uids)[1], instance_number=1, series_description="histoxplain similar cases",
         **_equipment(),
     )
     selection.CurrentRequestedProcedureEvidenceSequence = _evidence(references)

@@ -205,6 +205,7 @@ class DicomWebSource:
         self.downsample = slide.downsample(level)
         self.mpp = slide.mpp(level)
         self.label = label
+        self.metadata: tuple[tuple[str, str], ...] = ()  # ingest's ImageSource field: none for DICOM series
         self.image_id = dicom_image_id(slide.study_uid, slide.series_uid)
         self.source = dicom_source(slide.study_uid, slide.series_uid)
         self.dicom: DicomReference | None = DicomReference(

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from histoxplain_client import AsyncClient, Client, PermissionDenied, Unauthenticated
+from histoxplain_client._proto.histoxplain.v1 import pacs_pb2
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as pb
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2_grpc as pb_grpc
 from histoxplain_model.errors import InvalidRequest
@@ -44,7 +45,7 @@ ISSUER = "https://keycloak.hospital.example/realms/pathology"
 AUDIENCE = "histoxplain"
 SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
 RPCS = [method.name for method in SERVICE.methods]
-READER_RPCS = {"Search", "SearchAndExplain", "Explain", "DescribeIndex", "ListIndexes", "GetModelInfo"}
+READER_RPCS = {"Search", "SearchAndExplain", "Explain", "DescribeIndex", "ListIndexes", "GetModelInfo", "ExplainDicomRegion"}
 
 
 def sha256_hex(token: str) -> str:
@@ -258,7 +259,7 @@ def test_authentication_is_off_without_tokens_or_jwks() -> None:
 def test_role_table_names_every_rpc_of_the_service_and_nothing_else() -> None:
     assert set(RPC_ROLES) == set(RPCS)
     assert {rpc for rpc, role in RPC_ROLES.items() if role == "reader"} == READER_RPCS
-    assert {rpc for rpc, role in RPC_ROLES.items() if role == "writer"} == {"IndexImages", "DeleteImages"}
+    assert {rpc for rpc, role in RPC_ROLES.items() if role == "writer"} == {"IndexImages", "DeleteImages", "IndexDicom"}
     assert required_role(f"/{SERVICE.full_name}/Search") == "reader"
     assert required_role(f"/{SERVICE.full_name}/NotYetInTheTable") == "admin"  # default deny
 
@@ -277,6 +278,8 @@ def _call(channel: grpc.Channel, rpc: str, metadata: tuple[tuple[str, str], ...]
         "ListIndexes": pb.ListIndexesRequest(),
         "GetModelInfo": pb.GetModelInfoRequest(),
         "DeleteImages": pb.DeleteImagesRequest(index="none", image_ids=["a"]),
+        "IndexDicom": pacs_pb2.IndexDicomRequest(index="none", study_instance_uid="1.2.3"),
+        "ExplainDicomRegion": pacs_pb2.ExplainDicomRegionRequest(index="none"),
     }
     try:
         if rpc == "IndexImages":
@@ -312,6 +315,30 @@ def test_each_role_against_each_rpc(secured: Any, tokens: dict[str, str], issuer
     assert (jwt_reader == grpc.StatusCode.PERMISSION_DENIED) is (rpc not in READER_RPCS)
     assert _call(channel, rpc, (("authorization", f"Bearer {issuer.token(None)}"),)) == grpc.StatusCode.PERMISSION_DENIED
     assert _call(channel, rpc, ()) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_storing_region_results_in_the_pacs_needs_the_writer_role(secured: Any, tokens: dict[str, str]) -> None:
+    """ExplainDicomRegion is a reader's RPC, but store_results writes into the PACS: a reader is
+    refused before anything runs; a writer passes the role check (this gateway has no PACS, so it
+    then gets FAILED_PRECONDITION naming the setting)."""
+    _, channel = secured
+    stub = pb_grpc.RetrievalServiceStub(channel)
+    request = pacs_pb2.ExplainDicomRegionRequest(
+        index="none", study_instance_uid="1.2.3", series_instance_uid="1.2.4", k=1, store_results=True
+    )
+    request.region_px.width = request.region_px.height = 64
+    codes = {}
+    for role, token in tokens.items():
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ExplainDicomRegion(request, timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+        codes[role] = (caught.value.code(), caught.value.details())
+    assert codes["reader"][0] == grpc.StatusCode.PERMISSION_DENIED and "store_results" in codes["reader"][1]
+    for role in ("writer", "admin"):
+        assert codes[role][0] == grpc.StatusCode.FAILED_PRECONDITION and "HISTOXPLAIN_DICOMWEB_URL" in codes[role][1]
+    request.store_results = False  # without storing, a reader gets as far as the writer
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ExplainDicomRegion(request, timeout=10, metadata=(("authorization", f"Bearer {tokens['reader']}"),))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_every_bad_credential_gets_the_same_answer_and_the_log_has_the_reason(

@@ -36,6 +36,7 @@ def test_unspecified_options_take_the_documented_defaults() -> None:
         (types_pb2.EXPLANATION_METHOD_GRADCAM_PLUS_PLUS, "gradcampp"),
         (types_pb2.EXPLANATION_METHOD_SMOOTHGRAD, "smoothgrad"),
         (types_pb2.EXPLANATION_METHOD_SIMMAP, "simmap"),
+        (types_pb2.EXPLANATION_METHOD_RISE, "rise"),
     ],
 )
 def test_methods_map_to_library_names_and_back(enum: int, name: str) -> None:
@@ -208,3 +209,43 @@ def test_bad_filters_are_invalid_naming_field_and_limit_never_the_value(message:
 def test_filter_limits_are_at_exactly_their_values() -> None:
     tile_filter = converters.tile_filter_from_proto(_filter(**{"k" * 64: ["é" * 4096] * 1024}))
     assert tile_filter is not None and len(tile_filter.must[0].values) == 1024
+
+
+def test_rise_options_from_the_wire_are_checked_echoed_and_priced() -> None:
+    from histoxplain_model.options import RiseOptions
+    from histoxplain_service.gateway.admission import Admission
+
+    rise = types_pb2.EXPLANATION_METHOD_RISE
+    default = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=rise))
+    assert (default.method, default.method_options) == ("rise", None)
+    echoed = converters.explain_choice_to_proto(default).rise
+    assert (echoed.masks, echoed.grid, echoed.fill, echoed.seed) == (200, 7, types_pb2.RiseOptions.FILL_BLUR, 0)
+    assert echoed.keep_probability == pytest.approx(0.5)
+    sent = types_pb2.RiseOptions(masks=100, grid=4, keep_probability=0.25, fill=types_pb2.RiseOptions.FILL_MEAN, seed=9)
+    chosen = converters.explain_choice_from_proto(types_pb2.ExplainOptions(method=rise, rise=sent))
+    assert chosen.method_options == RiseOptions(n_masks=100, grid=4, keep_probability=0.25, fill="mean", seed=9)
+    assert converters.explain_choice_to_proto(chosen).rise == sent
+    # The query side's masks serve every reference; the retrieved side needs them per reference.
+    for side, cost in (("query", 100), ("retrieved", 1000), ("both", 1100)):
+        assert converters.ExplainChoice(method="rise", side=side, rise=chosen.rise).cost(10) == cost
+    with pytest.raises(InvalidRequest, match=r"rise\.masks"):
+        Admission(2000).take(converters.ExplainChoice(method="rise", rise=RiseOptions(n_masks=2000)).cost(10))
+    # RISE's options never reach another method, and are not echoed for it.
+    gradcam = converters.explain_choice_from_proto(types_pb2.ExplainOptions(rise=sent))
+    assert gradcam.method_options is None and not converters.explain_choice_to_proto(gradcam).HasField("rise")
+
+
+@pytest.mark.parametrize(
+    ("rise", "error", "text"),
+    [
+        ({"masks": 2001}, InvalidRequest, "n_masks (RISE masks) must be an integer from 1 to 2000"),
+        ({"grid": 1}, InvalidRequest, "grid (RISE mask cells per side)"),
+        ({"keep_probability": 1.0}, InvalidRequest, "keep_probability (RISE)"),
+        ({"seed": 2**63}, InvalidRequest, "seed must be"),
+        ({"fill": 7}, UnknownNameError, "FILL_MEAN"),
+    ],
+)
+def test_bad_rise_options_name_the_field(rise: dict, error: type, text: str) -> None:
+    options = types_pb2.ExplainOptions(method=types_pb2.EXPLANATION_METHOD_RISE, rise=types_pb2.RiseOptions(**rise))
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")):
+        converters.explain_choice_from_proto(options)

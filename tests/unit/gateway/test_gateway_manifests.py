@@ -132,4 +132,19 @@ def test_gateway_serves_tls_and_auth_from_mounted_secrets() -> None:
         assert mount["readOnly"] is True and "subPath" not in mount  # subPath mounts never see rotation
         secret = secrets[mount["name"]]
         assert secret.get("optional", False) is False and secret["defaultMode"] & 0o007 == 0
-    assert {secret["secretName"] for secret in secrets.values()} == {"histoxplain-tls", "histoxplain-auth"}
+    assert {secret["secretName"] for secret in secrets.values()} == {"histoxplain-tls", "histoxplain-auth", "histoxplain-pacs"}
+
+
+def test_pacs_credentials_come_from_a_mounted_secret_never_the_configmap() -> None:
+    config = _kind("ConfigMap")["data"]
+    settings = Settings.from_env(config)
+    assert settings.dicomweb_url and settings.dicomweb_password_file is not None
+    assert not {"HISTOXPLAIN_DICOMWEB_PASSWORD", "HISTOXPLAIN_DICOMWEB_USER"} & set(config)
+    pod = _kind("Deployment")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mount = next(m for m in _gateway_container()["volumeMounts"] if m["mountPath"] == str(settings.dicomweb_password_file.parent))
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert secrets[mount["name"]]["secretName"] == "histoxplain-pacs" and secrets[mount["name"]]["defaultMode"] & 0o007 == 0
+    (user,) = [e for e in _gateway_container()["env"] if e["name"] == "HISTOXPLAIN_DICOMWEB_USER"]
+    assert user["valueFrom"]["secretKeyRef"]["name"] == "histoxplain-pacs"
+    assert all("value" not in e for e in _gateway_container()["env"])  # no credential inline

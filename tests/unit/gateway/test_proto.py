@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
-from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2, types_pb2
+from histoxplain_client._proto.histoxplain.v1 import pacs_pb2, retrieval_service_pb2, types_pb2
 
 REPO = Path(__file__).resolve().parents[3]
 PROTO = REPO / "proto"
@@ -22,7 +22,7 @@ STUBS = REPO / "client" / "histoxplain_client" / "_proto"
 RELEASE = PROTO / "histoxplain_v1.binpb"
 # Installed by `npm install --prefix .venv/buf @bufbuild/buf@1.75.0` (make venv).
 BUF = REPO / ".venv" / "buf" / "node_modules" / ".bin" / "buf"
-FILES = [types_pb2.DESCRIPTOR, retrieval_service_pb2.DESCRIPTOR]
+FILES = [types_pb2.DESCRIPTOR, pacs_pb2.DESCRIPTOR, retrieval_service_pb2.DESCRIPTOR]
 SERVICE = retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"]
 
 
@@ -54,7 +54,7 @@ def test_service_has_the_contracted_rpcs():
     assert SERVICE.full_name == "histoxplain.v1.RetrievalService"
     assert [method.name for method in SERVICE.methods] == [
         "IndexImages", "Search", "Explain", "SearchAndExplain", "DeleteImages", "DescribeIndex", "ListIndexes",
-        "GetModelInfo",
+        "GetModelInfo", "IndexDicom", "ExplainDicomRegion",
     ]
     service_proto = descriptor_pb2.ServiceDescriptorProto()
     SERVICE.CopyToProto(service_proto)
@@ -139,7 +139,9 @@ def test_generate_script_release_snapshot_matches_the_committed_descriptor(tmp_p
     snapshot = tmp_path / "now.binpb"
     load_generator().write_release_descriptor(snapshot)
     now = descriptor_pb2.FileDescriptorSet.FromString(snapshot.read_bytes())
-    assert sorted(f.name for f in now.file) == ["histoxplain/v1/retrieval_service.proto", "histoxplain/v1/types.proto"]
+    assert sorted(f.name for f in now.file) == [
+        "histoxplain/v1/pacs.proto", "histoxplain/v1/retrieval_service.proto", "histoxplain/v1/types.proto",
+    ]
     assert _fields(now) == _fields(_current_file_set())
 
 

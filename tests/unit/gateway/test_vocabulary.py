@@ -34,8 +34,9 @@ def _proto_names(enum_type: object) -> set[int]:
         (vocabulary.POLARITIES, enums.POLARITIES, types_pb2.Polarity),
         (vocabulary.SIDES, enums.SIDES, types_pb2.ExplanationSide),
         (vocabulary.RANKINGS, enums.RANKINGS, types_pb2.RankingLevel),
+        (vocabulary.TARGETS, enums.TARGETS, types_pb2.ExplanationTarget),
     ],
-    ids=["method", "polarity", "side", "ranking"],
+    ids=["method", "polarity", "side", "ranking", "target"],
 )
 def test_sdk_tables_and_proto_enums_match_the_vocabulary(names, sdk_table, enum_type) -> None:
     assert tuple(sdk_table) == names

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from histoxplain_model.errors import DeadlineExceeded, InvalidRequest, UnknownNameError
 from histoxplain_model.explain import explain_retrieval
-from histoxplain_model.options import SmoothGradOptions
+from histoxplain_model.options import RiseOptions, SmoothGradOptions
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import RetrievalExplanation
 from histoxplain_model.saliency import get_explainer
@@ -53,10 +53,14 @@ def images(count: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (80, 96, 3), dtype=np.uint8) for _ in range(count)]
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap"])
+#: Short runs of the sampling methods.
+FAST = {"smoothgrad": SmoothGradOptions(n_samples=3), "rise": RiseOptions(n_masks=12)}
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap", "rise"])
 def test_both_sides_match_the_explainer_one_reference_at_a_time(encoder, method):
     query, references = images(1, 1)[0], images(3, 2)
-    options = SmoothGradOptions(n_samples=3) if method == "smoothgrad" else None
+    options = FAST.get(method)
     result = explain_retrieval(encoder, ExplainRequest(query, references, method, "similar", "both", options))
     assert isinstance(result, RetrievalExplanation)
     assert result.query_heatmaps.shape == result.reference_heatmaps.shape == (3, 64, 64)
@@ -123,13 +127,13 @@ def test_real_encoder_on_real_histology():
     assert png[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "smoothgrad", "simmap", "rise"])
 def test_native_cams_finish_to_the_same_maps(encoder, method):
     query, *references = images(4, seed=5)
-    request = ExplainRequest(query, references, method, options=SmoothGradOptions(n_samples=2) if method == "smoothgrad" else None)
+    request = ExplainRequest(query, references, method, options=FAST.get(method))
     finished = explain_retrieval(encoder, request)
     native = explain_retrieval(encoder, request, native_cams=True)
-    if method == "smoothgrad":  # input-gradient maps are already at the input resolution
+    if method in ("smoothgrad", "rise"):  # input-gradient and mask maps are already at the input resolution
         assert native.map_size is None and native.finished() is native
     else:
         assert native.map_size == finished.query_heatmaps.shape[1:]

@@ -10,6 +10,7 @@ from histoxplain_model.options import (
     OPTIONS_TYPES,
     GradCAMOptions,
     GradCAMPlusPlusOptions,
+    RiseOptions,
     SimMapOptions,
     SmoothGradOptions,
     check_options,
@@ -62,6 +63,7 @@ def test_every_registered_method_has_an_options_type() -> None:
     assert default_options("gradcampp") == GradCAMPlusPlusOptions()
     assert default_options("smoothgrad") == SmoothGradOptions()
     assert default_options("simmap") == SimMapOptions()
+    assert default_options("rise") == RiseOptions()
 
 
 def test_a_method_takes_only_its_own_options() -> None:

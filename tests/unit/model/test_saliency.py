@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoxplain_model.errors import FailedPrecondition, InvalidRequest, UnknownNameError
-from histoxplain_model.options import GradCAMPlusPlusOptions, SmoothGradOptions
+from histoxplain_model.options import GradCAMPlusPlusOptions, RiseOptions, SmoothGradOptions
 from histoxplain_model.saliency import (
     METHODS,
     GradCAM,
@@ -70,10 +70,12 @@ def inputs(batch: int, refs: int, dim: int, seed: int = 1):
 
 
 FAST = SmoothGradOptions(n_samples=4, chunk_size=3)
+FAST_RISE = RiseOptions(n_masks=24, batch_size=10)
+FAST_OPTIONS = {"smoothgrad": FAST, "rise": FAST_RISE}
 
 
 def explainer(method: str, model, layer, reshape):
-    return get_explainer(method, model, layer, reshape, FAST if method == "smoothgrad" else None)
+    return get_explainer(method, model, layer, reshape, FAST_OPTIONS.get(method))
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +127,47 @@ def test_gradcampp_raw_gradients_match_pytorch_grad_cam(arch):
     ours = GradCAMPlusPlus(model, layer, reshape, options).explain(pixels, references).heatmaps[0]
     theirs = pgc_maps(pytorch_grad_cam.GradCAMPlusPlus, model, layer, reshape, pixels, references)
     np.testing.assert_allclose(ours, theirs, atol=ORACLE_ATOL)
+
+
+class PgcProjectionTarget:
+    """pytorch-grad-cam target for the projection e . r_hat (``target="projection"``)."""
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        self.direction = F.normalize(reference, dim=0)
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output @ self.direction
+
+
+@pytest.mark.parametrize("cam", ["GradCAM", "GradCAMPlusPlus"])
+def test_the_projection_target_matches_pytorch_grad_cam(arch, cam):
+    pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
+    arch_name, model, layer, reshape = arch
+    pixels, references = inputs(1, 3, model.num_features)
+    ours_class = GradCAM if cam == "GradCAM" else GradCAMPlusPlus
+    options = None if cam == "GradCAM" else GradCAMPlusPlusOptions(gradient_scale="raw")
+    ours = ours_class(model, layer, reshape, options).explain(pixels, references, target="projection")
+    with getattr(pytorch_grad_cam, cam)(model=model, target_layers=[layer], reshape_transform=reshape) as pgc:
+        theirs = pgc(input_tensor=pixels.repeat(3, 1, 1, 1), targets=[PgcProjectionTarget(r) for r in references])
+    model.zero_grad(set_to_none=True)
+    np.testing.assert_allclose(ours.heatmaps[0], theirs, atol=ORACLE_ATOL)
+    cosine = GradCAM(model, layer, reshape).explain(pixels, references)
+    np.testing.assert_array_equal(ours.scores, cosine.scores)  # the scores stay the cosine
+    if cam == "GradCAM" and arch_name == "resnet18":  # mean-pooled: the cosine map sums to zero, this one does not
+        assert np.abs(ours.heatmaps - cosine.heatmaps).max() > 0.05
+
+
+def test_smoothgrad_explains_the_projection_it_is_given():
+    """SmoothGrad differentiates whatever target it gets: the projection's input gradient is
+    |e| times the cosine's plus a term along e_hat, so the maps differ (same noise, same seed)."""
+    model, _, _ = build("resnet18")
+    pixels, references = inputs(1, 2, model.num_features)
+    smoothgrad = get_explainer("smoothgrad", model, options=FAST)
+    for polarity in ("similar", "dissimilar"):
+        cosine = smoothgrad.explain(pixels, references, polarity)
+        projection = smoothgrad.explain(pixels, references, polarity, target="projection")
+        np.testing.assert_array_equal(projection.scores, cosine.scores)
+        assert np.abs(projection.heatmaps - cosine.heatmaps).max() > 0.05
 
 
 def steepest_gradient(model, layer, reshape, pixels, reference) -> float:

@@ -238,3 +238,25 @@ def test_shares_sum_to_the_cosine_on_every_cnn_preset(preset_name, ihc_tiles, tm
     maps = explainer.explain(query, reference_vectors).heatmaps
     assert maps.shape == (1, 3, 224, 224) and np.isfinite(maps).all()
     assert (maps.reshape(3, -1).max(axis=1) == pytest.approx(1.0))
+
+
+def test_projection_shares_by_hand_are_gradcams_map_for_the_projection():
+    """target="projection": m(i) = A(i) . r_hat / HW sums to e . r_hat, and is GradCAM's map
+    for that target before its ReLU (the gradient of e . r_hat is r_hat / HW at every location)."""
+    from histoxplain_model.saliency import gradient_mode, similarity_target
+
+    model = MeanPooled().eval()
+    # e = (3, 4), r_hat = (1, 0): m(i) = A0(i) / 4; e . r_hat = 3.
+    decomposition = SimilarityMap(model, model.conv).decompose(TINY_X, REFERENCE, target="projection")
+    torch.testing.assert_close(decomposition.shares[0, 0], torch.tensor([[0.5, 1.0], [0.5, 1.0]]))
+    torch.testing.assert_close(decomposition.totals, torch.tensor([[3.0]]))
+    torch.testing.assert_close(decomposition.cosines, torch.tensor([[0.6]]))
+    with gradient_mode():
+        signed, _ = GradCAM(model, model.conv).signed_maps(TINY_X, similarity_target(REFERENCE, target="projection"))
+    torch.testing.assert_close(signed[0, 0], decomposition.shares[0, 0])
+    # dissimilar: ReLU(3/4 - m) = [[0.25, 0], [0.25, 0]] -> min-max [[1, 0], [1, 0]]; scores stay the cosine.
+    dissimilar = SimilarityMap(model, model.conv).explain(TINY_X, REFERENCE, "dissimilar", target="projection")
+    np.testing.assert_allclose(dissimilar.heatmaps[0, 0], [[1, 0], [1, 0]], atol=1e-6)
+    np.testing.assert_allclose(dissimilar.scores, [[0.6]], atol=1e-6)
+    with pytest.raises(InvalidRequest, match="unknown target 'dot'"):
+        similarity_target(REFERENCE, target="dot")

@@ -182,3 +182,22 @@ def test_model_info_round_trips_through_the_info_envelope() -> None:
     meta, arrays = decode_envelope(encode_info(info))
     assert arrays == {} and meta["mode"] == INFO
     assert decode_info(meta, "torchserve") == replace(info, backend="torchserve")
+
+
+def test_rise_options_round_trip_and_bad_values_name_their_key() -> None:
+    from histoxplain_model.options import RiseOptions
+
+    assert options_to_inputs(RiseOptions()) == {} and options_from_inputs("rise", {}) == RiseOptions()
+    chosen = RiseOptions(n_masks=100, grid=5, keep_probability=0.30000001192092896, fill="mean", seed=3, batch_size=8)
+    inputs = options_to_inputs(chosen)
+    assert inputs == {
+        "rise_masks": b"100", "rise_grid": b"5", "rise_keep_probability": b"0.30000001192092896",
+        "rise_fill": b"mean", "rise_seed": b"3", "rise_batch_size": b"8",
+    }
+    assert options_from_inputs("rise", inputs) == chosen
+    with pytest.raises(InvalidRequest, match="'rise_masks' must be an integer"):
+        options_from_inputs("rise", {"rise_masks": b"many"})
+    with pytest.raises(InvalidRequest, match="^n_masks .* 1 to 2000"):
+        options_from_inputs("rise", {"rise_masks": b"5000"})
+    with pytest.raises(InvalidRequest, match="'rise_grid' is an option of another method, not of 'gradcam'"):
+        options_from_inputs("gradcam", {"rise_grid": b"4"})

@@ -43,7 +43,7 @@ def backend_path(backend) -> Path:
 def test_info_describes_the_encoder(backend) -> None:
     info = backend.info()
     assert (info.preset, info.embedding_dim, info.input_size) == ("efficientnet-lite0-imagenet", 1280, (224, 224))
-    assert set(info.methods) == {"gradcam", "gradcampp", "smoothgrad", "simmap"} and info.backend == "embedded"
+    assert set(info.methods) == {"gradcam", "gradcampp", "smoothgrad", "simmap", "rise"} and info.backend == "embedded"
 
 
 def test_explain_scores_are_the_embedding_cosines(backend, tiles: list[np.ndarray]) -> None:
@@ -126,3 +126,26 @@ def test_concurrent_explanations_do_not_mix(backend, tiles: list[np.ndarray]) ->
     for result, alone in zip(results, expected * 2, strict=True):
         np.testing.assert_allclose(result.query_heatmaps, alone.query_heatmaps, atol=1e-6)
         np.testing.assert_allclose(result.scores, alone.scores, atol=1e-6)
+
+
+def test_rise_runs_its_masked_images_through_onnx(backend, tiles: list[np.ndarray]) -> None:
+    """The backend hands its ONNX Runtime embedder to rise: every masked image goes through it,
+    and the maps agree with the torch path's."""
+    from histoxplain_model.explain import explain_retrieval
+    from histoxplain_model.options import RiseOptions
+    from histoxplain_service.backends.embedded import EmbeddedBackend
+
+    images_embedded = []
+
+    def counted(pixels: np.ndarray) -> np.ndarray:
+        images_embedded.append(len(pixels))
+        return backend._pixel_embedder(pixels)
+
+    counting = EmbeddedBackend(backend.encoder, pixel_embedder=counted)
+    request = ExplainRequest(tiles[0], tiles[1:], "rise", side="query", options=RiseOptions(n_masks=24, batch_size=12))
+    through_onnx = counting.explain(request)
+    # 3 images embedded up front (query + 2 references), then the clean query and 24 masked copies
+    # shared by both references.
+    assert sum(images_embedded) == 3 + 1 + 24
+    torch_path = explain_retrieval(backend.encoder, request)
+    np.testing.assert_allclose(through_onnx.query_heatmaps, torch_path.query_heatmaps, atol=5e-3)

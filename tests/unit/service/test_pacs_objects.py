@@ -21,9 +21,11 @@ from histoxplain_model.errors import (
 from histoxplain_service.config import Settings
 from histoxplain_service.pacs.connection import PacsConnection, pacs_errors
 from histoxplain_service.pacs.results import (
+    SOP_CLASSES,
     RegionOnLevel,
     SimilarCase,
     heatmap_map,
+    heatmap_overlay,
     region_polygon,
     similar_cases_report,
     similar_cases_selection,
@@ -177,3 +179,21 @@ def test_the_selection_lists_cases_of_several_other_studies_by_uid_only(level: A
     assert [group.get_measurements()[0].value for group in groups] == pytest.approx([case.similarity for case in cases])
     with pytest.raises(InvalidRequest):
         similar_cases_selection(RegionOnLevel(level, 0, 0, 8, 8), [], "gradcam")
+
+
+def test_objects_take_the_uids_given_before_building_and_are_of_the_sop_class_announced(level: Any) -> None:
+    region, cases = RegionOnLevel(level, 100, 200, 40, 30), _cases(2, 1)
+    heatmap = np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40)
+    built = {
+        "map": lambda uids: heatmap_map(region, heatmap, "gradcam", "test", uids),
+        "overlay": lambda uids: heatmap_overlay(region, np.zeros((30, 40, 3), np.uint8), heatmap, "gradcam", "t", uids=uids),
+        "report": lambda uids: similar_cases_report(region, cases, "gradcam", uids),
+        "selection": lambda uids: similar_cases_selection(region, cases, "gradcam", uids),
+    }
+    assert set(built) == set(SOP_CLASSES)
+    for number, (kind, build) in enumerate(built.items()):
+        uids = (f"1.2.826.0.1.3680043.8.498.9{number}", f"1.2.826.0.1.3680043.8.498.9{number}.1")
+        dataset = build(uids)
+        assert (dataset.SeriesInstanceUID, dataset.SOPInstanceUID, dataset.SOPClassUID) == (*uids, SOP_CLASSES[kind]), kind
+        fresh = build(None)
+        assert fresh.SOPClassUID == SOP_CLASSES[kind] and fresh.SOPInstanceUID not in uids, kind

@@ -27,9 +27,18 @@ DEMO_RUNS = (
     ("he", "gradcampp", "similar"),
     ("he", "smoothgrad", "similar"),
     ("he", "simmap", "similar"),
+    ("he", "rise", "similar"),
     ("he", "gradcam", "dissimilar"),
     ("ihc", "gradcam", "similar"),
 )
+
+#: Matched region pairs shown for the similarity decomposition's run (numbered outlines).
+DEMO_CORRESPONDENCES = 5
+
+
+def demo_correspondences(method: str) -> int:
+    """How many region pairs a run asks for: the simmap run shows them, the others none."""
+    return DEMO_CORRESPONDENCES if method == "simmap" else 0
 
 
 @dataclass(frozen=True)

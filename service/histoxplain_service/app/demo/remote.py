@@ -15,6 +15,8 @@ import numpy as np
 
 from histoxplain_client import Client, IndexImage, Unavailable
 from histoxplain_model.errors import DependencyUnavailable
+from histoxplain_model.results import RegionCorrespondence
+from histoxplain_service.app.demo.queries import demo_correspondences
 from histoxplain_service.domain.ingest import InputFile, iter_tiles, open_source, plan_tiles
 from histoxplain_service.domain.types import Box, ExplainedHit, ExplainedSearch, SearchHit
 from histoxplain_service.app.samples import HE_LABEL, IHC_LABEL, he_slide_path, ihc_image_path
@@ -56,7 +58,10 @@ def run_remote(
             searches = []
             for query_name, method, polarity in runs:
                 query = queries[query_name].image
-                explanation = client.search_and_explain(index, query, k=k, method=method, polarity=polarity, side="both")
+                explanation = client.search_and_explain(
+                    index, query, k=k, method=method, polarity=polarity, side="both",
+                    correspondences=demo_correspondences(method),
+                )
                 searches.append(_to_search(explanation, query, tiles))
     except Unavailable as exc:
         raise DependencyUnavailable(f"no histoxplain gateway answers at {server} ({exc}); start one with `make serve`") from exc
@@ -66,6 +71,11 @@ def run_remote(
         f"index '{index}': {summary.images_indexed} tile images indexed now, {summary.images_received} sent",
     ]
     return searches, notes
+
+
+def _box(box) -> tuple[int, int, int, int]:
+    """An SDK box as the library's (x, y, width, height)."""
+    return box.x, box.y, box.width, box.height
 
 
 def _to_search(explanation, query: np.ndarray, tiles: dict[str, tuple[str, np.ndarray]]) -> ExplainedSearch:
@@ -83,5 +93,9 @@ def _to_search(explanation, query: np.ndarray, tiles: dict[str, tuple[str, np.nd
             image=tiles[remote.source][1],
             query_heatmap=None if reference.query_heatmap is None else reference.query_heatmap.values,
             hit_heatmap=None if reference.reference_heatmap is None else reference.reference_heatmap.values,
+            correspondences=tuple(
+                RegionCorrespondence(_box(pair.query_box), _box(pair.reference_box), pair.share, pair.rank)
+                for pair in reference.correspondences
+            ),
         ))
     return ExplainedSearch(explanation.method, explanation.polarity, explanation.side, query, tuple(hits))

@@ -23,56 +23,57 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from histoxplain_client._proto.histoxplain.v1 import pacs_pb2 as histoxplain_dot_v1_dot_pacs__pb2
 from histoxplain_client._proto.histoxplain.v1 import types_pb2 as histoxplain_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&histoxplain/v1/retrieval_service.proto\x12\x0ehistoxplain.v1\x1a\x1ahistoxplain/v1/types.proto\"\x82\x01\n\x12IndexImagesRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.histoxplain.v1.IndexImagesConfigH\x00\x12,\n\x05image\x18\x02 \x01(\x0b\x32\x1b.histoxplain.v1.ImageRecordH\x00\x42\t\n\x07\x63ontent\"Q\n\x11IndexImagesConfig\x12\r\n\x05index\x18\x01 \x01(\t\x12-\n\x06tiling\x18\x02 \x01(\x0b\x32\x1d.histoxplain.v1.TilingOptions\"\xbd\x01\n\x13IndexImagesResponse\x12\r\n\x05index\x18\x01 \x01(\t\x12\x17\n\x0fimages_received\x18\x02 \x01(\r\x12\x16\n\x0eimages_indexed\x18\x03 \x01(\r\x12\x15\n\rtiles_indexed\x18\x04 \x01(\x04\x12 \n\x18\x62\x61\x63kground_tiles_skipped\x18\x05 \x01(\x04\x12-\n\x07skipped\x18\x06 \x03(\x0b\x32\x1c.histoxplain.v1.SkippedImage\"o\n\x0cSkippedImage\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.histoxplain.v1.SkipReason\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x93\x01\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12-\n\x07ranking\x18\x04 \x01(\x0e\x32\x1c.histoxplain.v1.RankingLevel\x12*\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x1a.histoxplain.v1.TileFilter\"9\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.histoxplain.v1.SearchHit\"H\n\x11IndexedReferences\x12\r\n\x05index\x18\x01 \x01(\t\x12\x11\n\timage_ids\x18\x02 \x03(\t\x12\x11\n\tpoint_ids\x18\x03 \x03(\t\"!\n\x0fReferenceImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\xd8\x01\n\x0e\x45xplainRequest\x12\x13\n\x0bquery_image\x18\x01 \x01(\x0c\x12\x34\n\x07indexed\x18\x02 \x01(\x0b\x32!.histoxplain.v1.IndexedReferencesH\x00\x12\x31\n\x06images\x18\x03 \x01(\x0b\x32\x1f.histoxplain.v1.ReferenceImagesH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12/\n\x07options\x18\x05 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptionsB\x0c\n\nreferences\"z\n\x0f\x45xplainResponse\x12/\n\x07options\x18\x01 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptions\x12\x36\n\nreferences\x18\x02 \x03(\x0b\x32\".histoxplain.v1.ExplainedReference\"\xce\x01\n\x17SearchAndExplainRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12-\n\x07ranking\x18\x04 \x01(\x0e\x32\x1c.histoxplain.v1.RankingLevel\x12/\n\x07options\x18\x05 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptions\x12*\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x1a.histoxplain.v1.TileFilter\"\x80\x01\n\x18SearchAndExplainResponse\x12/\n\x07options\x18\x01 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptions\x12\x33\n\x07results\x18\x02 \x03(\x0b\x32\".histoxplain.v1.ExplainedReference\"7\n\x13\x44\x65leteImagesRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x11\n\timage_ids\x18\x02 \x03(\t\"`\n\x14\x44\x65leteImagesResponse\x12\x16\n\x0eimages_deleted\x18\x01 \x01(\r\x12\x15\n\rtiles_deleted\x18\x02 \x01(\x04\x12\x19\n\x11missing_image_ids\x18\x03 \x03(\t\"%\n\x14\x44\x65scribeIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\"A\n\x15\x44\x65scribeIndexResponse\x12(\n\x05index\x18\x01 \x01(\x0b\x32\x19.histoxplain.v1.IndexInfo\"\x14\n\x12ListIndexesRequest\"A\n\x13ListIndexesResponse\x12*\n\x07indexes\x18\x01 \x03(\x0b\x32\x19.histoxplain.v1.IndexInfo\"\x15\n\x13GetModelInfoRequest\"X\n\x14GetModelInfoResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.histoxplain.v1.ModelInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t2\xd4\x05\n\x10RetrievalService\x12X\n\x0bIndexImages\x12\".histoxplain.v1.IndexImagesRequest\x1a#.histoxplain.v1.IndexImagesResponse(\x01\x12G\n\x06Search\x12\x1d.histoxplain.v1.SearchRequest\x1a\x1e.histoxplain.v1.SearchResponse\x12J\n\x07\x45xplain\x12\x1e.histoxplain.v1.ExplainRequest\x1a\x1f.histoxplain.v1.ExplainResponse\x12\x65\n\x10SearchAndExplain\x12\'.histoxplain.v1.SearchAndExplainRequest\x1a(.histoxplain.v1.SearchAndExplainResponse\x12Y\n\x0c\x44\x65leteImages\x12#.histoxplain.v1.DeleteImagesRequest\x1a$.histoxplain.v1.DeleteImagesResponse\x12\\\n\rDescribeIndex\x12$.histoxplain.v1.DescribeIndexRequest\x1a%.histoxplain.v1.DescribeIndexResponse\x12V\n\x0bListIndexes\x12\".histoxplain.v1.ListIndexesRequest\x1a#.histoxplain.v1.ListIndexesResponse\x12Y\n\x0cGetModelInfo\x12#.histoxplain.v1.GetModelInfoRequest\x1a$.histoxplain.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&histoxplain/v1/retrieval_service.proto\x12\x0ehistoxplain.v1\x1a\x19histoxplain/v1/pacs.proto\x1a\x1ahistoxplain/v1/types.proto\"\x82\x01\n\x12IndexImagesRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.histoxplain.v1.IndexImagesConfigH\x00\x12,\n\x05image\x18\x02 \x01(\x0b\x32\x1b.histoxplain.v1.ImageRecordH\x00\x42\t\n\x07\x63ontent\"Q\n\x11IndexImagesConfig\x12\r\n\x05index\x18\x01 \x01(\t\x12-\n\x06tiling\x18\x02 \x01(\x0b\x32\x1d.histoxplain.v1.TilingOptions\"\xbd\x01\n\x13IndexImagesResponse\x12\r\n\x05index\x18\x01 \x01(\t\x12\x17\n\x0fimages_received\x18\x02 \x01(\r\x12\x16\n\x0eimages_indexed\x18\x03 \x01(\r\x12\x15\n\rtiles_indexed\x18\x04 \x01(\x04\x12 \n\x18\x62\x61\x63kground_tiles_skipped\x18\x05 \x01(\x04\x12-\n\x07skipped\x18\x06 \x03(\x0b\x32\x1c.histoxplain.v1.SkippedImage\"o\n\x0cSkippedImage\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.histoxplain.v1.SkipReason\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x93\x01\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12-\n\x07ranking\x18\x04 \x01(\x0e\x32\x1c.histoxplain.v1.RankingLevel\x12*\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x1a.histoxplain.v1.TileFilter\"9\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.histoxplain.v1.SearchHit\"H\n\x11IndexedReferences\x12\r\n\x05index\x18\x01 \x01(\t\x12\x11\n\timage_ids\x18\x02 \x03(\t\x12\x11\n\tpoint_ids\x18\x03 \x03(\t\"!\n\x0fReferenceImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\xd8\x01\n\x0e\x45xplainRequest\x12\x13\n\x0bquery_image\x18\x01 \x01(\x0c\x12\x34\n\x07indexed\x18\x02 \x01(\x0b\x32!.histoxplain.v1.IndexedReferencesH\x00\x12\x31\n\x06images\x18\x03 \x01(\x0b\x32\x1f.histoxplain.v1.ReferenceImagesH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12/\n\x07options\x18\x05 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptionsB\x0c\n\nreferences\"z\n\x0f\x45xplainResponse\x12/\n\x07options\x18\x01 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptions\x12\x36\n\nreferences\x18\x02 \x03(\x0b\x32\".histoxplain.v1.ExplainedReference\"\xce\x01\n\x17SearchAndExplainRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12-\n\x07ranking\x18\x04 \x01(\x0e\x32\x1c.histoxplain.v1.RankingLevel\x12/\n\x07options\x18\x05 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptions\x12*\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x1a.histoxplain.v1.TileFilter\"\x80\x01\n\x18SearchAndExplainResponse\x12/\n\x07options\x18\x01 \x01(\x0b\x32\x1e.histoxplain.v1.ExplainOptions\x12\x33\n\x07results\x18\x02 \x03(\x0b\x32\".histoxplain.v1.ExplainedReference\"7\n\x13\x44\x65leteImagesRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x11\n\timage_ids\x18\x02 \x03(\t\"`\n\x14\x44\x65leteImagesResponse\x12\x16\n\x0eimages_deleted\x18\x01 \x01(\r\x12\x15\n\rtiles_deleted\x18\x02 \x01(\x04\x12\x19\n\x11missing_image_ids\x18\x03 \x03(\t\"%\n\x14\x44\x65scribeIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\"A\n\x15\x44\x65scribeIndexResponse\x12(\n\x05index\x18\x01 \x01(\x0b\x32\x19.histoxplain.v1.IndexInfo\"\x14\n\x12ListIndexesRequest\"A\n\x13ListIndexesResponse\x12*\n\x07indexes\x18\x01 \x03(\x0b\x32\x19.histoxplain.v1.IndexInfo\"\x15\n\x13GetModelInfoRequest\"X\n\x14GetModelInfoResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.histoxplain.v1.ModelInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t2\x96\x07\n\x10RetrievalService\x12X\n\x0bIndexImages\x12\".histoxplain.v1.IndexImagesRequest\x1a#.histoxplain.v1.IndexImagesResponse(\x01\x12G\n\x06Search\x12\x1d.histoxplain.v1.SearchRequest\x1a\x1e.histoxplain.v1.SearchResponse\x12J\n\x07\x45xplain\x12\x1e.histoxplain.v1.ExplainRequest\x1a\x1f.histoxplain.v1.ExplainResponse\x12\x65\n\x10SearchAndExplain\x12\'.histoxplain.v1.SearchAndExplainRequest\x1a(.histoxplain.v1.SearchAndExplainResponse\x12Y\n\x0c\x44\x65leteImages\x12#.histoxplain.v1.DeleteImagesRequest\x1a$.histoxplain.v1.DeleteImagesResponse\x12\\\n\rDescribeIndex\x12$.histoxplain.v1.DescribeIndexRequest\x1a%.histoxplain.v1.DescribeIndexResponse\x12V\n\x0bListIndexes\x12\".histoxplain.v1.ListIndexesRequest\x1a#.histoxplain.v1.ListIndexesResponse\x12Y\n\x0cGetModelInfo\x12#.histoxplain.v1.GetModelInfoRequest\x1a$.histoxplain.v1.GetModelInfoResponse\x12S\n\nIndexDicom\x12!.histoxplain.v1.IndexDicomRequest\x1a\".histoxplain.v1.IndexDicomResponse\x12k\n\x12\x45xplainDicomRegion\x12).histoxplain.v1.ExplainDicomRegionRequest\x1a*.histoxplain.v1.ExplainDicomRegionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'histoxplain_client._proto.histoxplain.v1.retrieval_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INDEXIMAGESREQUEST']._serialized_start=87
-  _globals['_INDEXIMAGESREQUEST']._serialized_end=217
-  _globals['_INDEXIMAGESCONFIG']._serialized_start=219
-  _globals['_INDEXIMAGESCONFIG']._serialized_end=300
-  _globals['_INDEXIMAGESRESPONSE']._serialized_start=303
-  _globals['_INDEXIMAGESRESPONSE']._serialized_end=492
-  _globals['_SKIPPEDIMAGE']._serialized_start=494
-  _globals['_SKIPPEDIMAGE']._serialized_end=605
-  _globals['_SEARCHREQUEST']._serialized_start=608
-  _globals['_SEARCHREQUEST']._serialized_end=755
-  _globals['_SEARCHRESPONSE']._serialized_start=757
-  _globals['_SEARCHRESPONSE']._serialized_end=814
-  _globals['_INDEXEDREFERENCES']._serialized_start=816
-  _globals['_INDEXEDREFERENCES']._serialized_end=888
-  _globals['_REFERENCEIMAGES']._serialized_start=890
-  _globals['_REFERENCEIMAGES']._serialized_end=923
-  _globals['_EXPLAINREQUEST']._serialized_start=926
-  _globals['_EXPLAINREQUEST']._serialized_end=1142
-  _globals['_EXPLAINRESPONSE']._serialized_start=1144
-  _globals['_EXPLAINRESPONSE']._serialized_end=1266
-  _globals['_SEARCHANDEXPLAINREQUEST']._serialized_start=1269
-  _globals['_SEARCHANDEXPLAINREQUEST']._serialized_end=1475
-  _globals['_SEARCHANDEXPLAINRESPONSE']._serialized_start=1478
-  _globals['_SEARCHANDEXPLAINRESPONSE']._serialized_end=1606
-  _globals['_DELETEIMAGESREQUEST']._serialized_start=1608
-  _globals['_DELETEIMAGESREQUEST']._serialized_end=1663
-  _globals['_DELETEIMAGESRESPONSE']._serialized_start=1665
-  _globals['_DELETEIMAGESRESPONSE']._serialized_end=1761
-  _globals['_DESCRIBEINDEXREQUEST']._serialized_start=1763
-  _globals['_DESCRIBEINDEXREQUEST']._serialized_end=1800
-  _globals['_DESCRIBEINDEXRESPONSE']._serialized_start=1802
-  _globals['_DESCRIBEINDEXRESPONSE']._serialized_end=1867
-  _globals['_LISTINDEXESREQUEST']._serialized_start=1869
-  _globals['_LISTINDEXESREQUEST']._serialized_end=1889
-  _globals['_LISTINDEXESRESPONSE']._serialized_start=1891
-  _globals['_LISTINDEXESRESPONSE']._serialized_end=1956
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1958
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1979
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1981
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2069
-  _globals['_RETRIEVALSERVICE']._serialized_start=2072
-  _globals['_RETRIEVALSERVICE']._serialized_end=2796
+  _globals['_INDEXIMAGESREQUEST']._serialized_start=114
+  _globals['_INDEXIMAGESREQUEST']._serialized_end=244
+  _globals['_INDEXIMAGESCONFIG']._serialized_start=246
+  _globals['_INDEXIMAGESCONFIG']._serialized_end=327
+  _globals['_INDEXIMAGESRESPONSE']._serialized_start=330
+  _globals['_INDEXIMAGESRESPONSE']._serialized_end=519
+  _globals['_SKIPPEDIMAGE']._serialized_start=521
+  _globals['_SKIPPEDIMAGE']._serialized_end=632
+  _globals['_SEARCHREQUEST']._serialized_start=635
+  _globals['_SEARCHREQUEST']._serialized_end=782
+  _globals['_SEARCHRESPONSE']._serialized_start=784
+  _globals['_SEARCHRESPONSE']._serialized_end=841
+  _globals['_INDEXEDREFERENCES']._serialized_start=843
+  _globals['_INDEXEDREFERENCES']._serialized_end=915
+  _globals['_REFERENCEIMAGES']._serialized_start=917
+  _globals['_REFERENCEIMAGES']._serialized_end=950
+  _globals['_EXPLAINREQUEST']._serialized_start=953
+  _globals['_EXPLAINREQUEST']._serialized_end=1169
+  _globals['_EXPLAINRESPONSE']._serialized_start=1171
+  _globals['_EXPLAINRESPONSE']._serialized_end=1293
+  _globals['_SEARCHANDEXPLAINREQUEST']._serialized_start=1296
+  _globals['_SEARCHANDEXPLAINREQUEST']._serialized_end=1502
+  _globals['_SEARCHANDEXPLAINRESPONSE']._serialized_start=1505
+  _globals['_SEARCHANDEXPLAINRESPONSE']._serialized_end=1633
+  _globals['_DELETEIMAGESREQUEST']._serialized_start=1635
+  _globals['_DELETEIMAGESREQUEST']._serialized_end=1690
+  _globals['_DELETEIMAGESRESPONSE']._serialized_start=1692
+  _globals['_DELETEIMAGESRESPONSE']._serialized_end=1788
+  _globals['_DESCRIBEINDEXREQUEST']._serialized_start=1790
+  _globals['_DESCRIBEINDEXREQUEST']._serialized_end=1827
+  _globals['_DESCRIBEINDEXRESPONSE']._serialized_start=1829
+  _globals['_DESCRIBEINDEXRESPONSE']._serialized_end=1894
+  _globals['_LISTINDEXESREQUEST']._serialized_start=1896
+  _globals['_LISTINDEXESREQUEST']._serialized_end=1916
+  _globals['_LISTINDEXESRESPONSE']._serialized_start=1918
+  _globals['_LISTINDEXESRESPONSE']._serialized_end=1983
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1985
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2006
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2008
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2096
+  _globals['_RETRIEVALSERVICE']._serialized_start=2099
+  _globals['_RETRIEVALSERVICE']._serialized_end=3017
 # @@protoc_insertion_point(module_scope)

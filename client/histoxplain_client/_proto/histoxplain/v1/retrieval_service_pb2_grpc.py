@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from histoxplain_client._proto.histoxplain.v1 import pacs_pb2 as histoxplain_dot_v1_dot_pacs__pb2
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as histoxplain_dot_v1_dot_retrieval__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -82,6 +83,16 @@ class RetrievalServiceStub:
                 request_serializer=histoxplain_dot_v1_dot_retrieval__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=histoxplain_dot_v1_dot_retrieval__service__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.IndexDicom = channel.unary_unary(
+                '/histoxplain.v1.RetrievalService/IndexDicom',
+                request_serializer=histoxplain_dot_v1_dot_pacs__pb2.IndexDicomRequest.SerializeToString,
+                response_deserializer=histoxplain_dot_v1_dot_pacs__pb2.IndexDicomResponse.FromString,
+                _registered_method=True)
+        self.ExplainDicomRegion = channel.unary_unary(
+                '/histoxplain.v1.RetrievalService/ExplainDicomRegion',
+                request_serializer=histoxplain_dot_v1_dot_pacs__pb2.ExplainDicomRegionRequest.SerializeToString,
+                response_deserializer=histoxplain_dot_v1_dot_pacs__pb2.ExplainDicomRegionResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -152,6 +163,29 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IndexDicom(self, request, context):
+        """Index the DICOM whole-slide series of a study (or given series of it) from the gateway's
+        PACS over DICOMweb; tiles keep UIDs, not pixels. Needs the `writer` role. Errors:
+        FAILED_PRECONDITION when the gateway has no PACS (set HISTOXPLAIN_DICOMWEB_URL); UNAVAILABLE
+        when the PACS is unreachable (check HISTOXPLAIN_DICOMWEB_URL); PERMISSION_DENIED when it
+        refuses the gateway's credentials (check HISTOXPLAIN_DICOMWEB_USER and
+        HISTOXPLAIN_DICOMWEB_PASSWORD_FILE); NOT_FOUND for an unknown study or series;
+        INVALID_ARGUMENT for a malformed UID or a series that is not a slide.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainDicomRegion(self, request, context):
+        """Search and explain a region of a DICOM slide against the index, optionally storing a
+        Parametric Map, an SR and a Key Object Selection in its study. Needs the `reader` role, and
+        `writer` to store. Errors as IndexDicom, plus INVALID_ARGUMENT for a region outside the
+        slide or over the request pixel limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +228,16 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=histoxplain_dot_v1_dot_retrieval__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=histoxplain_dot_v1_dot_retrieval__service__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'IndexDicom': grpc.unary_unary_rpc_method_handler(
+                    servicer.IndexDicom,
+                    request_deserializer=histoxplain_dot_v1_dot_pacs__pb2.IndexDicomRequest.FromString,
+                    response_serializer=histoxplain_dot_v1_dot_pacs__pb2.IndexDicomResponse.SerializeToString,
+            ),
+            'ExplainDicomRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainDicomRegion,
+                    request_deserializer=histoxplain_dot_v1_dot_pacs__pb2.ExplainDicomRegionRequest.FromString,
+                    response_serializer=histoxplain_dot_v1_dot_pacs__pb2.ExplainDicomRegionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +463,60 @@ class RetrievalService:
             '/histoxplain.v1.RetrievalService/GetModelInfo',
             histoxplain_dot_v1_dot_retrieval__service__pb2.GetModelInfoRequest.SerializeToString,
             histoxplain_dot_v1_dot_retrieval__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IndexDicom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/histoxplain.v1.RetrievalService/IndexDicom',
+            histoxplain_dot_v1_dot_pacs__pb2.IndexDicomRequest.SerializeToString,
+            histoxplain_dot_v1_dot_pacs__pb2.IndexDicomResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainDicomRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/histoxplain.v1.RetrievalService/ExplainDicomRegion',
+            histoxplain_dot_v1_dot_pacs__pb2.ExplainDicomRegionRequest.SerializeToString,
+            histoxplain_dot_v1_dot_pacs__pb2.ExplainDicomRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,

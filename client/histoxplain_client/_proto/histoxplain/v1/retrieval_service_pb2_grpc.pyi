@@ -8,6 +8,7 @@ heatmaps why a query and its hits are similar.
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from histoxplain_client._proto.histoxplain.v1 import pacs_pb2 as _pacs_pb2
 from histoxplain_client._proto.histoxplain.v1 import retrieval_service_pb2 as _retrieval_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -62,6 +63,21 @@ class RetrievalServiceStub:
     """List all indexes."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_retrieval_service_pb2.GetModelInfoRequest, _retrieval_service_pb2.GetModelInfoResponse]
     """Describe the served model."""
+    IndexDicom: _grpc.UnaryUnaryMultiCallable[_pacs_pb2.IndexDicomRequest, _pacs_pb2.IndexDicomResponse]
+    """Index the DICOM whole-slide series of a study (or given series of it) from the gateway's
+    PACS over DICOMweb; tiles keep UIDs, not pixels. Needs the `writer` role. Errors:
+    FAILED_PRECONDITION when the gateway has no PACS (set HISTOXPLAIN_DICOMWEB_URL); UNAVAILABLE
+    when the PACS is unreachable (check HISTOXPLAIN_DICOMWEB_URL); PERMISSION_DENIED when it
+    refuses the gateway's credentials (check HISTOXPLAIN_DICOMWEB_USER and
+    HISTOXPLAIN_DICOMWEB_PASSWORD_FILE); NOT_FOUND for an unknown study or series;
+    INVALID_ARGUMENT for a malformed UID or a series that is not a slide.
+    """
+    ExplainDicomRegion: _grpc.UnaryUnaryMultiCallable[_pacs_pb2.ExplainDicomRegionRequest, _pacs_pb2.ExplainDicomRegionResponse]
+    """Search and explain a region of a DICOM slide against the index, optionally storing a
+    Parametric Map, an SR and a Key Object Selection in its study. Needs the `reader` role, and
+    `writer` to store. Errors as IndexDicom, plus INVALID_ARGUMENT for a region outside the
+    slide or over the request pixel limit.
+    """
 
 @_typing.type_check_only
 class RetrievalServiceAsyncStub(RetrievalServiceStub):
@@ -94,6 +110,21 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     """List all indexes."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_retrieval_service_pb2.GetModelInfoRequest, _retrieval_service_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describe the served model."""
+    IndexDicom: _aio.UnaryUnaryMultiCallable[_pacs_pb2.IndexDicomRequest, _pacs_pb2.IndexDicomResponse]  # type: ignore[assignment]
+    """Index the DICOM whole-slide series of a study (or given series of it) from the gateway's
+    PACS over DICOMweb; tiles keep UIDs, not pixels. Needs the `writer` role. Errors:
+    FAILED_PRECONDITION when the gateway has no PACS (set HISTOXPLAIN_DICOMWEB_URL); UNAVAILABLE
+    when the PACS is unreachable (check HISTOXPLAIN_DICOMWEB_URL); PERMISSION_DENIED when it
+    refuses the gateway's credentials (check HISTOXPLAIN_DICOMWEB_USER and
+    HISTOXPLAIN_DICOMWEB_PASSWORD_FILE); NOT_FOUND for an unknown study or series;
+    INVALID_ARGUMENT for a malformed UID or a series that is not a slide.
+    """
+    ExplainDicomRegion: _aio.UnaryUnaryMultiCallable[_pacs_pb2.ExplainDicomRegionRequest, _pacs_pb2.ExplainDicomRegionResponse]  # type: ignore[assignment]
+    """Search and explain a region of a DICOM slide against the index, optionally storing a
+    Parametric Map, an SR and a Key Object Selection in its study. Needs the `reader` role, and
+    `writer` to store. Errors as IndexDicom, plus INVALID_ARGUMENT for a region outside the
+    slide or over the request pixel limit.
+    """
 
 class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
     """Explainable similar-image search over indexes of histology tiles.
@@ -171,5 +202,32 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retrieval_service_pb2.GetModelInfoResponse, _abc.Awaitable[_retrieval_service_pb2.GetModelInfoResponse]]:
         """Describe the served model."""
+
+    @_abc_1.abstractmethod
+    def IndexDicom(
+        self,
+        request: _pacs_pb2.IndexDicomRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pacs_pb2.IndexDicomResponse, _abc.Awaitable[_pacs_pb2.IndexDicomResponse]]:
+        """Index the DICOM whole-slide series of a study (or given series of it) from the gateway's
+        PACS over DICOMweb; tiles keep UIDs, not pixels. Needs the `writer` role. Errors:
+        FAILED_PRECONDITION when the gateway has no PACS (set HISTOXPLAIN_DICOMWEB_URL); UNAVAILABLE
+        when the PACS is unreachable (check HISTOXPLAIN_DICOMWEB_URL); PERMISSION_DENIED when it
+        refuses the gateway's credentials (check HISTOXPLAIN_DICOMWEB_USER and
+        HISTOXPLAIN_DICOMWEB_PASSWORD_FILE); NOT_FOUND for an unknown study or series;
+        INVALID_ARGUMENT for a malformed UID or a series that is not a slide.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainDicomRegion(
+        self,
+        request: _pacs_pb2.ExplainDicomRegionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pacs_pb2.ExplainDicomRegionResponse, _abc.Awaitable[_pacs_pb2.ExplainDicomRegionResponse]]:
+        """Search and explain a region of a DICOM slide against the index, optionally storing a
+        Parametric Map, an SR and a Key Object Selection in its study. Needs the `reader` role, and
+        `writer` to store. Errors as IndexDicom, plus INVALID_ARGUMENT for a region outside the
+        slide or over the request pixel limit.
+        """
 
 def add_RetrievalServiceServicer_to_server(servicer: RetrievalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

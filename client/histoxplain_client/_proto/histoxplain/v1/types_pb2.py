@@ -25,25 +25,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahistoxplain/v1/types.proto\x12\x0ehistoxplain.v1\"R\n\x08RawArray\x12\r\n\x05shape\x18\x01 \x03(\r\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x0e\x46ieldCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"@\n\nTileFilter\x12\x32\n\nconditions\x18\x01 \x03(\x0b\x32\x1e.histoxplain.v1.FieldCondition\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"i\n\x0bImageRecord\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x10\n\x03mpp\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x06\n\x04_mpp\"l\n\rTilingOptions\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x0e\n\x06stride\x18\x02 \x01(\r\x12 \n\x13min_tissue_fraction\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x16\n\x14_min_tissue_fraction\"\xbf\x01\n\tSearchHit\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x10\n\x08point_id\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12 \n\x03\x62ox\x18\x06 \x01(\x0b\x32\x13.histoxplain.v1.Box\x12\r\n\x05level\x18\x07 \x01(\r\x12\x10\n\x03mpp\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmatched_tiles\x18\t \x01(\rB\x06\n\x04_mpp\"H\n\x07Heatmap\x12(\n\x06values\x18\x01 \x01(\x0b\x32\x18.histoxplain.v1.RawArray\x12\x13\n\x0boverlay_png\x18\x02 \x01(\x0c\"\xa1\x02\n\x0e\x45xplainOptions\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12*\n\x08polarity\x18\x02 \x01(\x0e\x32\x18.histoxplain.v1.Polarity\x12-\n\x04side\x18\x03 \x01(\x0e\x32\x1f.histoxplain.v1.ExplanationSide\x12\x31\n\rheatmap_dtype\x18\x04 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x1a\n\x12smoothgrad_samples\x18\x05 \x01(\r\x12\x1d\n\x10smoothgrad_noise\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_smoothgrad_noise\"\xcd\x01\n\x12\x45xplainedReference\x12\x17\n\x0freference_index\x18\x01 \x01(\r\x12&\n\x03hit\x18\x02 \x01(\x0b\x32\x19.histoxplain.v1.SearchHit\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12.\n\rquery_heatmap\x18\x04 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\x12\x32\n\x11reference_heatmap\x18\x05 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\"q\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x65ncoder_preset\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x12\n\ntile_count\x18\x04 \x01(\x04\x12\x13\n\x0bimage_count\x18\x05 \x01(\x04\"\xb8\x01\n\tModelInfo\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x14\n\x0cinput_height\x18\x04 \x01(\r\x12\x13\n\x0binput_width\x18\x05 \x01(\r\x12\x32\n\x07methods\x18\x06 \x03(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t*\xc3\x01\n\x11\x45xplanationMethod\x12\"\n\x1e\x45XPLANATION_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XPLANATION_METHOD_GRADCAM\x10\x01\x12(\n$EXPLANATION_METHOD_GRADCAM_PLUS_PLUS\x10\x02\x12!\n\x1d\x45XPLANATION_METHOD_SMOOTHGRAD\x10\x03\x12\x1d\n\x19\x45XPLANATION_METHOD_SIMMAP\x10\x04*S\n\x08Polarity\x12\x18\n\x14POLARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10POLARITY_SIMILAR\x10\x01\x12\x17\n\x13POLARITY_DISSIMILAR\x10\x02*\x8a\x01\n\x0f\x45xplanationSide\x12 \n\x1c\x45XPLANATION_SIDE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPLANATION_SIDE_QUERY\x10\x01\x12\x1e\n\x1a\x45XPLANATION_SIDE_RETRIEVED\x10\x02\x12\x19\n\x15\x45XPLANATION_SIDE_BOTH\x10\x03*^\n\x0cRankingLevel\x12\x1d\n\x19RANKING_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12RANKING_LEVEL_TILE\x10\x01\x12\x17\n\x13RANKING_LEVEL_IMAGE\x10\x02*r\n\nArrayDtype\x12\x1b\n\x17\x41RRAY_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT16\x10\x01\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT32\x10\x02\x12\x15\n\x11\x41RRAY_DTYPE_UINT8\x10\x03*\xcd\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cSKIP_REASON_UNREADABLE_IMAGE\x10\x01\x12\x1f\n\x1bSKIP_REASON_IMAGE_TOO_LARGE\x10\x02\x12\x19\n\x15SKIP_REASON_NO_TISSUE\x10\x03\x12\"\n\x1eSKIP_REASON_DUPLICATE_IMAGE_ID\x10\x04\x12 \n\x1cSKIP_REASON_INVALID_METADATA\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahistoxplain/v1/types.proto\x12\x0ehistoxplain.v1\"R\n\x08RawArray\x12\r\n\x05shape\x18\x01 \x03(\r\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x0e\x46ieldCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"@\n\nTileFilter\x12\x32\n\nconditions\x18\x01 \x03(\x0b\x32\x1e.histoxplain.v1.FieldCondition\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\xd7\x01\n\x0bImageRecord\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x10\n\x03mpp\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12;\n\x08metadata\x18\x06 \x03(\x0b\x32).histoxplain.v1.ImageRecord.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04_mpp\"l\n\rTilingOptions\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x0e\n\x06stride\x18\x02 \x01(\r\x12 \n\x13min_tissue_fraction\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x16\n\x14_min_tissue_fraction\"\xda\x02\n\tSearchHit\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x10\n\x08point_id\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12 \n\x03\x62ox\x18\x06 \x01(\x0b\x32\x13.histoxplain.v1.Box\x12\r\n\x05level\x18\x07 \x01(\r\x12\x10\n\x03mpp\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmatched_tiles\x18\t \x01(\r\x12\x39\n\x08metadata\x18\n \x03(\x0b\x32\'.histoxplain.v1.SearchHit.MetadataEntry\x12-\n\x05\x64icom\x18\x0b \x01(\x0b\x32\x1e.histoxplain.v1.DicomReference\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04_mpp\"H\n\x07Heatmap\x12(\n\x06values\x18\x01 \x01(\x0b\x32\x18.histoxplain.v1.RawArray\x12\x13\n\x0boverlay_png\x18\x02 \x01(\x0c\"\xa8\x03\n\x0e\x45xplainOptions\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12*\n\x08polarity\x18\x02 \x01(\x0e\x32\x18.histoxplain.v1.Polarity\x12-\n\x04side\x18\x03 \x01(\x0e\x32\x1f.histoxplain.v1.ExplanationSide\x12\x31\n\rheatmap_dtype\x18\x04 \x01(\x0e\x32\x1a.histoxplain.v1.ArrayDtype\x12\x1a\n\x12smoothgrad_samples\x18\x05 \x01(\r\x12\x1d\n\x10smoothgrad_noise\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12)\n\x04rise\x18\x07 \x01(\x0b\x32\x1b.histoxplain.v1.RiseOptions\x12\x0e\n\x06verify\x18\x08 \x01(\x08\x12\x31\n\x06target\x18\t \x01(\x0e\x32!.histoxplain.v1.ExplanationTarget\x12\x17\n\x0f\x63orrespondences\x18\n \x01(\rB\x13\n\x11_smoothgrad_noise\"\xe6\x01\n\x0bRiseOptions\x12\r\n\x05masks\x18\x01 \x01(\r\x12\x0c\n\x04grid\x18\x02 \x01(\r\x12\x1d\n\x10keep_probability\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12.\n\x04\x66ill\x18\x04 \x01(\x0e\x32 .histoxplain.v1.RiseOptions.Fill\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\":\n\x04\x46ill\x12\x14\n\x10\x46ILL_UNSPECIFIED\x10\x00\x12\r\n\tFILL_BLUR\x10\x01\x12\r\n\tFILL_MEAN\x10\x02\x42\x13\n\x11_keep_probabilityB\x07\n\x05_seed\"\xc0\x02\n\x12\x45xplainedReference\x12\x17\n\x0freference_index\x18\x01 \x01(\r\x12&\n\x03hit\x18\x02 \x01(\x0b\x32\x19.histoxplain.v1.SearchHit\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12.\n\rquery_heatmap\x18\x04 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\x12\x32\n\x11reference_heatmap\x18\x05 \x01(\x0b\x32\x17.histoxplain.v1.Heatmap\x12=\n\x0f\x63orrespondences\x18\x06 \x03(\x0b\x32$.histoxplain.v1.RegionCorrespondence\x12\x32\n\x0c\x66\x61ithfulness\x18\x07 \x01(\x0b\x32\x1c.histoxplain.v1.Faithfulness\"\xb7\x02\n\x0c\x46\x61ithfulness\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x32\n\x05query\x18\x02 \x01(\x0b\x32#.histoxplain.v1.Faithfulness.Curves\x12\x36\n\treference\x18\x03 \x01(\x0b\x32#.histoxplain.v1.Faithfulness.Curves\x1a\xab\x01\n\x06\x43urves\x12\x14\n\x0c\x64\x65letion_auc\x18\x01 \x01(\x02\x12\x15\n\rinsertion_auc\x18\x02 \x01(\x02\x12\x1b\n\x13random_deletion_auc\x18\x03 \x01(\x02\x12\x1c\n\x14random_insertion_auc\x18\x04 \x01(\x02\x12\x1b\n\x13\x64\x65letion_difference\x18\x05 \x01(\x02\x12\x1c\n\x14insertion_difference\x18\x06 \x01(\x02\"\x87\x01\n\x14RegionCorrespondence\x12&\n\tquery_box\x18\x01 \x01(\x0b\x32\x13.histoxplain.v1.Box\x12*\n\rreference_box\x18\x02 \x01(\x0b\x32\x13.histoxplain.v1.Box\x12\r\n\x05share\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"q\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x65ncoder_preset\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x12\n\ntile_count\x18\x04 \x01(\x04\x12\x13\n\x0bimage_count\x18\x05 \x01(\x04\"\xb8\x01\n\tModelInfo\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x14\n\x0cinput_height\x18\x04 \x01(\r\x12\x13\n\x0binput_width\x18\x05 \x01(\r\x12\x32\n\x07methods\x18\x06 \x03(\x0e\x32!.histoxplain.v1.ExplanationMethod\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\"\x83\x01\n\x0e\x44icomReference\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x1e\n\x16\x66rame_of_reference_uid\x18\x04 \x01(\t*\xe0\x01\n\x11\x45xplanationMethod\x12\"\n\x1e\x45XPLANATION_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XPLANATION_METHOD_GRADCAM\x10\x01\x12(\n$EXPLANATION_METHOD_GRADCAM_PLUS_PLUS\x10\x02\x12!\n\x1d\x45XPLANATION_METHOD_SMOOTHGRAD\x10\x03\x12\x1d\n\x19\x45XPLANATION_METHOD_SIMMAP\x10\x04\x12\x1b\n\x17\x45XPLANATION_METHOD_RISE\x10\x05*S\n\x08Polarity\x12\x18\n\x14POLARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10POLARITY_SIMILAR\x10\x01\x12\x17\n\x13POLARITY_DISSIMILAR\x10\x02*\x8a\x01\n\x0f\x45xplanationSide\x12 \n\x1c\x45XPLANATION_SIDE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPLANATION_SIDE_QUERY\x10\x01\x12\x1e\n\x1a\x45XPLANATION_SIDE_RETRIEVED\x10\x02\x12\x19\n\x15\x45XPLANATION_SIDE_BOTH\x10\x03*^\n\x0cRankingLevel\x12\x1d\n\x19RANKING_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12RANKING_LEVEL_TILE\x10\x01\x12\x17\n\x13RANKING_LEVEL_IMAGE\x10\x02*r\n\nArrayDtype\x12\x1b\n\x17\x41RRAY_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT16\x10\x01\x12\x17\n\x13\x41RRAY_DTYPE_FLOAT32\x10\x02\x12\x15\n\x11\x41RRAY_DTYPE_UINT8\x10\x03*\xcd\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cSKIP_REASON_UNREADABLE_IMAGE\x10\x01\x12\x1f\n\x1bSKIP_REASON_IMAGE_TOO_LARGE\x10\x02\x12\x19\n\x15SKIP_REASON_NO_TISSUE\x10\x03\x12\"\n\x1eSKIP_REASON_DUPLICATE_IMAGE_ID\x10\x04\x12 \n\x1cSKIP_REASON_INVALID_METADATA\x10\x05*y\n\x11\x45xplanationTarget\x12\"\n\x1e\x45XPLANATION_TARGET_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPLANATION_TARGET_COSINE\x10\x01\x12!\n\x1d\x45XPLANATION_TARGET_PROJECTION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'histoxplain_client._proto.histoxplain.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPLANATIONMETHOD']._serialized_start=1591
-  _globals['_EXPLANATIONMETHOD']._serialized_end=1786
-  _globals['_POLARITY']._serialized_start=1788
-  _globals['_POLARITY']._serialized_end=1871
-  _globals['_EXPLANATIONSIDE']._serialized_start=1874
-  _globals['_EXPLANATIONSIDE']._serialized_end=2012
-  _globals['_RANKINGLEVEL']._serialized_start=2014
-  _globals['_RANKINGLEVEL']._serialized_end=2108
-  _globals['_ARRAYDTYPE']._serialized_start=2110
-  _globals['_ARRAYDTYPE']._serialized_end=2224
-  _globals['_SKIPREASON']._serialized_start=2227
-  _globals['_SKIPREASON']._serialized_end=2432
+  _globals['_IMAGERECORD_METADATAENTRY']._loaded_options = None
+  _globals['_IMAGERECORD_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_SEARCHHIT_METADATAENTRY']._loaded_options = None
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_EXPLANATIONMETHOD']._serialized_start=2926
+  _globals['_EXPLANATIONMETHOD']._serialized_end=3150
+  _globals['_POLARITY']._serialized_start=3152
+  _globals['_POLARITY']._serialized_end=3235
+  _globals['_EXPLANATIONSIDE']._serialized_start=3238
+  _globals['_EXPLANATIONSIDE']._serialized_end=3376
+  _globals['_RANKINGLEVEL']._serialized_start=3378
+  _globals['_RANKINGLEVEL']._serialized_end=3472
+  _globals['_ARRAYDTYPE']._serialized_start=3474
+  _globals['_ARRAYDTYPE']._serialized_end=3588
+  _globals['_SKIPREASON']._serialized_start=3591
+  _globals['_SKIPREASON']._serialized_end=3796
+  _globals['_EXPLANATIONTARGET']._serialized_start=3798
+  _globals['_EXPLANATIONTARGET']._serialized_end=3919
   _globals['_RAWARRAY']._serialized_start=46
   _globals['_RAWARRAY']._serialized_end=128
   _globals['_FIELDCONDITION']._serialized_start=130
@@ -52,20 +58,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TILEFILTER']._serialized_end=241
   _globals['_BOX']._serialized_start=243
   _globals['_BOX']._serialized_end=301
-  _globals['_IMAGERECORD']._serialized_start=303
-  _globals['_IMAGERECORD']._serialized_end=408
-  _globals['_TILINGOPTIONS']._serialized_start=410
-  _globals['_TILINGOPTIONS']._serialized_end=518
-  _globals['_SEARCHHIT']._serialized_start=521
-  _globals['_SEARCHHIT']._serialized_end=712
-  _globals['_HEATMAP']._serialized_start=714
-  _globals['_HEATMAP']._serialized_end=786
-  _globals['_EXPLAINOPTIONS']._serialized_start=789
-  _globals['_EXPLAINOPTIONS']._serialized_end=1078
-  _globals['_EXPLAINEDREFERENCE']._serialized_start=1081
-  _globals['_EXPLAINEDREFERENCE']._serialized_end=1286
-  _globals['_INDEXINFO']._serialized_start=1288
-  _globals['_INDEXINFO']._serialized_end=1401
-  _globals['_MODELINFO']._serialized_start=1404
-  _globals['_MODELINFO']._serialized_end=1588
+  _globals['_IMAGERECORD']._serialized_start=304
+  _globals['_IMAGERECORD']._serialized_end=519
+  _globals['_IMAGERECORD_METADATAENTRY']._serialized_start=464
+  _globals['_IMAGERECORD_METADATAENTRY']._serialized_end=511
+  _globals['_TILINGOPTIONS']._serialized_start=521
+  _globals['_TILINGOPTIONS']._serialized_end=629
+  _globals['_SEARCHHIT']._serialized_start=632
+  _globals['_SEARCHHIT']._serialized_end=978
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=464
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=511
+  _globals['_HEATMAP']._serialized_start=980
+  _globals['_HEATMAP']._serialized_end=1052
+  _globals['_EXPLAINOPTIONS']._serialized_start=1055
+  _globals['_EXPLAINOPTIONS']._serialized_end=1479
+  _globals['_RISEOPTIONS']._serialized_start=1482
+  _globals['_RISEOPTIONS']._serialized_end=1712
+  _globals['_RISEOPTIONS_FILL']._serialized_start=1624
+  _globals['_RISEOPTIONS_FILL']._serialized_end=1682
+  _globals['_EXPLAINEDREFERENCE']._serialized_start=1715
+  _globals['_EXPLAINEDREFERENCE']._serialized_end=2035
+  _globals['_FAITHFULNESS']._serialized_start=2038
+  _globals['_FAITHFULNESS']._serialized_end=2349
+  _globals['_FAITHFULNESS_CURVES']._serialized_start=2178
+  _globals['_FAITHFULNESS_CURVES']._serialized_end=2349
+  _globals['_REGIONCORRESPONDENCE']._serialized_start=2352
+  _globals['_REGIONCORRESPONDENCE']._serialized_end=2487
+  _globals['_INDEXINFO']._serialized_start=2489
+  _globals['_INDEXINFO']._serialized_end=2602
+  _globals['_MODELINFO']._serialized_start=2605
+  _globals['_MODELINFO']._serialized_end=2789
+  _globals['_DICOMREFERENCE']._serialized_start=2792
+  _globals['_DICOMREFERENCE']._serialized_end=2923
 # @@protoc_insertion_point(module_scope)

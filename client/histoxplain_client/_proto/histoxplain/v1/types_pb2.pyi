@@ -43,6 +43,13 @@ class _ExplanationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Exp
     Only for encoders whose embedding is the mean of that layer's map (the CNN presets);
     others answer FAILED_PRECONDITION.
     """
+    EXPLANATION_METHOD_RISE: _ExplanationMethod.ValueType  # 5
+    """RISE (Petsiuk et al. 2018) on the similarity: N random smooth masks of the image, each
+    weighted by the cosine its masked copy keeps (similar: the mask-weighted mean of the
+    cosine; dissimilar: the regions whose presence lowers it, from the mean-centred form).
+    Forward passes only, any encoder. Cost: N forward passes for the query whatever k, N per
+    reference for the retrieved side (options: ExplainOptions.rise).
+    """
 
 class ExplanationMethod(_ExplanationMethod, metaclass=_ExplanationMethodEnumTypeWrapper):
     """How a heatmap explains a similarity."""
@@ -63,6 +70,13 @@ EXPLANATION_METHOD_SIMMAP: ExplanationMethod.ValueType  # 4
 at the encoder's target layer, no gradients (dissimilar: the shortfall from an even share).
 Only for encoders whose embedding is the mean of that layer's map (the CNN presets);
 others answer FAILED_PRECONDITION.
+"""
+EXPLANATION_METHOD_RISE: ExplanationMethod.ValueType  # 5
+"""RISE (Petsiuk et al. 2018) on the similarity: N random smooth masks of the image, each
+weighted by the cosine its masked copy keeps (similar: the mask-weighted mean of the
+cosine; dissimilar: the regions whose presence lowers it, from the mean-centred form).
+Forward passes only, any encoder. Cost: N forward passes for the query whatever k, N per
+reference for the retrieved side (options: ExplainOptions.rise).
 """
 Global___ExplanationMethod: _TypeAlias = ExplanationMethod  # noqa: Y015
 
@@ -210,6 +224,44 @@ that is not a finite number in range).
 """
 Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
 
+class _ExplanationTarget:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExplanationTargetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExplanationTarget.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPLANATION_TARGET_UNSPECIFIED: _ExplanationTarget.ValueType  # 0
+    """Not set: the server uses EXPLANATION_TARGET_COSINE."""
+    EXPLANATION_TARGET_COSINE: _ExplanationTarget.ValueType  # 1
+    """The cosine similarity cos(e, r) of the explained image's embedding e to the other image's r."""
+    EXPLANATION_TARGET_PROJECTION: _ExplanationTarget.ValueType  # 2
+    """The projection e . r_hat of the explained image's embedding onto the other image's unit
+    embedding, |e| cos(e, r). On the query side (e the query, r_hat each hit) it is the cosine
+    times the fixed |e_q|, so it ranks the hits exactly as the cosine does; on the retrieved
+    side (e each hit, r_hat the query) |e_h| varies between hits and it does not. For a
+    mean-pooled encoder it is additive over the target layer's locations (GradCAM's map is then
+    A(i) . r_hat / HW, the similarity decomposition's share). GradCAM, GradCAM++, SmoothGrad
+    and the similarity decomposition accept it.
+    """
+
+class ExplanationTarget(_ExplanationTarget, metaclass=_ExplanationTargetEnumTypeWrapper):
+    """Which similarity score an explanation explains."""
+
+EXPLANATION_TARGET_UNSPECIFIED: ExplanationTarget.ValueType  # 0
+"""Not set: the server uses EXPLANATION_TARGET_COSINE."""
+EXPLANATION_TARGET_COSINE: ExplanationTarget.ValueType  # 1
+"""The cosine similarity cos(e, r) of the explained image's embedding e to the other image's r."""
+EXPLANATION_TARGET_PROJECTION: ExplanationTarget.ValueType  # 2
+"""The projection e . r_hat of the explained image's embedding onto the other image's unit
+embedding, |e| cos(e, r). On the query side (e the query, r_hat each hit) it is the cosine
+times the fixed |e_q|, so it ranks the hits exactly as the cosine does; on the retrieved
+side (e each hit, r_hat the query) |e_h| varies between hits and it does not. For a
+mean-pooled encoder it is additive over the target layer's locations (GradCAM's map is then
+A(i) . r_hat / HW, the similarity decomposition's share). GradCAM, GradCAM++, SmoothGrad
+and the similarity decomposition accept it.
+"""
+Global___ExplanationTarget: _TypeAlias = ExplanationTarget  # noqa: Y015
+
 @_typing.final
 class RawArray(_message.Message):
     """A dense n-dimensional array: C order (row-major), little-endian elements."""
@@ -343,11 +395,32 @@ class ImageRecord(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     MPP_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     image_id: _builtins.str
     """Caller's identifier of the image, unique within the index (at most 256 characters).
     Indexing the same image_id again replaces its tiles. Empty: the server uses the SHA-256
@@ -367,6 +440,16 @@ class ImageRecord(_message.Message):
     """
     mpp: _builtins.float
     """Microns per pixel of `content`, when known: a finite number in (0, 1000]."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional descriptive fields stored with every tile, e.g. {"organ": "colon", "stain": "HE"}:
+        at most 16 entries; each key 1 to 64 letters, digits and '_', starting with a letter or '_',
+        and not a built-in key (image_id, source, label, box, level, mpp, tile_index,
+        tiles_in_image, dicom, metadata); each value at most 256 characters. A TileFilter condition
+        on the key matches its value exactly; hits return them (SearchHit.metadata). Out of bounds:
+        the image is skipped with its reason.
+        """
+
     def __init__(
         self,
         *,
@@ -375,10 +458,11 @@ class ImageRecord(_message.Message):
         label: _builtins.str = ...,
         source: _builtins.str = ...,
         mpp: _builtins.float | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "mpp", b"mpp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "content", b"content", "image_id", b"image_id", "label", b"label", "mpp", b"mpp", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "content", b"content", "image_id", b"image_id", "label", b"label", "metadata", b"metadata", "mpp", b"mpp", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mpp: _TypeAlias = _typing.Literal["mpp"]  # noqa: Y015
     _WhichOneofArgType__mpp: _TypeAlias = _typing.Literal["_mpp", b"_mpp"]  # noqa: Y015
@@ -430,6 +514,26 @@ class SearchHit(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCORE_FIELD_NUMBER: _builtins.int
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     POINT_ID_FIELD_NUMBER: _builtins.int
@@ -439,6 +543,8 @@ class SearchHit(_message.Message):
     LEVEL_FIELD_NUMBER: _builtins.int
     MPP_FIELD_NUMBER: _builtins.int
     MATCHED_TILES_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    DICOM_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Cosine similarity between the query embedding and the tile embedding, in [-1, 1]; in
     image-level ranking the image's combined score.
@@ -463,6 +569,16 @@ class SearchHit(_message.Message):
     def box(self) -> Global___Box:
         """Where the tile lies in the source image, in pixels at `level`."""
 
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The image's descriptive fields as indexed (ImageRecord.metadata); empty when none."""
+
+    @_builtins.property
+    def dicom(self) -> Global___DicomReference:
+        """Where the tile's pixels live, for a tile of a DICOM whole-slide series indexed from a PACS
+        (IndexDicom); unset otherwise. `box` is then in level-0 pixels of the slide.
+        """
+
     def __init__(
         self,
         *,
@@ -475,10 +591,12 @@ class SearchHit(_message.Message):
         level: _builtins.int = ...,
         mpp: _builtins.float | None = ...,
         matched_tiles: _builtins.int = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        dicom: Global___DicomReference | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "box", b"box", "mpp", b"mpp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "box", b"box", "dicom", b"dicom", "mpp", b"mpp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "box", b"box", "image_id", b"image_id", "label", b"label", "level", b"level", "matched_tiles", b"matched_tiles", "mpp", b"mpp", "point_id", b"point_id", "score", b"score", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mpp", b"_mpp", "box", b"box", "dicom", b"dicom", "image_id", b"image_id", "label", b"label", "level", b"level", "matched_tiles", b"matched_tiles", "metadata", b"metadata", "mpp", b"mpp", "point_id", b"point_id", "score", b"score", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mpp: _TypeAlias = _typing.Literal["mpp"]  # noqa: Y015
     _WhichOneofArgType__mpp: _TypeAlias = _typing.Literal["_mpp", b"_mpp"]  # noqa: Y015
@@ -526,6 +644,10 @@ class ExplainOptions(_message.Message):
     HEATMAP_DTYPE_FIELD_NUMBER: _builtins.int
     SMOOTHGRAD_SAMPLES_FIELD_NUMBER: _builtins.int
     SMOOTHGRAD_NOISE_FIELD_NUMBER: _builtins.int
+    RISE_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    CORRESPONDENCES_FIELD_NUMBER: _builtins.int
     method: Global___ExplanationMethod.ValueType
     """Explanation method. Unspecified: GradCAM."""
     polarity: Global___Polarity.ValueType
@@ -543,6 +665,25 @@ class ExplainOptions(_message.Message):
     input's value range, in (0, 1]. Unset: the server's default (0.15). Out of range:
     INVALID_ARGUMENT.
     """
+    verify: _builtins.bool
+    """Also measure how faithful each map is on this very pair (ExplainedReference.faithfulness):
+    its deletion and insertion AUC (8 steps, blur baseline, the cosine as the score) against a
+    smooth random map on the map's own grid. Cost: 30 forward passes per explained map
+    (4 x 7 perturbed images + the image and its baseline), e.g. 600 for k = 10 and side BOTH.
+    """
+    target: Global___ExplanationTarget.ValueType
+    """What the maps explain. Unspecified: the cosine similarity. See ExplanationTarget."""
+    correspondences: _builtins.int
+    """Region-to-region correspondences per explained pair: the top N (0: none; at most 16) pairs
+    of target-layer cells, query cell <-> reference cell, ranked by their exact share of the
+    cosine C(i, j) = A_q(i) . A_r(j) / (HW_q HW_r |e_q| |e_r|) (every C(i, j) sums to the
+    cosine). Beside any method; mean-pooled encoders only (others: FAILED_PRECONDITION). Costs
+    at most one forward pass of each image. Over 16: INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def rise(self) -> Global___RiseOptions:
+        """RISE only (other methods ignore it): its masks. Unset: the server's defaults."""
+
     def __init__(
         self,
         *,
@@ -552,16 +693,92 @@ class ExplainOptions(_message.Message):
         heatmap_dtype: Global___ArrayDtype.ValueType = ...,
         smoothgrad_samples: _builtins.int = ...,
         smoothgrad_noise: _builtins.float | None = ...,
+        rise: Global___RiseOptions | None = ...,
+        verify: _builtins.bool = ...,
+        target: Global___ExplanationTarget.ValueType = ...,
+        correspondences: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_smoothgrad_noise", b"_smoothgrad_noise", "smoothgrad_noise", b"smoothgrad_noise"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_smoothgrad_noise", b"_smoothgrad_noise", "rise", b"rise", "smoothgrad_noise", b"smoothgrad_noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_smoothgrad_noise", b"_smoothgrad_noise", "heatmap_dtype", b"heatmap_dtype", "method", b"method", "polarity", b"polarity", "side", b"side", "smoothgrad_noise", b"smoothgrad_noise", "smoothgrad_samples", b"smoothgrad_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_smoothgrad_noise", b"_smoothgrad_noise", "correspondences", b"correspondences", "heatmap_dtype", b"heatmap_dtype", "method", b"method", "polarity", b"polarity", "rise", b"rise", "side", b"side", "smoothgrad_noise", b"smoothgrad_noise", "smoothgrad_samples", b"smoothgrad_samples", "target", b"target", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__smoothgrad_noise: _TypeAlias = _typing.Literal["smoothgrad_noise"]  # noqa: Y015
     _WhichOneofArgType__smoothgrad_noise: _TypeAlias = _typing.Literal["_smoothgrad_noise", b"_smoothgrad_noise"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__smoothgrad_noise) -> _WhichOneofReturnType__smoothgrad_noise | None: ...
 
 Global___ExplainOptions: _TypeAlias = ExplainOptions  # noqa: Y015
+
+@_typing.final
+class RiseOptions(_message.Message):
+    """RISE's masks (EXPLANATION_METHOD_RISE). A zero or unset field takes the server's default;
+    a value out of range: INVALID_ARGUMENT naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Fill:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _FillEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RiseOptions._Fill.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        FILL_UNSPECIFIED: RiseOptions._Fill.ValueType  # 0
+        """Not set: the server uses FILL_BLUR."""
+        FILL_BLUR: RiseOptions._Fill.ValueType  # 1
+        """The image blurred with a Gaussian of sigma = 1/10 of its shorter side."""
+        FILL_MEAN: RiseOptions._Fill.ValueType  # 2
+        """The image's mean colour."""
+
+    class Fill(_Fill, metaclass=_FillEnumTypeWrapper):
+        """What the hidden cells of a mask show."""
+
+    FILL_UNSPECIFIED: RiseOptions.Fill.ValueType  # 0
+    """Not set: the server uses FILL_BLUR."""
+    FILL_BLUR: RiseOptions.Fill.ValueType  # 1
+    """The image blurred with a Gaussian of sigma = 1/10 of its shorter side."""
+    FILL_MEAN: RiseOptions.Fill.ValueType  # 2
+    """The image's mean colour."""
+
+    MASKS_FIELD_NUMBER: _builtins.int
+    GRID_FIELD_NUMBER: _builtins.int
+    KEEP_PROBABILITY_FIELD_NUMBER: _builtins.int
+    FILL_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    masks: _builtins.int
+    """Number of random masks N, 1 to 2000; each is one forward pass of each explained image.
+    0: the server's default (200).
+    """
+    grid: _builtins.int
+    """Mask grid cells per side, 2 to 32. 0: the server's default (7)."""
+    keep_probability: _builtins.float
+    """Chance that a grid cell shows the image, in (0, 1). Unset: the server's default (0.5)."""
+    fill: Global___RiseOptions.Fill.ValueType
+    """What hidden cells show. Unspecified: FILL_BLUR."""
+    seed: _builtins.int
+    """Seed of the mask generator (same seed, same maps). Unset: the server's default (0)."""
+    def __init__(
+        self,
+        *,
+        masks: _builtins.int = ...,
+        grid: _builtins.int = ...,
+        keep_probability: _builtins.float | None = ...,
+        fill: Global___RiseOptions.Fill.ValueType = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_probability", b"_keep_probability", "_seed", b"_seed", "keep_probability", b"keep_probability", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_probability", b"_keep_probability", "_seed", b"_seed", "fill", b"fill", "grid", b"grid", "keep_probability", b"keep_probability", "masks", b"masks", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__keep_probability: _TypeAlias = _typing.Literal["keep_probability"]  # noqa: Y015
+    _WhichOneofArgType__keep_probability: _TypeAlias = _typing.Literal["_keep_probability", b"_keep_probability"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_probability) -> _WhichOneofReturnType__keep_probability | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___RiseOptions: _TypeAlias = RiseOptions  # noqa: Y015
 
 @_typing.final
 class ExplainedReference(_message.Message):
@@ -574,6 +791,8 @@ class ExplainedReference(_message.Message):
     SIMILARITY_FIELD_NUMBER: _builtins.int
     QUERY_HEATMAP_FIELD_NUMBER: _builtins.int
     REFERENCE_HEATMAP_FIELD_NUMBER: _builtins.int
+    CORRESPONDENCES_FIELD_NUMBER: _builtins.int
+    FAITHFULNESS_FIELD_NUMBER: _builtins.int
     reference_index: _builtins.int
     """Position of the reference: its rank in the search (SearchAndExplain), or its index in the
     request's reference list (Explain), 0-based.
@@ -592,6 +811,14 @@ class ExplainedReference(_message.Message):
     def reference_heatmap(self) -> Global___Heatmap:
         """This reference explained against the query (side RETRIEVED or BOTH; unset otherwise)."""
 
+    @_builtins.property
+    def correspondences(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionCorrespondence]:
+        """Matched regions, best first (ExplainOptions.correspondences of them; empty when not asked)."""
+
+    @_builtins.property
+    def faithfulness(self) -> Global___Faithfulness:
+        """How faithful this pair's maps are (ExplainOptions.verify); unset when not asked."""
+
     def __init__(
         self,
         *,
@@ -600,14 +827,134 @@ class ExplainedReference(_message.Message):
         similarity: _builtins.float = ...,
         query_heatmap: Global___Heatmap | None = ...,
         reference_heatmap: Global___Heatmap | None = ...,
+        correspondences: _abc.Iterable[Global___RegionCorrespondence] | None = ...,
+        faithfulness: Global___Faithfulness | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hit", b"hit", "query_heatmap", b"query_heatmap", "reference_heatmap", b"reference_heatmap"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["faithfulness", b"faithfulness", "hit", b"hit", "query_heatmap", b"query_heatmap", "reference_heatmap", b"reference_heatmap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hit", b"hit", "query_heatmap", b"query_heatmap", "reference_heatmap", b"reference_heatmap", "reference_index", b"reference_index", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correspondences", b"correspondences", "faithfulness", b"faithfulness", "hit", b"hit", "query_heatmap", b"query_heatmap", "reference_heatmap", b"reference_heatmap", "reference_index", b"reference_index", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainedReference: _TypeAlias = ExplainedReference  # noqa: Y015
+
+@_typing.final
+class Faithfulness(_message.Message):
+    """Deletion and insertion of each explained map of one pair against a smooth random map of the
+    same grid on the same image (ExplainOptions.verify). AUCs are in units of the explained score
+    (the cosine for POLARITY_SIMILAR, its negation for POLARITY_DISSIMILAR) over the fraction of
+    pixels replaced by the blurred image (deletion) or restored into it (insertion).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Curves(_message.Message):
+        """One map's AUCs."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        DELETION_AUC_FIELD_NUMBER: _builtins.int
+        INSERTION_AUC_FIELD_NUMBER: _builtins.int
+        RANDOM_DELETION_AUC_FIELD_NUMBER: _builtins.int
+        RANDOM_INSERTION_AUC_FIELD_NUMBER: _builtins.int
+        DELETION_DIFFERENCE_FIELD_NUMBER: _builtins.int
+        INSERTION_DIFFERENCE_FIELD_NUMBER: _builtins.int
+        deletion_auc: _builtins.float
+        """Deletion AUC of the map: lower is more faithful."""
+        insertion_auc: _builtins.float
+        """Insertion AUC of the map: higher is more faithful."""
+        random_deletion_auc: _builtins.float
+        """Deletion AUC of the random map (the chance level on this image)."""
+        random_insertion_auc: _builtins.float
+        """Insertion AUC of the random map."""
+        deletion_difference: _builtins.float
+        """deletion_auc - random_deletion_auc: below 0, the map beat chance on deletion."""
+        insertion_difference: _builtins.float
+        """insertion_auc - random_insertion_auc: above 0, the map beat chance on insertion."""
+        def __init__(
+            self,
+            *,
+            deletion_auc: _builtins.float = ...,
+            insertion_auc: _builtins.float = ...,
+            random_deletion_auc: _builtins.float = ...,
+            random_insertion_auc: _builtins.float = ...,
+            deletion_difference: _builtins.float = ...,
+            insertion_difference: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["deletion_auc", b"deletion_auc", "deletion_difference", b"deletion_difference", "insertion_auc", b"insertion_auc", "insertion_difference", b"insertion_difference", "random_deletion_auc", b"random_deletion_auc", "random_insertion_auc", b"random_insertion_auc"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    steps: _builtins.int
+    """Deletion/insertion steps of every curve."""
+    @_builtins.property
+    def query(self) -> Global___Faithfulness.Curves:
+        """The query map explained against this reference (side QUERY or BOTH; unset otherwise)."""
+
+    @_builtins.property
+    def reference(self) -> Global___Faithfulness.Curves:
+        """This reference's map explained against the query (side RETRIEVED or BOTH; unset otherwise)."""
+
+    def __init__(
+        self,
+        *,
+        steps: _builtins.int = ...,
+        query: Global___Faithfulness.Curves | None = ...,
+        reference: Global___Faithfulness.Curves | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "reference", b"reference"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "reference", b"reference", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Faithfulness: _TypeAlias = Faithfulness  # noqa: Y015
+
+@_typing.final
+class RegionCorrespondence(_message.Message):
+    """A query region matched to a region of the reference: one term of the pairwise decomposition
+    of the cosine over the two images' target-layer cells.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_BOX_FIELD_NUMBER: _builtins.int
+    REFERENCE_BOX_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    share: _builtins.float
+    """This pair's exact share of the cosine similarity (all pairs of cells sum to it)."""
+    rank: _builtins.int
+    """1 for the largest share, then 2, 3, ..."""
+    @_builtins.property
+    def query_box(self) -> Global___Box:
+        """The query cell, in pixels of the query image as sent or stored (not the model input)."""
+
+    @_builtins.property
+    def reference_box(self) -> Global___Box:
+        """The reference cell, in pixels of the reference image as sent or stored."""
+
+    def __init__(
+        self,
+        *,
+        query_box: Global___Box | None = ...,
+        reference_box: Global___Box | None = ...,
+        share: _builtins.float = ...,
+        rank: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query_box", b"query_box", "reference_box", b"reference_box"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_box", b"query_box", "rank", b"rank", "reference_box", b"reference_box", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionCorrespondence: _TypeAlias = RegionCorrespondence  # noqa: Y015
 
 @_typing.final
 class IndexInfo(_message.Message):
@@ -694,3 +1041,39 @@ class ModelInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class DicomReference(_message.Message):
+    """Where a tile of a DICOM whole-slide image lives in the PACS: UIDs only, no pixels and nothing
+    about the patient. Each UID is digits and dots.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _builtins.int
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _builtins.int
+    SOP_INSTANCE_UID_FIELD_NUMBER: _builtins.int
+    FRAME_OF_REFERENCE_UID_FIELD_NUMBER: _builtins.int
+    study_instance_uid: _builtins.str
+    """Study Instance UID of the slide (at most 64 characters)."""
+    series_instance_uid: _builtins.str
+    """Series Instance UID of the slide (at most 64 characters)."""
+    sop_instance_uid: _builtins.str
+    """SOP Instance UID of the pyramid level the tile was read from (at most 64 characters)."""
+    frame_of_reference_uid: _builtins.str
+    """Frame of Reference UID of the slide (empty when it declares none; at most 64 characters)."""
+    def __init__(
+        self,
+        *,
+        study_instance_uid: _builtins.str = ...,
+        series_instance_uid: _builtins.str = ...,
+        sop_instance_uid: _builtins.str = ...,
+        frame_of_reference_uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_of_reference_uid", b"frame_of_reference_uid", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "study_instance_uid", b"study_instance_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DicomReference: _TypeAlias = DicomReference  # noqa: Y015
