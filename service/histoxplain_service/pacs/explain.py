@@ -290,7 +290,7 @@ def explain_region(
         allowed = retrieval.settings.dicom_cross_patient if cross_patient is None else cross_patient
         on_level = RegionOnLevel(slide.dataset(level), x, y, w, h)
         if store:
-            on_level.frame_of_reference_uid()  # results cannot be placed on this slide: refused before the work
+            on_level.check_storable()  # results that cannot be placed: refused before the work
         similar = _referable(pacs, study_uid, _similar_cases(tiles), allowed)
         # synchronous: the SR and the KOS need only the cases, so they are built while the explanation runs
         listing = _submit(_listed, on_level, similar, method) if store and place is None else None

@@ -184,6 +184,24 @@ class RegionOnLevel:
             )
         return str(value)
 
+    def check_storable(self) -> None:
+        """Refuse, before any work, a region whose Parametric Map cannot be written.
+
+        Raises:
+            FailedPrecondition: the slide declares no Frame of Reference UID.
+            InvalidRequest: the region starts at the level's top-left pixel without covering the
+                whole level: highdicom (0.28) takes a map placed at its source's origin, with the
+                source's spacing and orientation, for a map of the whole total pixel matrix and
+                refuses any other size.
+        """
+        self.frame_of_reference_uid()
+        columns, rows = int(self.source.TotalPixelMatrixColumns), int(self.source.TotalPixelMatrixRows)
+        if (self.x, self.y) == (0, 0) and (self.width, self.height) != (columns, rows):
+            raise InvalidRequest(
+                "region: results cannot be stored for a region that starts at the slide's top-left pixel "
+                "(x = y = 0) unless it covers the whole level; start it at x >= 1 or y >= 1"
+            )
+
 
 def region_polygon(region: RegionOnLevel) -> np.ndarray:
     """The region's outline (5, 3) in slide coordinates (mm), closed: the outer edges of its pixels.
@@ -218,7 +236,7 @@ def heatmap_map(
         raise InvalidRequest(f"the heatmap is {heatmap.shape}; the region is {region.height}x{region.width} px")
     if not np.isfinite(heatmap).all() or heatmap.min() < 0 or heatmap.max() > 1:
         raise InvalidRequest("heatmap values must be finite and in [0, 1]")
-    region.frame_of_reference_uid()  # highdicom places the map by it: refuse a slide without one here
+    region.check_storable()
     source = region.source
     position = hd.spatial.PixelToReferenceTransformer.for_image(source, for_total_pixel_matrix=True)(
         np.array([[region.x, region.y]])

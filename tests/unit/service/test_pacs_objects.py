@@ -161,6 +161,17 @@ def test_results_refuse_a_slide_without_a_frame_of_reference(level: Any) -> None
         similar_cases_report(RegionOnLevel(copy, 0, 0, 8, 8), _cases(1, 1), "gradcam")
 
 
+def test_a_map_at_the_levels_top_left_pixel_is_refused_by_field_and_one_pixel_in_is_written(level: Any) -> None:
+    heatmap = np.linspace(0, 1, 32 * 24, dtype=np.float32).reshape(24, 32)
+    with pytest.raises(InvalidRequest, match="region: .*x >= 1 or y >= 1"):
+        RegionOnLevel(level, 0, 0, 32, 24).check_storable()
+    with pytest.raises(InvalidRequest, match="x = y = 0"):
+        heatmap_map(RegionOnLevel(level, 0, 0, 32, 24), heatmap, "gradcam", "test")
+    for x, y in ((1, 0), (0, 1)):
+        parametric_map = heatmap_map(RegionOnLevel(level, x, y, 32, 24), heatmap, "gradcam", "test")
+        np.testing.assert_array_equal(parametric_map.get_total_pixel_matrix(), heatmap)
+
+
 def test_the_selection_lists_cases_of_several_other_studies_by_uid_only(level: Any) -> None:
     cases = _cases(5, 3)
     selection = similar_cases_selection(RegionOnLevel(level, 0, 0, 8, 8), cases, "gradcam")

@@ -410,7 +410,9 @@ class ExplainDicomRegionRequest(_message.Message):
     """Also write the results into the query's study by STOW-RS, each in a new series: a
     Parametric Map of the region's heatmap, and (when at least one case may be referenced) a
     Comprehensive 3D SR listing the cases and a Key Object Selection of them. Needs the
-    `writer` role where the gateway authenticates callers (PERMISSION_DENIED otherwise).
+    `writer` role where the gateway authenticates callers (PERMISSION_DENIED otherwise). A
+    region that starts at the level's top-left pixel (x = y = 0 on the level read) without
+    covering the whole level cannot be stored (INVALID_ARGUMENT, before any work).
     """
     store_overlay: _builtins.bool
     """With store_results: also a Secondary Capture of the heatmap blended over the region, for
