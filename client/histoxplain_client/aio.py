@@ -225,6 +225,10 @@ class AsyncClient(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        rise: RiseOptions | None = None,
+        target: str = "cosine",
+        correspondences: int = 0,
+        verify: bool = False,
         filter: Mapping[str, str | Sequence[str]] | None = None,
         store_results: bool = False,
         store_overlay: bool = False,
@@ -232,7 +236,10 @@ class AsyncClient(ClientBase):
         timeout: Timeout = DEFAULT,
     ) -> DicomRegionExplanation:
         """See :meth:`Client.explain_dicom_region`."""
-        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        options = _convert.explain_options(
+            method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise, rise, target, correspondences,
+            verify,
+        )
         request = dicom.explain_region_request(
             index, study_uid, series_uid, region, region_mm, level, k, ranking, options, filter, store_results,
             store_overlay, store_background,

@@ -250,6 +250,10 @@ class Client(ClientBase):
         heatmap_dtype: str = "float16",
         smoothgrad_samples: int = 0,
         smoothgrad_noise: float | None = None,
+        rise: RiseOptions | None = None,
+        target: str = "cosine",
+        correspondences: int = 0,
+        verify: bool = False,
         filter: Mapping[str, str | Sequence[str]] | None = None,
         store_results: bool = False,
         store_overlay: bool = False,
@@ -264,8 +268,13 @@ class Client(ClientBase):
         ``store_overlay`` a Secondary Capture of the heatmap over the region. ``store_background``:
         the call returns once the explanation is done, with the objects' UIDs ``state="queued"``;
         the gateway stores them afterwards (poll the study for them; a full write-back queue is
-        RESOURCE_EXHAUSTED). Otherwise they are in the PACS when the call returns."""
-        options = _convert.explain_options(method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise)
+        RESOURCE_EXHAUSTED). Otherwise they are in the PACS when the call returns. ``rise``,
+        ``target``, ``correspondences`` and ``verify``: as in :meth:`search_and_explain` (the stored
+        map is the mean of the query maps of that target)."""
+        options = _convert.explain_options(
+            method, polarity, side, heatmap_dtype, smoothgrad_samples, smoothgrad_noise, rise, target, correspondences,
+            verify,
+        )
         request = dicom.explain_region_request(
             index, study_uid, series_uid, region, region_mm, level, k, ranking, options, filter, store_results,
             store_overlay, store_background,

@@ -226,9 +226,13 @@ def test_a_region_in_slide_millimetres_and_tile_ranking(
     low, high = centres.min(axis=0), centres.max(axis=0)
     result = served.client.explain_dicom_region(
         INDEX, slide.study_uid, slide.series_uid, region_mm=(low[0], low[1], high[0] - low[0], high[1] - low[1]),
-        level=LEVEL, k=3, ranking="tile", side="query",
+        level=LEVEL, k=3, ranking="tile", side="query", target="projection", correspondences=2, verify=True,
     )
     assert result.region == hc.Box(query_box.x, query_box.y, query_box.w, query_box.h) and result.stored == ()
+    for reference in result.references:  # the target, region pairs and faithfulness reach the region's explanation
+        assert 1 <= len(reference.correspondences) <= 2
+        assert reference.faithfulness is not None and reference.faithfulness.query is not None
+        assert reference.faithfulness.reference is None
     case = dicom_image_id(stored_slides["case"].study_uid, stored_slides["case"].series_uid)
     hits = result.hits
     assert len(hits) == 3 and {hit.image_id for hit in hits} == {case} and len({hit.point_id for hit in hits}) == 3

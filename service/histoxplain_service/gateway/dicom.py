@@ -288,7 +288,8 @@ class RegionJob:
                 level=request.level, k=self.k, method=self.choice.method, side=self.choice.side,  # type: ignore[arg-type]
                 store=request.store_results, store_overlay=request.store_overlay, polarity=self.choice.polarity,
                 ranking="image" if self.image_ranking else "tile", tile_filter=self.tile_filter,
-                options=self.choice.method_options, timeout=timeout,
+                options=self.choice.method_options, target=self.choice.target,
+                correspondences=self.choice.correspondences, verify=self.choice.verify, timeout=timeout,
                 writer=pacs.writer if request.store_mode == pacs_pb2.STORE_MODE_BACKGROUND else None,
             )
         except PermissionDenied:

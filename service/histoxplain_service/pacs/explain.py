@@ -44,6 +44,7 @@ from PIL import Image
 from histoxplain_model.deadlines import check_deadline
 from histoxplain_model.errors import InvalidRequest
 from histoxplain_model.options import SaliencyOptions
+from histoxplain_model.vocabulary import DEFAULT_TARGET
 from histoxplain_service.domain.ranking import rank_images
 from histoxplain_service.domain.retrieval import Retrieval, check_k
 from histoxplain_service.domain.types import Box, ExplainedSearch, ImageHit, SearchHit, TileFilter
@@ -217,6 +218,9 @@ def explain_region(
     tile_filter: TileFilter | None = None,
     cross_patient: bool | None = None,
     options: SaliencyOptions | None = None,
+    target: str = DEFAULT_TARGET,
+    correspondences: int = 0,
+    verify: bool = False,
     timeout: float | None = None,
     writer: BackgroundWriter | None = None,
 ) -> RegionExplanation:
@@ -246,6 +250,8 @@ def explain_region(
         cross_patient: may the stored objects reference other patients' slides (default: the
             ``dicom_cross_patient`` setting).
         options: the method's own options (e.g. SmoothGrad's samples).
+        target, correspondences, verify: as :meth:`Retrieval.explain_hits` (the stored map is
+            the mean of the maps of that target; pairs and faithfulness come back per case).
         timeout: seconds the caller has left.
         writer: with ``store``, store in the background: the objects' UIDs are made first and
             returned as ``queued``, ``writer`` builds and stores them after the call returns.
@@ -296,7 +302,10 @@ def explain_region(
         listing = _submit(_listed, on_level, similar, method) if store and place is None else None
         reader = Retrieval(retrieval.settings, retrieval.backend, retrieval.index_engine, dicom_tiles=pacs.read_tile)
         try:
-            explanation = reader.explain_hits(index_name, image, tiles, method, polarity, side, timeout, options)
+            explanation = reader.explain_hits(
+                index_name, image, tiles, method, polarity, side, timeout, options,
+                target=target, correspondences=correspondences, verify=verify,
+            )
             heatmap = _mean_heatmap(explanation, w, h)
             description = f"{method} heatmap, mean over {len(cases)} cases"
             if listing is None:
