@@ -240,8 +240,8 @@ class _ExplanationTargetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Exp
     times the fixed |e_q|, so it ranks the hits exactly as the cosine does; on the retrieved
     side (e each hit, r_hat the query) |e_h| varies between hits and it does not. For a
     mean-pooled encoder it is additive over the target layer's locations (GradCAM's map is then
-    A(i) . r_hat / HW, the similarity decomposition's share). GradCAM, GradCAM++, SmoothGrad
-    and the similarity decomposition accept it.
+    A(i) . r_hat / HW, the similarity decomposition's share). Every method accepts it (RISE
+    weighs its masks by the projection instead of the cosine).
     """
 
 class ExplanationTarget(_ExplanationTarget, metaclass=_ExplanationTargetEnumTypeWrapper):
@@ -257,8 +257,8 @@ embedding, |e| cos(e, r). On the query side (e the query, r_hat each hit) it is 
 times the fixed |e_q|, so it ranks the hits exactly as the cosine does; on the retrieved
 side (e each hit, r_hat the query) |e_h| varies between hits and it does not. For a
 mean-pooled encoder it is additive over the target layer's locations (GradCAM's map is then
-A(i) . r_hat / HW, the similarity decomposition's share). GradCAM, GradCAM++, SmoothGrad
-and the similarity decomposition accept it.
+A(i) . r_hat / HW, the similarity decomposition's share). Every method accepts it (RISE
+weighs its masks by the projection instead of the cosine).
 """
 Global___ExplanationTarget: _TypeAlias = ExplanationTarget  # noqa: Y015
 
