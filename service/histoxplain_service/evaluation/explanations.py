@@ -404,6 +404,11 @@ def run_explanations(config: EvaluationConfig, explanation: ExplanationConfig, e
         with journal.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         records.append(record)
+    # Resumed pairs hold the variants of the run that computed them: a variant the probe keeps
+    # now but that they lack (the library changed in between) is left out, and said so.
+    missing = [v.name for v in models.variants if any(v.name not in r["runtime_s"] for r in records)]
+    skipped |= {name: "missing from resumed pairs computed before it was probed in; rerun with --no-resume" for name in missing}
+    models = replace(models, variants=[v for v in models.variants if v.name not in missing])
     names = [variant.name for variant in models.variants]
     return {
         "retrieval": retrieval,
