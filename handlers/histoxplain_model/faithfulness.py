@@ -391,13 +391,15 @@ def verify_explanation(
     polarity: str,
     pixel_embedder: PixelEmbedder | None = None,
     steps: int = VERIFY_STEPS,
+    layer: torch.nn.Module | None = None,
 ) -> tuple[tuple[Faithfulness, ...] | None, tuple[Faithfulness, ...] | None]:
     """:func:`verify_maps` for every map of an explained retrieval (``ExplainOptions.verify``).
 
     ``query_heatmaps`` (K, H, W) explain the query (1, 3, H, W) against reference k,
     ``reference_heatmaps`` (K, H, W) reference k against the query; raw maps (K, h, w) when
-    ``native``, finished here first. The random map's grid is the maps' own (native maps) or the
-    target layer's (one forward pass); map k of either side uses seed k. Perturbed images go
+    ``native``, finished here first. The random map's grid is the maps' own (native maps) or that
+    of ``layer``, the layer the method hooked (default: the target layer; one forward pass); map
+    k of either side uses seed k. Perturbed images go
     through ``pixel_embedder`` (the ONNX Runtime session) when given, else the torch model.
     """
     sign = -1.0 if polarity == "dissimilar" else 1.0
@@ -412,7 +414,7 @@ def verify_explanation(
     def finished(maps: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         if native:
             return finish_maps(torch.from_numpy(np.asarray(maps, np.float32))[:, None], size)[:, 0].numpy(), tuple(maps.shape[-2:])
-        return maps, feature_grid(encoder.model, encoder.target_layer, encoder.reshape_transform, query_pixels)
+        return maps, feature_grid(encoder.model, layer or encoder.target_layer, encoder.reshape_transform, query_pixels)
 
     def side(pixels: torch.Tensor, maps: np.ndarray | None, reference_of) -> tuple[Faithfulness, ...] | None:
         if maps is None:

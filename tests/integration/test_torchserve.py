@@ -184,10 +184,11 @@ def test_handler_uses_given_embeddings_and_a_bad_one_fails_alone(handler, tiles,
     meta, arrays = decode_envelope(responses[1])
     local = embedded.explain(ExplainRequest(tiles[0], tiles[1:3], "gradcam"))
     np.testing.assert_allclose(arrays["scores"], local.scores, atol=SCORE_ATOL)
-    # GradCAM travels as raw CAMs on the target layer's 7x7 grid, finished by the receiver.
+    # GradCAM travels as raw CAMs on its layer's grid (the default preset's blocks.4, 14x14),
+    # finished by the receiver.
     assert meta["map_size"] == [224, 224]
     for name in ("query_heatmaps", "reference_heatmaps"):
-        assert arrays[name].shape == (2, 7, 7) and arrays[name].dtype == np.float32
+        assert arrays[name].shape == (2, 14, 14) and arrays[name].dtype == np.float32
         finished = finish_cams(arrays[name], (224, 224))
         assert float(np.max(np.abs(finished - getattr(local, name)))) <= CAM_ATOL, name
 

@@ -31,7 +31,7 @@ class StandInEncoder:
     def __init__(self) -> None:
         torch.manual_seed(0)
         self.model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
-        self.target_layer = self.model.layer4
+        self.target_layer = self.gradcam_layer = self.model.layer4
         self.reshape_transform = None
 
     def preprocess(self, images):
@@ -172,3 +172,27 @@ def test_the_deadline_is_per_explanation_not_per_thread(encoder):
     with pytest.raises(DeadlineExceeded):
         explain_retrieval(encoder, ExplainRequest(query, references, "gradcam", deadline=time.time() - 1))
     explain_retrieval(encoder, ExplainRequest(query, references, "gradcam"))  # no deadline left behind
+
+
+def test_the_served_gradcam_of_the_default_preset_hooks_the_stage_the_evaluation_chose() -> None:
+    """efficientnet-lite0-imagenet: GradCAM on blocks.4 (14x14, faithful on every curve in
+    docs/EVALUATION.md), equal to pytorch-grad-cam there; GradCAM++ and simmap keep bn2 (7x7)."""
+    import pytorch_grad_cam
+
+    from histoxplain_model.encoders import DEFAULT_PRESET, load_encoder
+
+    real = load_encoder(DEFAULT_PRESET)
+    assert real.gradcam_layer is real.model.blocks[4] and real.target_layer is real.model.bn2
+    rng = np.random.default_rng(3)
+    query, reference = (rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2))
+    served = explain_retrieval(real, ExplainRequest(query, [reference], "gradcam", side="query"))
+    vector = real.embed(real.preprocess([reference]))[0]
+    with pytorch_grad_cam.GradCAM(model=real.model, target_layers=[real.model.blocks[4]]) as cam:
+        theirs = cam(input_tensor=real.preprocess([query]),
+                     targets=[lambda output: F.cosine_similarity(output, vector, dim=0)])
+    np.testing.assert_allclose(served.query_heatmaps[0], theirs[0], atol=1e-5)
+    native = explain_retrieval(real, ExplainRequest(query, [reference], "gradcam", side="query"), native_cams=True)
+    assert native.query_heatmaps.shape[-2:] == (14, 14)
+    for method in ("gradcampp", "simmap"):
+        raw = explain_retrieval(real, ExplainRequest(query, [reference], method, side="query"), native_cams=True)
+        assert raw.query_heatmaps.shape[-2:] == (7, 7)

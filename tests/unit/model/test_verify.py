@@ -44,9 +44,10 @@ def test_verify_gives_the_evaluations_aucs(encoder, tiles) -> None:
         def minus_cosine(images: torch.Tensor) -> torch.Tensor:
             return -(encoder.embed(images) @ vectors[k : k + 1].T)[:, 0]
 
-        # The evaluation's computation: the map and the smooth random map on the 7x7 grid, blur baseline.
+        # The evaluation's computation: the map and the smooth random map on the grid of the layer
+        # GradCAM hooked (the default preset's blocks.4, 14x14), blur baseline.
         curves = deletion_insertion_many(
-            minus_cosine, pixels, [explained.query_heatmaps[k], smooth_random_map((224, 224), (7, 7), k)],
+            minus_cosine, pixels, [explained.query_heatmaps[k], smooth_random_map((224, 224), (14, 14), k)],
             baseline_image(pixels, "blur"), steps=VERIFY_STEPS, seed=k,
         )
         assert verified.steps == VERIFY_STEPS

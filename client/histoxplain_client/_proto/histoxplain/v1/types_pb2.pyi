@@ -29,7 +29,11 @@ class _ExplanationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Exp
     EXPLANATION_METHOD_UNSPECIFIED: _ExplanationMethod.ValueType  # 0
     """Not set: the server uses EXPLANATION_METHOD_GRADCAM."""
     EXPLANATION_METHOD_GRADCAM: _ExplanationMethod.ValueType  # 1
-    """GradCAM (Selvaraju et al.) at the encoder's target layer, target = cosine similarity."""
+    """GradCAM (Selvaraju et al.), target = cosine similarity, at the layer the encoder preset
+    names for it: for efficientnet-lite0-imagenet the stage before the last (blocks.4, 14x14),
+    where the evaluation found it faithful (docs/EVALUATION.md); for the others their target
+    layer.
+    """
     EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: _ExplanationMethod.ValueType  # 2
     """GradCAM++ (Chattopadhay et al., eq. 19) at the encoder's target layer."""
     EXPLANATION_METHOD_SMOOTHGRAD: _ExplanationMethod.ValueType  # 3
@@ -57,7 +61,11 @@ class ExplanationMethod(_ExplanationMethod, metaclass=_ExplanationMethodEnumType
 EXPLANATION_METHOD_UNSPECIFIED: ExplanationMethod.ValueType  # 0
 """Not set: the server uses EXPLANATION_METHOD_GRADCAM."""
 EXPLANATION_METHOD_GRADCAM: ExplanationMethod.ValueType  # 1
-"""GradCAM (Selvaraju et al.) at the encoder's target layer, target = cosine similarity."""
+"""GradCAM (Selvaraju et al.), target = cosine similarity, at the layer the encoder preset
+names for it: for efficientnet-lite0-imagenet the stage before the last (blocks.4, 14x14),
+where the evaluation found it faithful (docs/EVALUATION.md); for the others their target
+layer.
+"""
 EXPLANATION_METHOD_GRADCAM_PLUS_PLUS: ExplanationMethod.ValueType  # 2
 """GradCAM++ (Chattopadhay et al., eq. 19) at the encoder's target layer."""
 EXPLANATION_METHOD_SMOOTHGRAD: ExplanationMethod.ValueType  # 3
