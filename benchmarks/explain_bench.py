@@ -81,15 +81,22 @@ MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224")
 # The layers the encoder presets hook (histoxplain_model.encoders): the last CNN feature map,
 # and for a CLS-pooled ViT the last block's norm1 (a later layer gives zero patch gradients).
 TARGET_LAYERS = {"tf_efficientnet_lite0": "bn2", "resnet50": "layer4", "vit_small_patch16_224": "blocks.-1.norm1"}
+# Where the served GradCAM hooks when its preset names another layer (EncoderPreset.gradcam_layer).
+SERVED_GRADCAM_LAYERS = {"tf_efficientnet_lite0": "blocks.4"}
 SECTION = "## Explanation latency"
+
+
+def module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    layer: torch.nn.Module = model
+    for part in dotted.split("."):
+        layer = layer[int(part)] if part.lstrip("-").isdigit() else getattr(layer, part)  # type: ignore[index]
+    return layer
 
 
 def build(arch: str) -> tuple[torch.nn.Module, torch.nn.Module, Callable | None]:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
-    layer: torch.nn.Module = model
-    for part in TARGET_LAYERS[arch].split("."):
-        layer = layer[int(part)] if part.lstrip("-").isdigit() else getattr(layer, part)  # type: ignore[index]
+    layer = module(model, TARGET_LAYERS[arch])
     reshape = None
     if hasattr(model, "num_prefix_tokens"):
         prefix, (grid_h, grid_w) = model.num_prefix_tokens, model.patch_embed.grid_size
@@ -161,6 +168,18 @@ def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], obj
         "pgc gradcam batch": pgc_batch,
         "pgc gradcam loop": pgc_loop,
     }
+    if arch in SERVED_GRADCAM_LAYERS:
+        served = module(model, SERVED_GRADCAM_LAYERS[arch])
+        ours_served = GradCAM(model, served, reshape)
+        pgc_served = PgcGradCAM(model=model, target_layers=[served], reshape_transform=reshape)
+
+        def pgc_served_batch() -> object:
+            maps = pgc_served(input_tensor=replicated, targets=targets)
+            model.zero_grad(set_to_none=True)
+            return maps
+
+        variants["ours gradcam served layer"] = lambda: ours_served.explain(query, references)
+        variants["pgc gradcam served layer batch"] = pgc_served_batch
     if reshape is None:  # the CNNs: the embedding is the mean of the target layer's map
         ours_simmap = SimilarityMap(model, layer, reshape)
         variants["ours simmap k=1"] = lambda: ours_simmap.explain(query, references[:1])
@@ -299,6 +318,25 @@ def markdown(rows: list[dict], args: argparse.Namespace, started: str, load: str
             f"{t['ours gradcampp'] / floor:.2f} | {best / t['ours gradcam']:.1f}x | "
             f"{best / t['ours gradcampp']:.1f}x |"
         )
+    served_rows = [row for row in rows if "ours gradcam served layer" in row["gradcam"]]
+    if served_rows:
+        lines += [
+            "",
+            f"GradCAM on the layer it is served at where the preset names one (`EncoderPreset.gradcam_layer`: "
+            f"{', '.join(f'{arch} `{name}`' for arch, name in SERVED_GRADCAM_LAYERS.items())}), same runs, k={args.k}: "
+            "the backward pass now runs through the stages after it.",
+            "",
+            "| model | fwd | fwd+bwd | gradcam (served layer) | pgc batch (same layer) | gradcam / fwd | gradcam / fwd+bwd | pgc / gradcam |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in served_rows:
+            t = row["gradcam"]
+            ours = t["ours gradcam served layer"]
+            lines.append(
+                f"| {row['model']} | {t['forward'] * 1e3:.1f} | {t['forward+backward'] * 1e3:.1f} | {ours * 1e3:.1f} | "
+                f"{t['pgc gradcam served layer batch'] * 1e3:.1f} | {ours / t['forward']:.2f} | "
+                f"{ours / t['forward+backward']:.2f} | {t['pgc gradcam served layer batch'] / ours:.1f}x |"
+            )
     simmap_rows = [row for row in rows if "ours simmap" in row["gradcam"]]
     if simmap_rows:
         lines += [
