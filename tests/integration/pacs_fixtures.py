@@ -62,12 +62,21 @@ def require_orthanc() -> None:
 
 
 @contextmanager
-def running_orthanc(work_dir: Path, config: OrthancConfig | None = None) -> Iterator[RunningOrthanc]:
+def running_orthanc(
+    work_dir: Path, config: OrthancConfig | None = None, *, private_network: bool = True
+) -> Iterator[RunningOrthanc]:
     """Orthanc started in ``work_dir`` (with ``config``, default: OrthancProcess's), the calling
-    thread in its network namespace until the block ends; stopped afterwards."""
+    thread in its network namespace until the block ends; stopped afterwards.
+
+    ``private_network=False``: on the host's loopback even where a private namespace exists
+    (``RemoteAccessAllowed: false`` and HTTP authentication still on). The modules that talk to
+    an in-process gRPC gateway need it: gRPC makes its connections from its own threads, which
+    stay in whatever namespace they were created in (often before the module, by an earlier
+    test), so a gateway inside the namespace is unreachable from them at random.
+    """
     require_orthanc()
-    private = private_network_available()
-    if not private:
+    private = private_network and private_network_available()
+    if private_network and not private:
         log.warning("no private network namespace here (needs root and unshare): Orthanc runs on loopback")
     process = OrthancProcess(work_dir, config, private_network=private)
     process.start()
@@ -82,6 +91,14 @@ def running_orthanc(work_dir: Path, config: OrthancConfig | None = None) -> Iter
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOrthanc]:
     with running_orthanc(tmp_path_factory.mktemp("orthanc")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def loopback_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOrthanc]:
+    """The module's Orthanc on the host's loopback, for modules with an in-process gRPC gateway
+    (see :func:`running_orthanc`)."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), private_network=False) as running:
         yield running
 
 

@@ -38,7 +38,7 @@ from histoxplain_service.pacs.dicomweb import DicomWeb
 from histoxplain_service.pacs.slides import dicom_image_id
 from histoxplain_service.pacs.writeback import WriteBackCounts
 
-from pacs_fixtures import RunningOrthanc, StoredSlide, orthanc, stored_slides  # noqa: F401 -- fixtures
+from pacs_fixtures import RunningOrthanc, StoredSlide, loopback_orthanc, stored_slides  # noqa: F401 -- fixtures
 from test_gateway import GatewayThread, embedded_backend  # noqa: F401 -- embedded_backend is a fixture
 from test_pacs import _dciodvfy_errors, pacs  # noqa: F401 -- pacs is a fixture
 from test_stopping import _free_port
@@ -51,8 +51,7 @@ LEVEL = 1
 
 @contextmanager
 def _running_gateway(data_dir: Path, backend: Any, **core: Any) -> Iterator[tuple[GatewayThread, IndexEngine]]:
-    """A gateway on a free loopback port (inside Orthanc's network when it has one: the thread
-    serving it is started from this one) with ``core`` settings, e.g. its PACS."""
+    """A gateway on a free loopback port with ``core`` settings, e.g. its PACS."""
     settings = Settings(data_dir=data_dir, min_tissue=0.25, **core)
     engine = open_index_engine(settings)
     gateway = GatewayThread(
@@ -77,6 +76,13 @@ class Served:
     gateway: GatewayThread
     engine: IndexEngine
     client: hc.Client
+
+
+@pytest.fixture(scope="module")
+def orthanc(loopback_orthanc: RunningOrthanc) -> RunningOrthanc:
+    """On the host's loopback: the in-process gateway's gRPC threads cannot follow a private
+    network namespace (pacs_fixtures.running_orthanc)."""
+    return loopback_orthanc
 
 
 @pytest.fixture(scope="module")

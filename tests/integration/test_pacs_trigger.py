@@ -70,7 +70,10 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, gateway_port: int) -> Iter
         f"127.0.0.1:{gateway_port}", TRIGGER_INDEX, level=LEVEL, max_attempts=100, initial_backoff_s=0.5,
         max_backoff_s=2.0,
     )
-    with running_orthanc(work, OrthancConfig(storage=work / "storage", stable_age_s=1, trigger=trigger)) as running:
+    config = OrthancConfig(storage=work / "storage", stable_age_s=1, trigger=trigger)
+    # on the host's loopback: the in-process gateway's gRPC threads cannot follow a private network
+    # namespace (pacs_fixtures.running_orthanc)
+    with running_orthanc(work, config, private_network=False) as running:
         yield running
 
 
