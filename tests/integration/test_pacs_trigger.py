@@ -79,7 +79,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, gateway_port: int) -> Iter
 
 class LazyGateway:
     """The module's gateway, started by the first test that needs it (after the trigger has
-    found it missing) in the Orthanc's network namespace, stopped after the module."""
+    found it missing), stopped after the module."""
 
     def __init__(self, orthanc: RunningOrthanc, backend: Any, data_dir: Path, port: int) -> None:
         core = Settings(
