@@ -341,9 +341,13 @@ def _build_models(encoder, config: EvaluationConfig, explanation: ExplanationCon
 
 
 def _config_key(config: EvaluationConfig, explanation: ExplanationConfig) -> str:
-    """What a finished pair depends on: every option but the number of pairs and the resamples."""
+    """What a finished pair depends on: every option but the number of pairs and the resamples,
+    and each method's options as resolved now, so a changed library default (RISE's number of
+    masks, say) starts new pairs instead of mixing with those computed before it."""
     options = replace(explanation, pairs=0, resamples=0)
-    payload = json.dumps([config.model, str(config.weights), config.seed, repr(config.tiling), repr(options)])
+    resolved = {method: repr(explanation.options().get(method) or default_options(check_method(method)))
+                for method in explanation.methods}
+    payload = json.dumps([config.model, str(config.weights), config.seed, repr(config.tiling), repr(options), resolved])
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
