@@ -36,7 +36,7 @@ from histoxplain_service.domain.retrieval import Retrieval
 from histoxplain_service.pacs.dicomize import dicomize
 from histoxplain_service.pacs.dicomweb import DicomWeb
 from histoxplain_service.pacs.orthanc import OrthancConfig
-from histoxplain_service.pacs.orthanc_trigger import INDEXED, METADATA, NOT_A_SLIDE, STATS_URI, TriggerOptions
+from histoxplain_service.pacs.orthanc_trigger import INDEXED, METADATA, NOT_A_SLIDE, SKIPPED, STATS_URI, TriggerOptions
 from histoxplain_service.pacs.results import RegionOnLevel, heatmap_overlay
 from histoxplain_service.pacs.watch import WatchState, poll_once
 
@@ -279,3 +279,43 @@ def test_the_pollers_in_process_indexer_stops_on_the_stop_signal_and_then_indexe
         assert retrieval.index("local").describe().n_images == 1
     finally:
         engine.close()
+
+
+def test_a_slide_the_gateway_skips_is_marked_skipped_and_not_offered_again(
+    orthanc: RunningOrthanc, stored_slides: dict[str, StoredSlide], gateway: LazyGateway, pacs: DicomWeb,
+    tmp_path: Path,
+) -> None:
+    """A slide without tissue (a blank 1024 px scan) is refused by IndexDicom as ``no_tissue``: the
+    trigger marks it ``skipped``; when its study becomes stable again (another slide stored in it)
+    only the new slide is handed over. Last in the module: the poller tests count the PACS's series."""
+    import tifffile
+
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(
+        blank, np.full((1024, 1024, 3), 245, np.uint8), tile=(256, 256), photometric="rgb",
+        resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER",  # 0.5 µm/px
+    )
+    with gateway.start() as client:
+        before = _wait_stats(  # the module's slides indexed and every study handled to the end
+            orthanc, lambda s: s["series_indexed"] >= 2 and s["queue"] == 0 and s["studies_done"] == s["studies_queued"], 600
+        )
+        images_before = client.describe_index(TRIGGER_INDEX).image_count
+        written = dicomize(blank, tmp_path / "blank", patient_id="HXP-BLANK", patient_name="Blank^Slide")
+        pacs.store([pydicom.dcmread(path) for path in written.files], written.study_uid)
+        skipped = _wait_stats(
+            orthanc, lambda s: s["series_skipped"] == before["series_skipped"] + 1 and s["queue"] == 0, 300
+        )
+        assert _series_mark(orthanc, written.series_uid) == SKIPPED
+        assert skipped["series_indexed"] == before["series_indexed"] and skipped["failures"] == 0
+
+        # the study becomes stable again with a real slide in it: the blank one is not offered again
+        tissue = dicomize(_he_slide(), tmp_path / "tissue", patient_id="HXP-BLANK", study_uid=written.study_uid)
+        pacs.store([pydicom.dcmread(path) for path in tissue.files], written.study_uid)
+        again = _wait_stats(
+            orthanc, lambda s: s["series_indexed"] == before["series_indexed"] + 1 and s["queue"] == 0, 600
+        )
+        info = client.describe_index(TRIGGER_INDEX)
+    assert again["series_skipped"] == skipped["series_skipped"]  # the blank slide was not handed over again
+    assert again["calls"] == skipped["calls"] + 1 and again["series_already_marked"] > skipped["series_already_marked"]
+    assert _series_mark(orthanc, tissue.series_uid) == INDEXED
+    assert info.image_count == images_before + 1

@@ -179,9 +179,11 @@ class DicomSlide:
         return np.asarray(region.convert("RGB"), dtype=np.uint8)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        """The whole slide (h, w, 3) uint8 RGB, its longer side at most ``max_side``."""
+        """The whole slide (h, w, 3) uint8 RGB, its longer side at most ``max_side`` (and at most
+        level 0's: wsidicom finds no level for a thumbnail larger than the slide)."""
+        side = min(max_side, max(self.size(0)))
         with self._lock, pacs_errors("reading a slide thumbnail", not_found="the slide is no longer in the PACS"):
-            image = self._wsi.read_thumbnail((max_side, max_side))
+            image = self._wsi.read_thumbnail((side, side))
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
     def close(self) -> None:
