@@ -16,9 +16,8 @@ Measured (rounds interleaved, local then PACS, so a change in the machine's spee
   region search    explain_region: read a 224 px region at level 1 (another tissue tile each
                    round), rank the indexed slides (k = 10 cases), Grad-CAM of the region against
                    each case's best tile (the hits' tiles re-read from the PACS); "+ store":
-                   also build the Parametric Map, SR and KOS and STOW-RS them, synchronously (the
-                   SR and KOS built on a worker thread while the explanation runs, the map once
-                   the heatmap is there, one STOW-RS), or in the background (a BackgroundWriter:
+                   also build the Parametric Map, SR and KOS and STOW-RS them, synchronously (built
+                   once the heatmap is there, one STOW-RS request), or in the background (a BackgroundWriter:
                    "response" is the call's latency, the objects' UIDs queued; "in the PACS" is
                    the time from the call until the writer has stored them; the next round
                    starts after that). Local: the same read, ranking and explanation with local

@@ -8,10 +8,12 @@ index side any :class:`~histoxplain_service.index.base.IndexEngine`; both are ch
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -37,6 +39,9 @@ from histoxplain_service.domain.types import (
     TileFilter,
 )
 from histoxplain_service.index.base import IndexEngine, VectorIndex
+
+#: Threads reading the tiles of DICOM hits from the PACS at once (:meth:`Retrieval.explain_hits`).
+DICOM_READERS = 4
 
 
 def check_k(k: int, limit: int = MAX_K, what: str = "k") -> int:
@@ -217,12 +222,33 @@ class Retrieval:
         if not hits:
             raise InvalidRequest("nothing to explain against: the search returned no hits")
         index = self.index(name)
-        references = [self._load_tile(index, hit) for hit in hits]
+        references = self._load_tiles(index, hits)
         return self._explain(
             image, references, list(hits), method, polarity, side, timeout, options,
             query_embedding=query_embedding, reference_embeddings=self._stored_vectors(index, hits),
             target=target, correspondences=correspondences, verify=verify,
         )
+
+    def _load_tiles(self, index: VectorIndex, hits: Sequence[SearchHit]) -> list[np.ndarray]:
+        """The hits' pixels, in order. DICOM tiles come over the network, one WADO-RS round trip
+        or more each, so they are read by up to :data:`DICOM_READERS` threads at once; the threads
+        are started here, so they share this thread's network namespace, and each runs in a copy
+        of its context (the caller's deadline and stop signal)."""
+        if sum(hit.dicom is not None for hit in hits) < 2:
+            return [self._load_tile(index, hit) for hit in hits]
+        with ThreadPoolExecutor(max_workers=min(len(hits), DICOM_READERS), thread_name_prefix="dicom-tiles") as pool:
+            futures = {
+                position: pool.submit(contextvars.copy_context().run, self._load_tile, index, hit)
+                for position, hit in enumerate(hits) if hit.dicom is not None
+            }
+            try:
+                return [
+                    futures[position].result() if position in futures else self._load_tile(index, hit)
+                    for position, hit in enumerate(hits)
+                ]
+            finally:
+                for future in futures.values():
+                    future.cancel()  # after a failure: the reads not started yet never are
 
     def _load_tile(self, index: VectorIndex, hit: SearchHit) -> np.ndarray:
         """A hit's pixels as embedded: from the index's copy, or re-read from the PACS for a DICOM tile."""
@@ -323,7 +349,7 @@ class Retrieval:
         )
         if not hits:
             raise InvalidRequest("nothing to explain against: the search returned no hits")
-        references = [self._load_tile(index, hit) for hit in hits]
+        references = self._load_tiles(index, hits)
         return self._explain(
             image, references, hits, method, polarity, side, timeout, options,
             query_embedding=query_vector, reference_embeddings=vectors,
@@ -370,6 +396,7 @@ def _settle(index: VectorIndex, summary: IndexSummary) -> None:
 
 
 __all__ = [
+    "DICOM_READERS",
     "Retrieval",
     "check_k",
 ]

@@ -29,12 +29,10 @@ Cross-patient references
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -255,9 +253,8 @@ def explain_region(
         timeout: seconds the caller has left.
         writer: with ``store``, store in the background: the objects' UIDs are made first and
             returned as ``queued``, ``writer`` builds and stores them after the call returns.
-            Without it the objects are in the PACS when the call returns (the SR and KOS are
-            built while the explanation runs, the map once the heatmap is there, all three
-            sent in one STOW-RS request).
+            Without it the objects are in the PACS when the call returns (built once the
+            heatmap is there, all sent in one STOW-RS request).
 
     Raises:
         InvalidRequest: a region off the slide or over the pixel limit, a bad level, k or
@@ -298,29 +295,22 @@ def explain_region(
         if store:
             on_level.check_storable()  # results that cannot be placed: refused before the work
         similar = _referable(pacs, study_uid, _similar_cases(tiles), allowed)
-        # synchronous: the SR and the KOS need only the cases, so they are built while the explanation runs
-        listing = _submit(_listed, on_level, similar, method) if store and place is None else None
         reader = Retrieval(retrieval.settings, retrieval.backend, retrieval.index_engine, dicom_tiles=pacs.read_tile)
-        try:
-            explanation = reader.explain_hits(
-                index_name, image, tiles, method, polarity, side, timeout, options,
-                target=target, correspondences=correspondences, verify=verify,
-            )
-            heatmap = _mean_heatmap(explanation, w, h)
-            description = f"{method} heatmap, mean over {len(cases)} cases"
-            if listing is None:
-                result = RegionExplanation(box, level, image, cases, explanation, heatmap, len(similar))
-                if place is None:
-                    return result
-                queued = _queue(
-                    place, pacs, study_uid, on_level, image, heatmap, similar, method, description, store_overlay
-                )
-                return dataclasses.replace(result, stored=queued)
-            objects = _map_objects(on_level, image, heatmap, method, description, store_overlay)
-        finally:
-            if listing is not None and not listing.done():
-                listing.cancel()  # not started yet: never is; started: ends at its next check
-        objects += listing.result()
+        explanation = reader.explain_hits(
+            index_name, image, tiles, method, polarity, side, timeout, options,
+            target=target, correspondences=correspondences, verify=verify,
+        )
+        heatmap = _mean_heatmap(explanation, w, h)
+        description = f"{method} heatmap, mean over {len(cases)} cases"
+        result = RegionExplanation(box, level, image, cases, explanation, heatmap, len(similar))
+        if not store:
+            return result
+        if place is not None:
+            queued = _queue(place, pacs, study_uid, on_level, image, heatmap, similar, method, description, store_overlay)
+            return dataclasses.replace(result, stored=queued)
+        warm_up()  # once per process: the gateway warms it at start, a library caller's first store here
+        objects = _map_objects(on_level, image, heatmap, method, description, store_overlay)
+        objects += _case_objects(on_level, similar, method)
         check_deadline()  # a caller that gave up stores nothing
         pacs.store([encoded for _, _, encoded in objects], study_uid)
         log.info("stored %d result objects referencing %d cases", len(objects), len(similar))
@@ -328,9 +318,7 @@ def explain_region(
             StoredObject(kind, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
             for kind, ds, _ in objects
         )
-        return RegionExplanation(
-            box, level, image, cases, explanation, heatmap, len(similar), stored, tuple(ds for _, ds, _ in objects)
-        )
+        return dataclasses.replace(result, stored=stored, objects=tuple(ds for _, ds, _ in objects))
     finally:
         if place is not None:
             place.release()  # no-op once its result was queued
@@ -380,13 +368,6 @@ def _case_objects(
     return [report, _encoded("selection", similar_cases_selection(region, similar, method, uids.get("selection")))]
 
 
-def _listed(region: RegionOnLevel, similar: list[SimilarCase], method: str) -> list[tuple[str, Any, bytes]]:
-    """The SR and KOS of the cases (on a builder thread: CPU only, no network, so it needs no
-    network namespace of its caller)."""
-    warm_up()  # once per process: the gateway warms it at start, a library caller's first store here
-    return _case_objects(region, similar, method)
-
-
 def _queue(
     place: Place, pacs: DicomWeb, study_uid: str, region: RegionOnLevel,
     image: np.ndarray, heatmap: np.ndarray, similar: list[SimilarCase], method: str, description: str, overlay: bool,
@@ -407,13 +388,3 @@ def _queue(
     place.submit(build, pacs, study_uid)
     log.info("queued %d result objects referencing %d cases for the background store", len(kinds), len(similar))
     return tuple(StoredObject(kind, *uids[kind], SOP_CLASSES[kind], state="queued") for kind in kinds)
-
-
-#: Builds the SR and KOS while the explanation runs; each request waits for its own job, so the
-#: queue holds at most one job per request in flight.
-_BUILDERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pacs-objects")
-
-
-def _submit(function: Callable[..., Any], *args: Any) -> Future[Any]:
-    """Run ``function`` on a builder thread under this thread's deadline and stop signal."""
-    return _BUILDERS.submit(contextvars.copy_context().run, function, *args)

@@ -30,7 +30,10 @@ Shutdown
 Threads
     The writer's thread is started by the first :meth:`BackgroundWriter.reserve`, from the
     calling thread (so it shares that thread's network namespace, as Orthanc's private one in
-    the tests).
+    the tests). Building the objects is pure Python (highdicom, pydicom) and holds the GIL: begun
+    at once, it would slow the response that queued them (the interpreter hands the GIL between
+    threads every 5 ms), so the writer starts a set ``start_delay_s`` after it was queued (50 ms:
+    the response is serialised and sent by then; the objects land that much later).
 
 Counted and logged
     :meth:`BackgroundWriter.counts` says how many results are waiting, were stored and failed;
@@ -73,6 +76,7 @@ class _Job:
     build: Callable[[], list[bytes]]
     pacs: DicomWeb
     study_uid: str
+    queued: float  # time.monotonic() when it was queued
 
 
 class Place:
@@ -88,7 +92,7 @@ class Place:
         writer, self._writer = self._writer, None
         if writer is None:
             raise ValueError("this place was already used or released")
-        writer._jobs.put(_Job(build, pacs, study_uid))  # noqa: SLF001 -- the place's own writer
+        writer._jobs.put(_Job(build, pacs, study_uid, time.monotonic()))  # noqa: SLF001 -- the place's own writer
 
     def release(self) -> None:
         """Give the place back (no-op once used or released)."""
@@ -100,10 +104,16 @@ class Place:
 class BackgroundWriter:
     """Stores result sets in the PACS on one thread of its own (see the module docstring)."""
 
-    def __init__(self, capacity: int = MAX_BACKGROUND_STORES, attempts: int = 4, backoff_s: float = 0.5) -> None:
-        if capacity < 1 or attempts < 1 or backoff_s < 0:
-            raise ValueError("a background writer needs capacity >= 1, attempts >= 1 and backoff_s >= 0")
+    def __init__(
+        self, capacity: int = MAX_BACKGROUND_STORES, attempts: int = 4, backoff_s: float = 0.5,
+        start_delay_s: float = 0.05,
+    ) -> None:
+        if capacity < 1 or attempts < 1 or backoff_s < 0 or start_delay_s < 0:
+            raise ValueError(
+                "a background writer needs capacity >= 1, attempts >= 1, backoff_s >= 0 and start_delay_s >= 0"
+            )
         self.capacity, self.attempts, self.backoff_s = capacity, attempts, backoff_s
+        self.start_delay_s = start_delay_s
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # bounded by the places
         self._lock = threading.Lock()
         self._taken = 0
@@ -191,6 +201,9 @@ class BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
+            # let the response that queued it leave first (module docstring, "Threads"); close()
+            # past its grace ends the wait at once
+            self._give_up.wait(max(0.0, job.queued + self.start_delay_s - time.monotonic()))
             if self._give_up.is_set():
                 self._jobs.put(job)  # left for close() to count
                 return

@@ -90,3 +90,23 @@ def test_shutdown_gives_up_a_set_still_retrying_at_the_end_of_its_grace(down: Di
     started = time.monotonic()
     assert writer.close(0.5) == WriteBackCounts(0, 0, 1)
     assert time.monotonic() - started < 5
+
+
+def test_a_set_is_built_only_after_the_start_delay_so_the_response_leaves_first(down: DicomWeb) -> None:
+    writer = BackgroundWriter(attempts=1, start_delay_s=0.3)
+    built: list[float] = []
+
+    def build() -> list[bytes]:
+        built.append(time.monotonic())
+        raise ValueError("nothing to store")  # counted as failed: the timing is what is checked
+
+    queued = time.monotonic()
+    writer.reserve().submit(build, down, STUDY)
+    assert writer.wait_idle(10.0)
+    assert len(built) == 1 and built[0] - queued >= 0.3
+    started = time.monotonic()
+    waiting = BackgroundWriter(start_delay_s=30.0)
+    waiting.reserve().submit(build, down, STUDY)
+    assert waiting.close(0.1) == WriteBackCounts(0, 0, 1)  # a close past its grace ends the delay at once
+    assert time.monotonic() - started < 5 and len(built) == 1
+    assert writer.close(1.0).failed == 1
