@@ -44,6 +44,7 @@ variable                            field                   default             
 ``HISTOXPLAIN_DICOMWEB_USER``       ``dicomweb_user``       unset: no authentication         a user name (HTTP Basic)
 ``HISTOXPLAIN_DICOMWEB_PASSWORD``   ``dicomweb_password``   unset                            any string (prefer the file below)
 ``..._DICOMWEB_PASSWORD_FILE``      ``dicomweb_password_file`` unset                         a path to a file holding the password
+``..._DICOMWEB_TOKEN_FILE``         ``dicomweb_token_file`` unset                            a path to a file holding an OAuth 2.0 access token
 ``HISTOXPLAIN_DICOMWEB_TIMEOUT_S``  ``dicomweb_timeout_s``  30                               seconds > 0 (one HTTP request)
 ``..._DICOM_CROSS_PATIENT``         ``dicom_cross_patient`` 1                                1 or 0 (results may reference others)
 ==================================  ======================  ===============================  =======================================
@@ -194,6 +195,7 @@ _VARIABLES: tuple[_Var, ...] = (
     _Var("dicomweb_user", "HISTOXPLAIN_DICOMWEB_USER", _optional_str),
     _Var("dicomweb_password", "HISTOXPLAIN_DICOMWEB_PASSWORD", _optional_str),
     _Var("dicomweb_password_file", "HISTOXPLAIN_DICOMWEB_PASSWORD_FILE", _optional_path, None, "a path, or unset"),
+    _Var("dicomweb_token_file", "HISTOXPLAIN_DICOMWEB_TOKEN_FILE", _optional_path, None, "a path, or unset"),
     _Var("dicomweb_timeout_s", "HISTOXPLAIN_DICOMWEB_TIMEOUT_S", float, lambda v: v > 0, "seconds > 0"),
     _Var("dicom_cross_patient", "HISTOXPLAIN_DICOM_CROSS_PATIENT", _flag, None, "1 or 0"),
 )
@@ -244,6 +246,10 @@ class Settings:
         dicomweb_password: that user's password (a secret: kept out of logs and ``repr``).
         dicomweb_password_file: a file holding the password (e.g. a mounted Kubernetes Secret),
             read each time a connection opens; give either this or ``dicomweb_password``.
+        dicomweb_token_file: a file holding an OAuth 2.0 access token sent as ``Authorization:
+            Bearer`` (PACS behind an identity provider: cloud DICOMweb services, a hospital's
+            gateway), re-read whenever the file changes so a refresher can rotate it; instead of
+            the user and password.
         dicomweb_timeout_s: the timeout of one HTTP request to the PACS.
         dicom_cross_patient: the DICOM objects written into a study may reference similar slides
             of other patients (by UID only, never their demographics); off: they reference only
@@ -281,6 +287,7 @@ class Settings:
     dicomweb_user: str | None = None
     dicomweb_password: str | None = field(default=None, repr=False)  # a secret: kept out of logs
     dicomweb_password_file: Path | None = None
+    dicomweb_token_file: Path | None = None
     dicomweb_timeout_s: float = 30.0
     dicom_cross_patient: bool = True
 

@@ -364,6 +364,8 @@ def test_a_series_that_is_not_a_slide_is_invalid(
     [
         ("down", hc.Unavailable, "HISTOXPLAIN_DICOMWEB_URL"),
         ("wrong-password", hc.PermissionDenied, "HISTOXPLAIN_DICOMWEB_USER"),
+        # Orthanc checks HTTP Basic only: a bearer token is refused like a wrong password
+        ("refused-token", hc.PermissionDenied, "HISTOXPLAIN_DICOMWEB_TOKEN_FILE"),
         ("no-pacs", hc.FailedPrecondition, "HISTOXPLAIN_DICOMWEB_URL"),
     ],
 )
@@ -371,9 +373,12 @@ def test_a_gateway_whose_pacs_fails_answers_with_the_setting_to_check(
     case: str, error: type[hc.ApiError], setting: str, orthanc: RunningOrthanc, embedded_backend: Any,
     stored_slides: dict[str, StoredSlide], tmp_path: Path,
 ) -> None:
+    token = tmp_path / "token"
+    token.write_text("not-the-password\n")
     pacs = {
         "down": _pacs_settings(orthanc, dicomweb_url=f"http://127.0.0.1:{_free_port()}/dicom-web"),
         "wrong-password": _pacs_settings(orthanc, dicomweb_password="not-the-password"),
+        "refused-token": _pacs_settings(orthanc, dicomweb_user=None, dicomweb_password=None, dicomweb_token_file=token),
         "no-pacs": {},
     }[case]
     slide = stored_slides["query"]

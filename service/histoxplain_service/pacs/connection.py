@@ -4,8 +4,14 @@ failures become histoxplain errors.
 Credentials
     HTTP Basic with ``HISTOXPLAIN_DICOMWEB_USER`` and a password from
     ``HISTOXPLAIN_DICOMWEB_PASSWORD_FILE`` (a mounted secret, read each time a connection opens,
-    so a rotated secret is picked up) or ``HISTOXPLAIN_DICOMWEB_PASSWORD``. The password is kept
-    out of ``repr`` and of every log line and message.
+    so a rotated secret is picked up) or ``HISTOXPLAIN_DICOMWEB_PASSWORD``; or an OAuth 2.0
+    access token from ``HISTOXPLAIN_DICOMWEB_TOKEN_FILE``, sent as ``Authorization: Bearer`` (a
+    PACS behind an identity provider: cloud DICOMweb services, hospital API gateways). The token
+    file is written by whatever obtains and refreshes the token (a sidecar, a projected
+    service-account token, a cron job): it is re-read whenever its modification time or size
+    changes, so a refreshed token is used from the next request on. A token is sent only over
+    ``https://`` or to a loopback address (over plain HTTP it could be copied off the network).
+    Passwords and tokens are kept out of ``repr`` and of every log line and message.
 
 Errors
     :func:`pacs_errors` maps what requests and dicomweb-client raise: an unreachable PACS or a
@@ -21,12 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+import requests.auth
 from requests.adapters import HTTPAdapter
 
 from histoxplain_model.errors import (
@@ -38,7 +48,7 @@ from histoxplain_model.errors import (
 )
 from histoxplain_service.config import Settings
 
-__all__ = ["PacsConnection", "pacs_errors"]
+__all__ = ["BearerTokenFile", "PacsConnection", "pacs_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,50 @@ log = logging.getLogger(__name__)
 for _chatty in ("dicomweb_client", "highdicom", "wsidicom", "urllib3.connectionpool"):
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 
-_CREDENTIALS = "HISTOXPLAIN_DICOMWEB_USER and HISTOXPLAIN_DICOMWEB_PASSWORD_FILE (or HISTOXPLAIN_DICOMWEB_PASSWORD)"
+_CREDENTIALS = (
+    "HISTOXPLAIN_DICOMWEB_USER and HISTOXPLAIN_DICOMWEB_PASSWORD_FILE (or HISTOXPLAIN_DICOMWEB_PASSWORD), "
+    "or HISTOXPLAIN_DICOMWEB_TOKEN_FILE"
+)
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class BearerTokenFile(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>`` with the token read from ``path``, again whenever the
+    file's modification time or size changes (a refresher rewrote it). Safe to share between
+    threads. The token is never logged or shown in ``repr``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None
+        self._token = ""
+        self.token()  # an unreadable or empty file fails now, at start, not on the first request
+
+    def __repr__(self) -> str:
+        return "BearerTokenFile(<token file>)"
+
+    def token(self) -> str:
+        """The current token (DependencyUnavailable: the file cannot be read or is empty)."""
+        try:
+            status = self.path.stat()
+            seen = (status.st_mtime_ns, status.st_size)
+            with self._lock:
+                if seen != self._seen:
+                    token = self.path.read_text().strip()
+                    if not token or any(c.isspace() for c in token):
+                        raise ValueError("not one token")
+                    self._token, self._seen = token, seen
+                return self._token
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the DICOMweb token file: %s", type(exc).__name__)
+            raise DependencyUnavailable(
+                "cannot read an access token from the PACS token file (one token, no spaces); check "
+                "HISTOXPLAIN_DICOMWEB_TOKEN_FILE"
+            ) from None
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.token()}"
+        return request
 
 
 class _TimeoutAdapter(HTTPAdapter):
@@ -71,15 +124,17 @@ class PacsConnection:
 
     Attributes:
         url: the DICOMweb root (QIDO-RS, WADO-RS and STOW-RS), e.g. ``http://127.0.0.1:8042/dicom-web``.
-        user: HTTP Basic user; ``None``: no authentication.
+        user: HTTP Basic user; ``None``: no HTTP Basic authentication.
         password: that user's password (never logged).
         timeout_s: the timeout of one HTTP request.
+        token: an OAuth 2.0 bearer token file instead of the user and password (module docstring).
     """
 
     url: str
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout_s: float = 30.0
+    token: BearerTokenFile | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PacsConnection:
@@ -107,12 +162,27 @@ class PacsConnection:
                 ) from None
         if password is not None and not settings.dicomweb_user:
             raise InvalidRequest("a PACS password is set without a user; set HISTOXPLAIN_DICOMWEB_USER")
-        return cls(settings.dicomweb_url, settings.dicomweb_user, password, settings.dicomweb_timeout_s)
+        token = None
+        if settings.dicomweb_token_file is not None:
+            if settings.dicomweb_user or password is not None:
+                raise InvalidRequest(
+                    "HISTOXPLAIN_DICOMWEB_TOKEN_FILE and a PACS user or password are both set; keep one way to authenticate"
+                )
+            url = urlsplit(settings.dicomweb_url)
+            if url.scheme != "https" and url.hostname not in _LOOPBACK_HOSTS:
+                raise InvalidRequest(
+                    "HISTOXPLAIN_DICOMWEB_TOKEN_FILE needs an https:// HISTOXPLAIN_DICOMWEB_URL (or a loopback address): "
+                    "a bearer token over plain HTTP can be copied off the network"
+                )
+            token = BearerTokenFile(settings.dicomweb_token_file)
+        return cls(settings.dicomweb_url, settings.dicomweb_user, password, settings.dicomweb_timeout_s, token)
 
     def session(self) -> requests.Session:
         """A requests session with the credentials and the timeout."""
         session = requests.Session()
-        if self.user is not None:
+        if self.token is not None:
+            session.auth = self.token
+        elif self.user is not None:
             session.auth = (self.user, self.password or "")
         adapter = _TimeoutAdapter(self.timeout_s)
         session.mount("http://", adapter)

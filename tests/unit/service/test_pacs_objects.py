@@ -48,10 +48,36 @@ def test_credentials_come_from_the_password_file_and_stay_out_of_repr(tmp_path: 
     assert connection.session().auth == ("hx", "s3cret-value")
 
 
+def test_a_bearer_token_is_sent_from_its_file_and_a_refreshed_one_from_the_next_request(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token-value\n")
+    connection = PacsConnection.from_settings(
+        Settings.from_env({"HISTOXPLAIN_DICOMWEB_URL": URL, "HISTOXPLAIN_DICOMWEB_TOKEN_FILE": str(token_file)})
+    )
+    session = connection.session()
+
+    def authorization() -> str:
+        return session.prepare_request(requests.Request("GET", URL + "/studies")).headers["Authorization"]
+
+    assert authorization() == "Bearer first-token-value"
+    assert "first-token" not in repr(connection) and "first-token" not in repr(session.auth)
+    token_file.write_text("second-token-value-longer\n")  # a refresher rewrote it (the size changes)
+    assert authorization() == "Bearer second-token-value-longer"
+    token_file.write_text("")  # a refresher that failed half-way: no header with an empty token
+    with pytest.raises(DependencyUnavailable, match="HISTOXPLAIN_DICOMWEB_TOKEN_FILE"):
+        authorization()
+
+
 @pytest.mark.parametrize(
     ("environ", "error", "names"),
     [
         ({}, FailedPrecondition, "HISTOXPLAIN_DICOMWEB_URL"),
+        ({"HISTOXPLAIN_DICOMWEB_URL": URL, "HISTOXPLAIN_DICOMWEB_TOKEN_FILE": "/nonexistent/token"},
+         DependencyUnavailable, "HISTOXPLAIN_DICOMWEB_TOKEN_FILE"),
+        ({"HISTOXPLAIN_DICOMWEB_URL": "http://pacs.example/dicom-web", "HISTOXPLAIN_DICOMWEB_TOKEN_FILE": "/x"},
+         InvalidRequest, "https://"),
+        ({"HISTOXPLAIN_DICOMWEB_URL": URL, "HISTOXPLAIN_DICOMWEB_USER": "hx", "HISTOXPLAIN_DICOMWEB_TOKEN_FILE": "/x"},
+         InvalidRequest, "keep one way"),
         ({"HISTOXPLAIN_DICOMWEB_URL": URL, "HISTOXPLAIN_DICOMWEB_PASSWORD": "x"}, InvalidRequest,
          "HISTOXPLAIN_DICOMWEB_USER"),
         ({"HISTOXPLAIN_DICOMWEB_URL": URL, "HISTOXPLAIN_DICOMWEB_USER": "hx", "HISTOXPLAIN_DICOMWEB_PASSWORD": "x",
@@ -60,7 +86,8 @@ def test_credentials_come_from_the_password_file_and_stay_out_of_repr(tmp_path: 
           "HISTOXPLAIN_DICOMWEB_PASSWORD_FILE": "/nonexistent/password"}, DependencyUnavailable,
          "HISTOXPLAIN_DICOMWEB_PASSWORD_FILE"),
     ],
-    ids=["no-url", "password-without-user", "password-and-file", "unreadable-file"],
+    ids=["no-url", "unreadable-token", "token-over-http", "token-and-user", "password-without-user",
+         "password-and-file", "unreadable-file"],
 )
 def test_a_misconfigured_pacs_names_the_setting(environ: dict[str, str], error: type, names: str) -> None:
     with pytest.raises(error, match=names):
