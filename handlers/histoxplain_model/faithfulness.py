@@ -411,10 +411,14 @@ def verify_explanation(
         with torch.no_grad():
             return F.normalize(encoder.model(images).float(), dim=1).cpu()
 
+    grids: list[tuple[int, int]] = []  # the hooked layer's grid: one forward pass for both sides
+
     def finished(maps: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         if native:
             return finish_maps(torch.from_numpy(np.asarray(maps, np.float32))[:, None], size)[:, 0].numpy(), tuple(maps.shape[-2:])
-        return maps, feature_grid(encoder.model, layer or encoder.target_layer, encoder.reshape_transform, query_pixels)
+        if not grids:
+            grids.append(feature_grid(encoder.model, layer or encoder.target_layer, encoder.reshape_transform, query_pixels[:1]))
+        return maps, grids[0]
 
     def side(pixels: torch.Tensor, maps: np.ndarray | None, reference_of) -> tuple[Faithfulness, ...] | None:
         if maps is None:
