@@ -69,6 +69,7 @@ torch.set_num_threads(1)
 
 import timm  # noqa: E402
 
+from histoxplain_model.encoders import resolve_module  # noqa: E402
 from histoxplain_model.options import SmoothGradOptions  # noqa: E402
 from histoxplain_model.faithfulness import feature_grid, verify_maps  # noqa: E402
 from histoxplain_model.limits import MAX_CORRESPONDENCES, VERIFY_FORWARD_PASSES_PER_MAP, VERIFY_STEPS  # noqa: E402
@@ -86,17 +87,10 @@ SERVED_GRADCAM_LAYERS = {"tf_efficientnet_lite0": "blocks.4"}
 SECTION = "## Explanation latency"
 
 
-def module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
-    layer: torch.nn.Module = model
-    for part in dotted.split("."):
-        layer = layer[int(part)] if part.lstrip("-").isdigit() else getattr(layer, part)  # type: ignore[index]
-    return layer
-
-
 def build(arch: str) -> tuple[torch.nn.Module, torch.nn.Module, Callable | None]:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
-    layer = module(model, TARGET_LAYERS[arch])
+    layer = resolve_module(model, TARGET_LAYERS[arch])
     reshape = None
     if hasattr(model, "num_prefix_tokens"):
         prefix, (grid_h, grid_w) = model.num_prefix_tokens, model.patch_embed.grid_size
@@ -169,7 +163,7 @@ def gradcam_variants(arch: str, k: int, size: int) -> dict[str, Callable[[], obj
         "pgc gradcam loop": pgc_loop,
     }
     if arch in SERVED_GRADCAM_LAYERS:
-        served = module(model, SERVED_GRADCAM_LAYERS[arch])
+        served = resolve_module(model, SERVED_GRADCAM_LAYERS[arch])
         ours_served = GradCAM(model, served, reshape)
         pgc_served = PgcGradCAM(model=model, target_layers=[served], reshape_transform=reshape)
 

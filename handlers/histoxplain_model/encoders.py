@@ -49,6 +49,7 @@ __all__ = [
     "load_encoder",
     "efficientnet_lite0_package_weights",
     "previous_stage_layer",
+    "resolve_module",
     "token_reshape_transform",
     "nhwc_reshape_transform",
 ]
@@ -193,7 +194,9 @@ def efficientnet_lite0_package_weights(with_classifier: bool = False) -> checkpo
     return paired
 
 
-def _resolve_module(model: nn.Module, dotted: str) -> nn.Module:
+def resolve_module(model: nn.Module, dotted: str) -> nn.Module:
+    """The submodule at a dotted path; integer parts index (negative ones from the end:
+    ``blocks.-1.norm1``), which ``nn.Module.get_submodule`` does not allow."""
     module: nn.Module = model
     for part in dotted.split("."):
         if re.fullmatch(r"-?\d+", part):
@@ -402,7 +405,7 @@ def load_encoder(preset: str, weights: str | os.PathLike[str] | None = None, dev
     model.to(torch_device)
     data_config = {**resolve_model_data_config(model), **spec.data_config}
     target_name, layout = (spec.target_layer, spec.layout) if spec.target_layer else _default_target(model)
-    target_layer = _resolve_module(model, target_name)
+    target_layer = resolve_module(model, target_name)
     input_size = (int(data_config["input_size"][1]), int(data_config["input_size"][2]))
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     if layout == "tokens":
@@ -414,7 +417,7 @@ def load_encoder(preset: str, weights: str | os.PathLike[str] | None = None, dev
         raise RuntimeError(f"preset {spec.name} declares {spec.embedding_dim}-d but the model gives {dim}-d")
     spec = replace(spec, embedding_dim=dim, target_layer=target_name, layout=layout)
     log.info("loaded encoder %s (%s, %d-d, target %s) on %s", spec.name, spec.architecture, dim, target_name, torch_device)
-    gradcam_layer = _resolve_module(model, spec.gradcam_layer) if spec.gradcam_layer else None
+    gradcam_layer = resolve_module(model, spec.gradcam_layer) if spec.gradcam_layer else None
     return Encoder(spec, model, data_config, target_layer, transform, torch_device, gradcam_layer)
 
 
@@ -443,4 +446,4 @@ def previous_stage_layer(encoder: Encoder) -> tuple[str, nn.Module]:
     finer = [name for name, stride in stages if stride < target_stride]
     if not finer:
         raise InvalidRequest(f"encoder {encoder.preset.name} has no stage finer than its target layer")
-    return finer[-1], _resolve_module(encoder.model, finer[-1])
+    return finer[-1], resolve_module(encoder.model, finer[-1])

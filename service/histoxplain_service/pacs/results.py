@@ -10,8 +10,9 @@ with the slide):
 * **Comprehensive 3D SR** (TID 1500 Measurement Report): one measurement group per similar case,
   each with the query region as a closed polygon in slide coordinates (mm), the cosine
   similarity of the case's best tile and the region's tile it matched best (the search score;
-  for a one-tile region it is the explanation's cosine of the region and that tile) (method: the saliency method as a code), and
-  a reference to the case's whole-slide image by SOP Class and Instance UID.
+  for a one-tile region it is the explanation's cosine of the region and that tile) (method:
+  the saliency method as a code), and a reference to the case's whole-slide image by SOP Class
+  and Instance UID.
 * **Key Object Selection** ("Of Interest"): the similar slides.
 * optionally a **Secondary Capture** (RGB): the heatmap blended over the region's pixels, for
   viewers that show neither Parametric Maps nor SR. It is a picture of the region, not placed on
