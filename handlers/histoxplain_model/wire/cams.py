@@ -9,13 +9,18 @@ align_corners=False)``). The two agree to float32 rounding (tests/unit/test_maps
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
-__all__ = ["finish_cams", "normalise_maps", "upsample_bilinear"]
+__all__ = ["bilinear_weights", "finish_cams", "normalise_maps", "upsample_bilinear"]
 
 
-def _weights(out_size: int, in_size: int) -> np.ndarray:
-    """(out, in) float32 interpolation matrix of torch's bilinear, align_corners=False."""
+@lru_cache(maxsize=64)
+def bilinear_weights(out_size: int, in_size: int) -> np.ndarray:
+    """(out, in) float32 interpolation matrix of torch's bilinear, align_corners=False, read-only
+    (cached: one per grid and image size). ``weights @ column`` upsamples a column of ``in_size``
+    values to ``out_size``; at most two non-zero weights a row, summing to 1."""
     scale = np.float32(in_size) / np.float32(out_size)
     source = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
     low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
@@ -25,6 +30,7 @@ def _weights(out_size: int, in_size: int) -> np.ndarray:
     rows = np.arange(out_size)
     np.add.at(weights, (rows, low), 1 - fraction)
     np.add.at(weights, (rows, high), fraction)
+    weights.flags.writeable = False
     return weights
 
 
@@ -34,7 +40,7 @@ def upsample_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if maps.shape[-2:] == (height, width):
         return maps
-    rows, columns = _weights(height, maps.shape[-2]), _weights(width, maps.shape[-1])
+    rows, columns = bilinear_weights(height, maps.shape[-2]), bilinear_weights(width, maps.shape[-1])
     return np.einsum("Hh,...hw,Ww->...HW", rows, maps, columns, optimize=True).astype(np.float32, copy=False)
 
 

@@ -1,10 +1,12 @@
-"""The numpy CAM finish (histoxplain_model.wire.cams) equals the torch one in saliency.base."""
+"""The CAM finish: the numpy one (histoxplain_model.wire.cams) and the torch one (saliency.base),
+both matrix products, equal torch's own bilinear interpolation and each other."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from histoxplain_model.wire.cams import finish_cams, normalise_maps, upsample_bilinear
 from histoxplain_model.saliency.base import normalise_maps as torch_normalise
@@ -18,11 +20,14 @@ from histoxplain_model.saliency.base import upsample_maps as torch_upsample
 )
 def test_upsample_equals_torch_bilinear(shape, size) -> None:
     maps = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32) * 3
-    ours = upsample_bilinear(maps, size)
     batch = torch.from_numpy(maps).reshape(-1, 1, *shape[-2:])
-    theirs = torch_upsample(batch, size).reshape(*shape[:-2], *size).numpy()
-    assert ours.shape == theirs.shape and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+    reference = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+    reference = reference.reshape(*shape[:-2], *size).numpy()
+    ours_numpy = upsample_bilinear(maps, size)
+    ours_torch = torch_upsample(batch, size).reshape(*shape[:-2], *size).numpy()
+    for ours in (ours_numpy, ours_torch):
+        assert ours.shape == reference.shape and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-6)
 
 
 def test_finish_equals_the_torch_pipeline_on_real_cams() -> None:
