@@ -407,9 +407,11 @@ def verify_explanation(
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         if pixel_embedder is not None:
-            return torch.from_numpy(np.asarray(pixel_embedder(images.detach().cpu().numpy()), dtype=np.float32))
-        with torch.no_grad():
-            return F.normalize(encoder.model(images).float(), dim=1).cpu()
+            vectors = torch.from_numpy(np.asarray(pixel_embedder(images.detach().cpu().numpy()), dtype=np.float32))
+        else:
+            with torch.no_grad():
+                vectors = encoder.model(images).float().cpu()
+        return F.normalize(vectors, dim=1)
 
     grids: list[tuple[int, int]] = []  # the hooked layer's grid: one forward pass for both sides
 

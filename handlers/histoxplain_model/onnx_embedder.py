@@ -36,6 +36,7 @@ __all__ = [
     "onnxruntime_has_cuda",
     "providers_for",
     "export_onnx",
+    "l2_normalise",
     "OnnxEmbedder",
     "weights_fingerprint",
     "cached_onnx_embedder",
@@ -77,7 +78,8 @@ def providers_for(device: torch.device | str) -> list[str | tuple[str, dict[str,
     return ["CPUExecutionProvider"]
 
 
-def _l2_normalise(embeddings: np.ndarray) -> np.ndarray:
+def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
+    """(B, D) -> (B, D) float32 rows of unit length (a zero row stays zero)."""
     embeddings = embeddings.astype(np.float32, copy=False)
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     return np.ascontiguousarray(embeddings / np.maximum(norms, 1e-12), dtype=np.float32)
@@ -161,11 +163,16 @@ class OnnxEmbedder:
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 preprocessed pixels -> (B, D) float32 L2-normalised embeddings."""
+        return l2_normalise(self.embed_raw(pixels))
+
+    def embed_raw(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 preprocessed pixels -> (B, D) float32, the model's own output (not
+        normalised; what a target that needs |e|, such as the projection, is computed from)."""
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (B, 3, H, W), got {pixels.shape}")
         (embeddings,) = self.session.run([OUTPUT_NAME], {self.input_name: pixels})
-        return _l2_normalise(embeddings)
+        return np.asarray(embeddings, dtype=np.float32)
 
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """(H, W, 3) uint8 RGB tiles -> (B, D) float32 L2-normalised embeddings (needs ``preprocess``)."""

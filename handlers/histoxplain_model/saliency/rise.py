@@ -69,7 +69,8 @@ from histoxplain_model.saliency.targets import SimilarityTarget
 
 __all__ = ["PixelEmbedder", "Rise", "fill_image", "mask_grids", "masks_at"]
 
-#: (n, 3, H, W) float32 preprocessed pixels -> (n, D) float32 embeddings (the ONNX Runtime path).
+#: (n, 3, H, W) float32 preprocessed pixels -> (n, D) float32, the model's own embeddings, not
+#: normalised (the ONNX Runtime path: ``OnnxEmbedder.embed_raw``).
 PixelEmbedder = Callable[[np.ndarray], np.ndarray]
 
 
@@ -121,10 +122,9 @@ class Rise(Explainer):
     Maps: min-max of C_k (similar) or of ReLU(-C_k) (dissimilar), (B, K, H, W) in [0, 1].
 
     pixel_embedder: runs the masked images instead of the torch model (the ONNX Runtime session
-    of the embedded backend); ``None``, the torch model. Its embeddings are L2-normalised, so it
-    serves only targets that normalise the embedding (the cosine); the projection target
-    (e . r_hat, which needs |e|) runs through the torch model. The target layer and reshape are
-    unused.
+    of the embedded backend); ``None``, the torch model. It returns the model's own embeddings,
+    not normalised, so every target (the cosine, and the projection e . r_hat, which needs |e|)
+    runs through it. The target layer and reshape are unused.
     """
 
     def __init__(
@@ -139,10 +139,10 @@ class Rise(Explainer):
         self.options = options_or_defaults(RiseOptions, options, type(self).__name__)
         self.pixel_embedder = pixel_embedder
 
-    def _embed(self, pixels: torch.Tensor, target: SimilarityTarget) -> torch.Tensor:
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> (n, D) float32 embeddings on the pixels' device, no autograd; through
-        ``pixel_embedder`` where ``target`` allows normalised embeddings (class docstring)."""
-        if self.pixel_embedder is not None and getattr(target, "normalises_embedding", False):
+        ``pixel_embedder`` when there is one (class docstring)."""
+        if self.pixel_embedder is not None:
             vectors = self.pixel_embedder(pixels.detach().cpu().numpy())
             return torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(pixels.device)
         with torch.inference_mode():
@@ -150,7 +150,7 @@ class Rise(Explainer):
 
     def _heatmaps(self, pixels: torch.Tensor, target: SimilarityTarget) -> tuple[torch.Tensor, torch.Tensor]:
         check_deadline()
-        embeddings = self._embed(pixels, target)
+        embeddings = self._embed(pixels)
         clean_scores = target(embeddings).float()  # (B, K); also checks the references' dimension
         size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         grids, shifts, cell = mask_grids(self.options, size)
@@ -190,7 +190,7 @@ class Rise(Explainer):
             masks = masks_at(grids[start:stop], shifts[start:stop], cell, size).to(image.device)
             masked = fill[None] + masks[:, None].to(image.dtype) * difference[None]
             # t_nk: the target (the cosine, or its negation for the dissimilar polarity).
-            scores = target(self._embed(masked, target)).float() - clean  # (n, K): t_nk - t0_k
+            scores = target(self._embed(masked)).float() - clean  # (n, K): t_nk - t0_k
             batch_weighted = torch.einsum("nhw,nk->khw", masks, scores)
             weighted = batch_weighted if weighted is None else weighted.add_(batch_weighted)
             kept.add_(masks.sum(dim=0))

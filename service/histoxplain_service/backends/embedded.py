@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: (B, 3, H, W) float32 preprocessed pixels -> (B, D) float32 L2-normalised embeddings.
+#: (B, 3, H, W) float32 preprocessed pixels -> (B, D) float32, the model's own embeddings (not
+#: normalised: rise's projection target needs |e|); ``embed`` normalises them.
 PixelEmbedder = Callable[[np.ndarray], np.ndarray]
 
 
@@ -56,13 +57,15 @@ class EmbeddedBackend:
         if len(images) == 0:
             raise InvalidRequest("no images to embed; send at least one image")
         chunks = []
+        if self._pixel_embedder is not None:
+            from histoxplain_model.onnx_embedder import l2_normalise  # torch: imported only where used
         with deadline(_at(timeout)):
             for start in range(0, len(images), self._embed_batch_size):
                 check_deadline()
                 pixels = self._encoder.preprocess(list(images[start : start + self._embed_batch_size]))
                 # preprocess puts the pixels on the encoder's device (maybe a GPU): numpy needs the CPU.
                 if self._pixel_embedder is not None:
-                    chunks.append(self._pixel_embedder(pixels.cpu().numpy()))
+                    chunks.append(l2_normalise(self._pixel_embedder(pixels.cpu().numpy())))
                 else:
                     chunks.append(self._encoder.embed(pixels).cpu().numpy())
         return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -135,4 +138,4 @@ def create_embedded_backend(settings: Settings) -> EmbeddedBackend:
         log.warning("onnxruntime could not start its CUDA provider; embedding with torch on %s", encoder.device)
         return EmbeddedBackend(encoder)
     log.info("embedding %s with onnxruntime (%s)", encoder.preset.name, ", ".join(onnx_embedder.providers))
-    return EmbeddedBackend(encoder, pixel_embedder=onnx_embedder.embed)
+    return EmbeddedBackend(encoder, pixel_embedder=onnx_embedder.embed_raw)

@@ -196,7 +196,7 @@ def _curve_embedder(encoder, config: EvaluationConfig, explanation: ExplanationC
 
         if onnxruntime_available():
             embedder = cached_onnx_embedder(encoder, config.out / "cache" / "onnx")
-            return (lambda pixels: torch.from_numpy(embedder.embed(pixels.numpy()))), "onnxruntime", embedder.embed
+            return (lambda pixels: torch.from_numpy(embedder.embed(pixels.numpy()))), "onnxruntime", embedder.embed_raw
         logger.info("onnxruntime is not installed; deletion/insertion images are scored with torch")
     return _torch_embedder(encoder.model), "torch", None
 

@@ -244,7 +244,7 @@ def test_pixel_embedder_replaces_the_torch_forward_passes(tmp_path):
     counting = CountingModel(model)
     options = RiseOptions(n_masks=32, batch_size=16)
     pixels, references = inputs(1, 3, model.num_features)
-    through_onnx = get_explainer("rise", counting, options=options, pixel_embedder=embedder.embed)
+    through_onnx = get_explainer("rise", counting, options=options, pixel_embedder=embedder.embed_raw)
     onnx_maps = through_onnx.explain(pixels, references)
     assert counting.calls == 0  # no torch forward pass at all
     torch_maps = get_explainer("rise", model, options=options).explain(pixels, references)
@@ -253,21 +253,23 @@ def test_pixel_embedder_replaces_the_torch_forward_passes(tmp_path):
     assert isinstance(through_onnx, Rise)
 
 
-def test_the_projection_target_bypasses_the_normalised_pixel_embedder():
-    """ONNX Runtime's embeddings are L2-normalised: right for the cosine, not for e . r_hat."""
+def test_the_projection_target_runs_through_the_pixel_embedder_too():
+    """The pixel embedder returns the model's own embeddings, not normalised, so the projection
+    (e . r_hat, which needs |e|) is computed from them as exactly as the cosine: no torch pass."""
     model = resnet18()
     counting = CountingModel(model)
     options = RiseOptions(n_masks=8, batch_size=8)
     pixels, references = inputs(1, 2, model.num_features)
 
-    def normalised(batch: np.ndarray) -> np.ndarray:
+    def raw(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return F.normalize(model(torch.from_numpy(batch)), dim=1).numpy()
+            return model(torch.from_numpy(batch)).numpy()
 
-    explainer = get_explainer("rise", counting, options=options, pixel_embedder=normalised)
-    explainer.explain(pixels, references)
+    explainer = get_explainer("rise", counting, options=options, pixel_embedder=raw)
+    for target in ("cosine", "projection"):
+        through_embedder = explainer.explain(pixels, references, target=target)
+        expected = get_explainer("rise", model, options=options).explain(pixels, references, target=target)
+        np.testing.assert_allclose(through_embedder.heatmaps, expected.heatmaps, atol=1e-6)
     assert counting.calls == 0
-    projected = explainer.explain(pixels, references, target="projection")
-    assert counting.calls == 2  # the clean pass and one masked batch, through the torch model
-    expected = get_explainer("rise", model, options=options).explain(pixels, references, target="projection")
-    np.testing.assert_allclose(projected.heatmaps, expected.heatmaps, atol=1e-6)
+    # A normalised embedder would give the projection the cosine's maps: the two must differ here.
+    assert not np.allclose(expected.heatmaps, get_explainer("rise", model, options=options).explain(pixels, references).heatmaps)

@@ -76,7 +76,7 @@ def test_verify_costs_the_stated_forward_passes_and_nothing_without_it(encoder, 
     def counting_embedder(images: np.ndarray) -> np.ndarray:
         embedded.append(images.shape[0])
         with torch.no_grad():
-            return torch.nn.functional.normalize(encoder.model(torch.from_numpy(images)), dim=1).numpy()
+            return encoder.model(torch.from_numpy(images)).numpy()  # the model's own, as ONNX's embed_raw
 
     request = ExplainRequest(query, references, "simmap", side="both", verify=True)
     explained = explain_retrieval(encoder, request, pixel_embedder=counting_embedder)
