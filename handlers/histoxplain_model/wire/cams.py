@@ -4,7 +4,8 @@ The TorchServe handler sends GradCAM/GradCAM++/simmap maps at the target layer's
 EfficientNet-Lite0: 200 bytes a map instead of 100 KB at 224x224 float16), and the gateway, which
 does not need torch for this, finishes them here exactly as ``saliency.base`` does with torch:
 ``normalise(upsample(cam))``, bilinear with half-pixel centres (``F.interpolate(...,
-align_corners=False)``). The two agree to float32 rounding (tests/unit/test_maps.py).
+align_corners=False)``), both by matrix products with :func:`bilinear_weights`. Both agree with
+``F.interpolate`` itself to float32 rounding (tests/unit/model/test_maps.py).
 """
 
 from __future__ import annotations
